@@ -1,0 +1,299 @@
+"""Configuration: typed dataclasses, loaded from YAML plus dotted command-line overrides.
+
+Every section is a dataclass, so the allowed keys and value types are the fields' own.
+`load_config(path, overrides)` validates everything before any process group starts:
+an unknown key or a bad value raises `ConfigError` naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key and what is allowed."""
+
+
+@dataclass
+class VisionConfig:
+    kind: Literal["clip_vision", "vit"] = "clip_vision"
+    pretrained: Optional[str] = None  # local folder for from_pretrained; None: build from config
+    image_size: int = 64
+    patch_size: int = 8
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+    pooling: Literal["cls", "mean"] = "cls"
+
+
+@dataclass
+class TextConfig:
+    kind: Literal["bert", "clip_text", "roberta"] = "bert"
+    pretrained: Optional[str] = None  # local folder (model and tokenizer); None: from config
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+    max_length: int = 32
+    pooling: Literal["cls", "mean"] = "mean"
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 128
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/shapes_captions"  # folder with shards and sizes.json
+    train_split: str = "train"
+    eval_split: str = "test"
+    batch_size: int = 32  # per rank
+    workers: int = 1  # loader processes per rank
+    shuffle_buffer: int = 1000  # samples; 0 turns sample shuffling off
+    tokenizer: Optional[str] = None  # local HF tokenizer folder; None: <root>/tokenizer
+    # ShapesCaptions, built under `root` when it holds no sizes.json.
+    build_train: int = 4000
+    build_val: int = 250
+    build_test: int = 500
+
+
+@dataclass
+class DBLConfig:
+    scenario: Literal["momentum"] = "momentum"
+    boost: Literal["relative", "absolute"] = "relative"
+    alpha: float = 1.0  # weight of the boosting term
+    beta: float = 1.0  # boosting margin = margin * beta
+    gamma: float = 0.5  # absolute boosting: share of the margin for positives
+    momentum: float = 0.9995  # EMA start value; cosine schedule up to 1
+
+
+@dataclass
+class LossConfig:
+    method: Literal["triplet", "dbl"] = "triplet"
+    margin: float = 0.2
+    max_violation: bool = True
+    mask_same_image: bool = True  # pairs sharing an image id are never negatives
+    dbl: DBLConfig = field(default_factory=DBLConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 2.0  # 0 turns clipping off
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    deepspeed: str = "ds_configs/zero2.json"
+    seed: int = 0
+    log_every: int = 10
+    output_dir: str = "runs"
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "dbl_scale"
+    run_name: Optional[str] = None
+    flush_every: int = 50  # steps between batched metric uploads
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128
+    at_end: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError:
+                pass
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key + ".")
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    raise ConfigError(f"config key '{key}': got {value!r}, expected {_describe(tp)}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{hint}; allowed keys under "
+                f"'{prefix.rstrip('.') or '<top>'}': {', '.join(names)}")
+        kwargs[key] = _coerce(prefix + key, hints[key], value)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is a value, not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["model.text.layers=4", "loss.method=dbl"]` -> nested dict; values parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data or {})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides, then validated."""
+    data: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
+        "model.embed_dim": cfg.model.embed_dim, "model.vision.image_size": cfg.model.vision.image_size,
+        "model.text.max_length": cfg.model.text.max_length, "train.log_every": cfg.train.log_every,
+        "eval.batch_size": cfg.eval.batch_size, "tracking.flush_every": cfg.tracking.flush_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}': got {value}, expected a positive number")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"config key 'data.workers': got {cfg.data.workers}, expected >= 0")
+    if cfg.model.vision.image_size % cfg.model.vision.patch_size:
+        raise ConfigError("config key 'model.vision.patch_size': must divide model.vision.image_size "
+                          f"({cfg.model.vision.patch_size} does not divide {cfg.model.vision.image_size})")
+    for sec in ("vision", "text"):
+        tower = getattr(cfg.model, sec)
+        if tower.hidden % tower.heads:
+            raise ConfigError(f"config key 'model.{sec}.heads': must divide model.{sec}.hidden "
+                              f"({tower.heads} does not divide {tower.hidden})")
+    if not 0.0 <= cfg.loss.dbl.momentum < 1.0:
+        raise ConfigError(f"config key 'loss.dbl.momentum': got {cfg.loss.dbl.momentum}, expected 0 <= m < 1")
+    if not 0.0 <= cfg.loss.dbl.gamma <= 1.0:
+        raise ConfigError(f"config key 'loss.dbl.gamma': got {cfg.loss.dbl.gamma}, expected 0 <= g <= 1")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr': got {cfg.optim.lr}, expected > 0")
+
+
+def to_dict(cfg: Config) -> dict:
+    def plain(x):
+        if isinstance(x, tuple):
+            return list(x)
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"model.text.layers": 2, ...} (MLflow parameters)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

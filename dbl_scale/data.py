@@ -1,0 +1,282 @@
+"""WebDataset input pipeline: shards -> (split by rank, by worker) -> samples -> batches.
+
+A shard set is a folder with `{split}-NNNNN.tar` shards and a `sizes.json` that lists them
+with their sample counts. One sample is one image (`jpg`) with all its captions (`json`:
+`{"image_id", "captions"}`); training draws one caption per visit.
+
+Epochs are exact: the shard order of epoch e is a permutation seeded by (seed, e), shared
+by all ranks; rank r takes every W-th shard, worker k of that every K-th; samples are
+shuffled inside the epoch only. Every rank runs `steps_per_epoch = samples // (W * B)`
+steps, so ranks never disagree on the step count, and when the shards divide evenly every
+sample is seen exactly once per epoch. Corrupt samples are skipped and counted: each batch
+carries the number skipped since the worker's previous batch.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import tarfile_samples
+
+log = logging.getLogger(__name__)
+
+# CLIP's image statistics; any fixed choice works for towers trained from scratch.
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+
+class DataError(RuntimeError):
+    """The data cannot feed this run (missing shards, too few shards for the ranks, ...)."""
+
+
+# ----------------------------------------------------------------------------- shard sets
+
+def load_sizes(root: str | Path) -> dict:
+    path = Path(root) / "sizes.json"
+    if not path.exists():
+        raise DataError(f"{path} not found: build shards first (dbl-scale data build --out {root})")
+    return json.loads(path.read_text())
+
+
+def split_shards(root: str | Path, split: str) -> tuple[list[str], int]:
+    sizes = load_sizes(root)
+    if split not in sizes:
+        allowed = [k for k, v in sizes.items() if isinstance(v, dict) and "shards" in v]
+        raise DataError(f"split '{split}' not in {Path(root) / 'sizes.json'}; splits there: {allowed}")
+    info = sizes[split]
+    return [str(Path(root) / s) for s in info["shards"]], int(info["samples"])
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def build_tokenizer(captions: list[str], out_dir: str | Path, vocab_size: int = 2000):
+    """Train a small WordPiece tokenizer on the captions (offline) and save it as a HF folder."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fast.save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # atomic: a reader sees no folder or a complete one
+    return fast
+
+
+def tokenizer_path(data_cfg, text_cfg) -> Path:
+    if data_cfg.tokenizer:
+        return Path(data_cfg.tokenizer)
+    if text_cfg.pretrained:
+        return Path(text_cfg.pretrained)
+    return Path(data_cfg.root) / "tokenizer"
+
+
+def ensure_tokenizer(data_cfg, text_cfg):
+    """Load the tokenizer; build it from the training captions when the default one is missing."""
+    from transformers import AutoTokenizer
+
+    path = tokenizer_path(data_cfg, text_cfg)
+    if not path.exists():
+        if data_cfg.tokenizer or text_cfg.pretrained:
+            raise DataError(f"tokenizer folder {path} does not exist")
+        urls, _ = split_shards(data_cfg.root, data_cfg.train_split)
+        captions = [c for url in urls for s in tarfile_samples([{"url": url}], handler=_SkipCounter())
+                    if "json" in s for c in json.loads(s["json"])["captions"]]
+        build_tokenizer(captions, path)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    """PIL image -> normalised float tensor (3, S, S). No flips or crops: in ShapesCaptions
+    (and in captions generally) left/right and positions are part of the meaning."""
+    img = img.convert("RGB")
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BICUBIC)
+    arr = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def decode_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, list[str], int]:
+    meta = json.loads(sample["json"])
+    captions = [c for c in meta["captions"] if isinstance(c, str) and c.strip()]
+    if not captions:
+        raise ValueError("sample has no caption")
+    with Image.open(io.BytesIO(sample["jpg"])) as img:
+        pixels = image_to_tensor(img, image_size)
+    return pixels, captions, int(meta["image_id"])
+
+
+# ----------------------------------------------------------------------------- training stream
+
+@dataclass
+class StreamSpec:
+    urls: list[str]
+    rank: int
+    world: int
+    batch_size: int
+    image_size: int
+    shuffle_buffer: int
+    seed: int
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Endless stream of batches for one rank; `epoch` is set before each epoch's iteration.
+
+    Yields dicts: pixel_values, captions (one drawn per sample), image_ids, skipped.
+    Tokenisation happens in `collate` (main process), so workers stay tokenizer-free.
+    """
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+        self.epoch = 0
+
+    def _shard_passes(self) -> Iterator[tuple[int, str]]:
+        """(pass, url) forever: pass p is epoch+p's permutation; the same on every rank."""
+        for p in itertools.count():
+            order = list(self.spec.urls)
+            random.Random(self.spec.seed * 1_000_003 + self.epoch + p).shuffle(order)
+            for url in order:
+                yield self.epoch + p, url
+
+    def __iter__(self):
+        spec = self.spec
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(hash((spec.seed, self.epoch, spec.rank, worker)))
+        shards = itertools.islice(self._shard_passes(), spec.rank, None, spec.world)  # node split
+        shards = itertools.islice(shards, worker, None, workers)  # worker split
+        skipped = 0
+        batch: list = []
+        for sample in _shuffle_within_pass(_samples(shards), spec.shuffle_buffer, rng):
+            try:
+                pixels, captions, image_id = decode_sample(sample, spec.image_size)
+            except Exception as exc:  # a corrupt image or json: skip it, count it
+                log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
+                skipped += 1
+                continue
+            batch.append((pixels, rng.choice(captions), image_id))
+            if len(batch) == spec.batch_size:
+                yield {"pixel_values": torch.stack([b[0] for b in batch]),
+                       "captions": [b[1] for b in batch],
+                       "image_ids": torch.tensor([b[2] for b in batch], dtype=torch.long),
+                       "skipped": skipped}
+                batch, skipped = [], 0
+
+
+class _SkipCounter:
+    """tarfile handler: a truncated or unreadable tar member is skipped, never fatal."""
+
+    def __call__(self, exc) -> bool:
+        log.warning("skipping unreadable tar content: %s", exc)
+        return True
+
+
+def _samples(shards: Iterator[tuple[int, str]]) -> Iterator[dict]:
+    for pass_no, url in shards:
+        for sample in tarfile_samples([{"url": url}], handler=_SkipCounter()):
+            if "jpg" in sample and "json" in sample:
+                sample["__pass__"] = pass_no
+                yield sample
+
+
+def _shuffle_within_pass(src: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Buffered shuffle that never lets a sample of the next pass overtake one of this pass."""
+    buf: list = []
+    current = None
+    for sample in src:
+        if sample["__pass__"] != current:
+            rng.shuffle(buf)
+            yield from buf
+            buf, current = [], sample["__pass__"]
+        buf.append(sample)
+        if len(buf) > bufsize:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class TrainLoader:
+    """Exactly `steps_per_epoch` tokenised batches per epoch on every rank."""
+
+    def __init__(self, data_cfg, image_size: int, tokenizer, max_length: int, rank: int, world: int, seed: int):
+        urls, samples = split_shards(data_cfg.root, data_cfg.train_split)
+        if len(urls) < world:
+            raise DataError(f"{len(urls)} '{data_cfg.train_split}' shard(s) for {world} ranks: every rank "
+                            "needs at least one shard (write more, smaller shards)")
+        self.steps_per_epoch = samples // (world * data_cfg.batch_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{samples} samples cannot fill one batch of {data_cfg.batch_size} on each of "
+                            f"{world} ranks")
+        workers = data_cfg.workers
+        if workers and len(urls) < world * workers:
+            workers = max(1, len(urls) // world)
+            log.warning("%d shards for %d ranks x %d workers: using %d worker(s) per rank",
+                        len(urls), world, data_cfg.workers, workers)
+        if len(urls) % (world * max(workers, 1)):
+            log.warning("%d shards do not divide evenly over %d ranks x %d workers: epochs stay equal in "
+                        "length but a few samples may repeat or wait for the next epoch",
+                        len(urls), world, max(workers, 1))
+        self.stream = TrainStream(StreamSpec(urls, rank, world, data_cfg.batch_size, image_size,
+                                             data_cfg.shuffle_buffer, seed))
+        self.workers = workers
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.skipped = 0
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        self.stream.epoch = epoch
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.workers,
+                                             prefetch_factor=4 if self.workers else None)
+        for batch in itertools.islice(loader, self.steps_per_epoch):
+            self.skipped += batch.pop("skipped")
+            batch.update(self.tokenize(batch.pop("captions")))
+            yield batch
+
+    def tokenize(self, captions: list[str]) -> dict:
+        enc = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# ----------------------------------------------------------------------------- evaluation data
+
+def load_eval_split(root: str | Path, split: str, image_size: int, rank: int = 0, world: int = 1):
+    """This rank's share (every W-th shard) of an evaluation split, decoded in memory:
+    (pixels N x 3 x S x S, image_ids N, captions: list of N lists). Bad samples are skipped."""
+    urls, _ = split_shards(root, split)
+    pixels, ids, captions = [], [], []
+    for _, url in enumerate(urls[rank::world]):
+        for sample in tarfile_samples([{"url": url}], handler=_SkipCounter()):
+            try:
+                p, caps, image_id = decode_sample(sample, image_size)
+            except Exception as exc:
+                log.warning("skipping eval sample %s: %s", sample.get("__key__"), exc)
+                continue
+            pixels.append(p), ids.append(image_id), captions.append(caps)
+    empty = torch.empty(0, 3, image_size, image_size)
+    return (torch.stack(pixels) if pixels else empty), torch.tensor(ids, dtype=torch.long), captions

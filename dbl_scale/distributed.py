@@ -1,0 +1,103 @@
+"""Process-group helpers: start-up, rank info, gathers with and without gradient.
+
+Rank and world size always come from `torch.distributed` (never from a launcher's own
+state), so torchrun, the deepspeed launcher, accelerate and srun behave the same.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as fcol
+
+# `all_gather_single_autograd` is the torch >= 2.12 name; older releases call it
+# `all_gather_tensor_autograd`. Both gather along dim 0 and reduce-scatter in backward.
+_gather_autograd = getattr(fcol, "all_gather_single_autograd", None) or fcol.all_gather_tensor_autograd
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Join the process group the launcher describes (env://), through DeepSpeed.
+
+    On CPU the backend is gloo, and DeepSpeed's shared-memory all-reduce op is not built:
+    it JIT-compiles C++ for a minute on a cold machine and gloo does not need it.
+    """
+    import importlib
+
+    import deepspeed
+
+    # (`import deepspeed.comm.torch as m` would bind the real torch: deepspeed.comm re-exports it)
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+
+    if "RANK" not in os.environ:  # a plain `python` run: one process, still a real group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        backend = "nccl"
+    else:
+        ds_torch_comm.build_shm_op = lambda: None
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0; gradients flow back to every rank's slice."""
+    if world_size() == 1:
+        return x
+    return _gather_autograd(x.contiguous(), 0, dist.group.WORLD)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0, without a backward path."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max_int(value: int) -> int:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def device() -> torch.device:
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")

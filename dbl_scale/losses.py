@@ -1,0 +1,140 @@
+"""Matching losses of LOSSES.md, on one score matrix or on negatives gathered from all ranks.
+
+Every loss reads a `Scores`: the rows of a score matrix that this process owns, in both
+directions. One process with a square matrix `S` (rows images, columns captions, positives
+on the diagonal) owns all rows: `Scores.square(S)`. On W ranks, each rank owns its B local
+queries and scores them against the W*B gathered candidates: `Scores.gathered(img, txt)`.
+A loss is a sum over the queries it is given (soft losses divide by the global count), so
+the sum over ranks of the per-rank values equals the single-process value, and
+`backward(W * loss)` under data-parallel gradient averaging gives the single-process
+gradients (`train.py` does that). The public functions also take a plain square tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from . import distributed
+
+
+@dataclass
+class Scores:
+    """Local query blocks of a score matrix.
+
+    i2t[q, c]: local image q against candidate caption c; t2i[q, c]: local caption q against
+    candidate image c. `positive[q]` is the candidate column of query q's own pair.
+    `neg_i2t` / `neg_t2i` mark the candidates that count as negatives.
+    """
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+    positive: torch.Tensor
+    neg_i2t: torch.Tensor
+    neg_t2i: torch.Tensor
+
+    @staticmethod
+    def square(scores: torch.Tensor, image_ids: Optional[torch.Tensor] = None) -> "Scores":
+        n = scores.shape[0]
+        if scores.dim() != 2 or scores.shape[1] != n:
+            raise ValueError(f"expected a square score matrix, got shape {tuple(scores.shape)}")
+        positive = torch.arange(n, device=scores.device)
+        neg = _negatives(positive, n, image_ids, image_ids)
+        return Scores(scores, scores.t(), positive, neg, neg.t())
+
+    @staticmethod
+    def gathered(img: torch.Tensor, txt: torch.Tensor, image_ids: Optional[torch.Tensor] = None,
+                 with_grad: bool = True) -> "Scores":
+        """Local embeddings (B x d) against the embeddings of all ranks (W*B x d).
+
+        `with_grad=False` for an anchor or teacher branch: gathered without a backward path.
+        """
+        gather = distributed.gather_with_grad if with_grad else distributed.gather_no_grad
+        all_img, all_txt = gather(img), gather(txt)
+        all_ids = distributed.gather_no_grad(image_ids) if image_ids is not None else None
+        offset = distributed.rank() * img.shape[0]
+        return Scores.local(img, txt, all_img, all_txt, offset, image_ids, all_ids)
+
+    @staticmethod
+    def local(img, txt, all_img, all_txt, offset: int, image_ids=None, all_ids=None) -> "Scores":
+        b, n = img.shape[0], all_img.shape[0]
+        positive = torch.arange(offset, offset + b, device=img.device)
+        neg = _negatives(positive, n, image_ids, all_ids)
+        return Scores(img @ all_txt.t(), txt @ all_img.t(), positive, neg, neg)
+
+    def positives(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's positive score, (B, 1), for the i2t and t2i blocks."""
+        col = self.positive[:, None]
+        return self.i2t.gather(1, col), self.t2i.gather(1, col)
+
+    def detach(self) -> "Scores":
+        return Scores(self.i2t.detach(), self.t2i.detach(), self.positive, self.neg_i2t, self.neg_t2i)
+
+
+def _negatives(positive, n, ids, all_ids) -> torch.Tensor:
+    if ids is None:
+        neg = torch.ones(positive.shape[0], n, dtype=torch.bool, device=positive.device)
+        neg[torch.arange(positive.shape[0], device=positive.device), positive] = False
+        return neg
+    return ids[:, None] != all_ids[None, :]
+
+
+ScoresLike = Union[torch.Tensor, Scores]
+
+
+def _as_scores(scores: ScoresLike, image_ids: Optional[torch.Tensor]) -> Scores:
+    if isinstance(scores, Scores):
+        if image_ids is not None:
+            raise ValueError("image_ids is given with a Scores object, whose negatives are already set")
+        return scores
+    return Scores.square(scores, image_ids)
+
+
+def _reduce(cost: torch.Tensor, neg: torch.Tensor, max_violation: bool) -> torch.Tensor:
+    """Zero the non-negatives of a non-negative cost, then hardest (max) or all (sum) per query."""
+    cost = cost.masked_fill(~neg, 0.0)
+    return cost.max(dim=1).values.sum() if max_violation else cost.sum()
+
+
+def hinge_triplet(scores: ScoresLike, margin: float = 0.2, max_violation: bool = True,
+                  image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """VSE++ hinge triplet, summed over queries in both directions (VSE0 when not max_violation)."""
+    s = _as_scores(scores, image_ids)
+    pos_i2t, pos_t2i = s.positives()
+    return (_reduce((margin + s.i2t - pos_i2t).clamp(min=0), s.neg_i2t, max_violation)
+            + _reduce((margin + s.t2i - pos_t2i).clamp(min=0), s.neg_t2i, max_violation))
+
+
+def boost_relative(scores: ScoresLike, anchor_scores: ScoresLike, margin: float = 0.2,
+                   beta: float = 1.0, image_ids: Optional[torch.Tensor] = None,
+                   max_violation: bool = True) -> torch.Tensor:
+    """DBL relative boosting: the target's positive-negative gap must beat the anchor's by
+    margin*beta. `c = [margin*beta + (a_pos - a_neg) - (t_pos - t_neg)]+`, both directions."""
+    t, a = _as_scores(scores, image_ids), _as_scores(anchor_scores, image_ids).detach()
+    m = margin * beta
+    total = 0.0
+    for t_q, a_q, neg, t_pos, a_pos in ((t.i2t, a.i2t, t.neg_i2t, *_pair(t, a, 0)),
+                                        (t.t2i, a.t2i, t.neg_t2i, *_pair(t, a, 1))):
+        cost = (m + (a_pos - a_q) - (t_pos - t_q)).clamp(min=0)
+        total = total + _reduce(cost, neg, max_violation)
+    return total
+
+
+def boost_absolute(scores: ScoresLike, anchor_scores: ScoresLike, margin: float = 0.2,
+                   beta: float = 1.0, gamma: float = 0.5, image_ids: Optional[torch.Tensor] = None,
+                   max_violation: bool = True) -> torch.Tensor:
+    """DBL absolute boosting: positives must score gamma*margin*beta above the anchor's, each
+    negative (1-gamma)*margin*beta below the anchor's. The positive term is counted once per
+    direction, which is the `2 * sum_i` of LOSSES.md."""
+    t, a = _as_scores(scores, image_ids), _as_scores(anchor_scores, image_ids).detach()
+    m_pos, m_neg = gamma * margin * beta, (1.0 - gamma) * margin * beta
+    total = 0.0
+    for t_q, a_q, neg, t_pos, a_pos in ((t.i2t, a.i2t, t.neg_i2t, *_pair(t, a, 0)),
+                                        (t.t2i, a.t2i, t.neg_t2i, *_pair(t, a, 1))):
+        total = total + (m_pos + a_pos - t_pos).clamp(min=0).sum()
+        total = total + _reduce((m_neg + t_q - a_q).clamp(min=0), neg, max_violation)
+    return total
+
+
+def _pair(t: Scores, a: Scores, direction: int):
+    return t.positives()[direction], a.positives()[direction]

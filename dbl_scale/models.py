@@ -1,0 +1,82 @@
+"""Dual encoder: a Hugging Face vision tower and text tower, pooled, projected, L2-normalised.
+
+One `DualEncoder` is one branch (anchor or target): both towers live in one `nn.Module`,
+so each branch is one DeepSpeed engine. Towers come from `AutoModel.from_config` (sizes in
+the config) or `AutoModel.from_pretrained` on a local folder; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (AutoModel, BertConfig, CLIPTextConfig, CLIPVisionConfig, RobertaConfig,
+                          ViTConfig)
+
+from .config import ModelConfig, TextConfig, VisionConfig
+
+
+def build_vision_backbone(cfg: VisionConfig) -> tuple[nn.Module, int]:
+    if cfg.pretrained:
+        model = AutoModel.from_pretrained(cfg.pretrained)
+        model = getattr(model, "vision_model", model)  # a full CLIP checkpoint: keep its vision half
+        return model, model.config.hidden_size
+    common = dict(hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                  intermediate_size=cfg.hidden * cfg.mlp_ratio, image_size=cfg.image_size,
+                  patch_size=cfg.patch_size, num_channels=3)
+    if cfg.kind == "clip_vision":
+        return AutoModel.from_config(CLIPVisionConfig(**common, attention_dropout=0.0)), cfg.hidden
+    return AutoModel.from_config(ViTConfig(**common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                                 add_pooling_layer=False), cfg.hidden
+
+
+def build_text_backbone(cfg: TextConfig, tokenizer) -> tuple[nn.Module, int]:
+    if cfg.pretrained:
+        model = AutoModel.from_pretrained(cfg.pretrained)
+        model = getattr(model, "text_model", model)
+        return model, model.config.hidden_size
+    pad_token_id = tokenizer.pad_token_id
+    common = dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                  num_attention_heads=cfg.heads, intermediate_size=cfg.hidden * cfg.mlp_ratio,
+                  pad_token_id=pad_token_id)
+    if cfg.kind == "clip_text":
+        config = CLIPTextConfig(**common, max_position_embeddings=cfg.max_length, attention_dropout=0.0,
+                                bos_token_id=tokenizer.cls_token_id or tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.sep_token_id or tokenizer.eos_token_id)
+        return AutoModel.from_config(config), cfg.hidden
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if cfg.kind == "roberta":  # RoBERTa's positions start after the padding index
+        config = RobertaConfig(**common, **no_dropout, max_position_embeddings=cfg.max_length + pad_token_id + 1)
+    else:
+        config = BertConfig(**common, **no_dropout, max_position_embeddings=cfg.max_length)
+    return AutoModel.from_config(config, add_pooling_layer=False), cfg.hidden
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer):
+        super().__init__()
+        self.vision, v_width = build_vision_backbone(cfg.vision)
+        self.text, t_width = build_text_backbone(cfg.text, tokenizer)
+        self.vision_pooling, self.text_pooling = cfg.vision.pooling, cfg.text.pooling
+        self.vision_proj = nn.Linear(v_width, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(t_width, cfg.embed_dim, bias=False)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.vision(pixel_values=pixel_values)
+        if self.vision_pooling == "mean":
+            pooled = out.last_hidden_state.mean(dim=1)
+        else:  # CLIP's pooler output is its layer-normed class token; ViT's class token is normed already
+            pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None \
+                else out.last_hidden_state[:, 0]
+        return F.normalize(self.vision_proj(pooled), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.text_pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        else:
+            pooled = hidden[:, 0]
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
