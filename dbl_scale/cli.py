@@ -49,18 +49,23 @@ def launch_env(nproc: int) -> dict:
 
 
 def prepare_data(cfg) -> dict:
-    """Build ShapesCaptions under data.root when it has no shards yet, and its tokenizer."""
-    from data_tools.shapes_captions import build_if_missing
+    """Build ShapesCaptions under data.root when it holds no shard set yet (an existing one,
+    of any dataset, is used as it is, never overwritten), then the tokenizer if missing."""
+    from data_tools.shapes_captions import build_shapes_captions
 
-    from .data import ensure_tokenizer
+    from .data import ensure_tokenizer, load_sizes
 
     root = Path(cfg.data.root)
-    if not (root / "sizes.json").exists():
+    t0 = time.time()
+    if (root / "sizes.json").exists():
+        sizes = load_sizes(root)
+    else:
         print(f"building ShapesCaptions in {root} ({cfg.data.build_train} train / {cfg.data.build_val} val / "
               f"{cfg.data.build_test} test images) ...", flush=True)
-    t0 = time.time()
-    sizes = build_if_missing(str(root), n_train=cfg.data.build_train, n_val=cfg.data.build_val,
-                             n_test=cfg.data.build_test, image_size=cfg.model.vision.image_size)
+        # at least 8 training shards, so up to 8 ranks x workers each get a share
+        sizes = build_shapes_captions(str(root), n_train=cfg.data.build_train, n_val=cfg.data.build_val,
+                                      n_test=cfg.data.build_test, image_size=cfg.model.vision.image_size,
+                                      shard_size=max(1, min(500, cfg.data.build_train // 8)))
     ensure_tokenizer(cfg.data, cfg.model.text)
     if time.time() - t0 > 1:
         print(f"data ready in {time.time() - t0:.1f}s", flush=True)

@@ -82,6 +82,9 @@ class LossConfig:
     method: Literal["triplet", "dbl"] = "triplet"
     margin: float = 0.2
     max_violation: bool = True
+    # VSE-infinity's warm-up: sum over all negatives (VSE0) for this many steps, then the
+    # hardest negative. Towers trained from scratch collapse under max-violation from step 0.
+    sum_warmup_steps: int = 0
     mask_same_image: bool = True  # pairs sharing an image id are never negatives
     dbl: DBLConfig = field(default_factory=DBLConfig)
 
@@ -171,6 +174,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

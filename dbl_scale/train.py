@@ -40,9 +40,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_ds_config(path: str) -> Path:
+    """A DeepSpeed JSON path, relative to the working directory or to the dbl_scale checkout."""
+    for candidate in (Path(path), Path(__file__).resolve().parents[1] / path):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"train.deepspeed: no DeepSpeed config at '{path}'")
+
+
 def deepspeed_config(cfg: Config, world: int) -> dict:
     """Read the JSON of `train.deepspeed` and fill its "auto" values from our config."""
-    ds = json.loads(Path(cfg.train.deepspeed).read_text())
+    ds = json.loads(resolve_ds_config(cfg.train.deepspeed).read_text())
     fills = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "train_batch_size": cfg.data.batch_size * world * ds.get("gradient_accumulation_steps", 1),
@@ -100,7 +108,8 @@ def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float) -> No
 
 # ----------------------------------------------------------------------------- the step
 
-def compute_losses(cfg: Config, img, txt, image_ids, anchor_img=None, anchor_txt=None) -> dict[str, torch.Tensor]:
+def compute_losses(cfg: Config, img, txt, image_ids, anchor_img=None, anchor_txt=None,
+                   step: int = 0) -> dict[str, torch.Tensor]:
     """Loss terms of this rank's queries against the candidates of all ranks.
 
     Each term is a sum over this rank's queries; summed over ranks it equals the
@@ -108,16 +117,17 @@ def compute_losses(cfg: Config, img, txt, image_ids, anchor_img=None, anchor_txt
     """
     lc = cfg.loss
     ids = image_ids if lc.mask_same_image else None
+    max_violation = lc.max_violation and step >= lc.sum_warmup_steps
     scores = Scores.gathered(img, txt, ids, with_grad=True)
-    raw = hinge_triplet(scores, lc.margin, lc.max_violation)
+    raw = hinge_triplet(scores, lc.margin, max_violation)
     terms = {"loss/raw": raw, "loss": raw}
     if lc.method == "dbl":
         anchor = Scores.gathered(anchor_img, anchor_txt, ids, with_grad=False)
         if lc.dbl.boost == "relative":
-            boost = boost_relative(scores, anchor, lc.margin, lc.dbl.beta, max_violation=lc.max_violation)
+            boost = boost_relative(scores, anchor, lc.margin, lc.dbl.beta, max_violation=max_violation)
         else:
             boost = boost_absolute(scores, anchor, lc.margin, lc.dbl.beta, lc.dbl.gamma,
-                                   max_violation=lc.max_violation)
+                                   max_violation=max_violation)
         terms["loss/boost"] = boost
         terms["loss"] = raw + lc.dbl.alpha * boost
     return terms
@@ -132,7 +142,7 @@ def train_step(cfg: Config, engine, anchor, batch: dict, step: int) -> dict[str,
     if anchor is not None:
         with torch.no_grad():
             anchor_img, anchor_txt = anchor(pixels.to(_dtype(anchor)), input_ids, mask)
-    terms = compute_losses(cfg, img, txt, batch["image_ids"].to(dev), anchor_img, anchor_txt)
+    terms = compute_losses(cfg, img, txt, batch["image_ids"].to(dev), anchor_img, anchor_txt, step)
     # Gradients are averaged over ranks by DeepSpeed; the loss is a per-rank share of a sum,
     # so scaling by the world size gives exactly the single-process gradient.
     engine.backward(terms["loss"] * distributed.world_size())

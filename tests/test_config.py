@@ -1,0 +1,61 @@
+"""Configuration: YAML + dotted overrides, validated with errors that name the key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dbl_scale.config import ConfigError, load_config, parse_overrides
+from conftest import REPO, TINY
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  text:\n    layers: 3\nloss:\n  method: dbl\n")
+    cfg = load_config(path, ["model.text.layers=4", "optim.lr=1e-3", "loss.dbl.boost=absolute"])
+    assert cfg.model.text.layers == 4 and cfg.loss.method == "dbl" and cfg.loss.dbl.boost == "absolute"
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 32  # untouched default
+
+
+def test_unknown_key_names_key_and_allowed():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.text.layrs=4"])
+    msg = str(err.value)
+    assert "model.text.layrs" in msg and "did you mean 'model.text.layers'" in msg and "max_length" in msg
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"loss.method.*'triplet', 'dbl'"):
+        load_config(None, ["loss.method=arcface"])
+
+
+def test_bad_type_and_bad_value():
+    with pytest.raises(ConfigError, match="data.batch_size.*expected int"):
+        load_config(None, ["data.batch_size=big"])
+    with pytest.raises(ConfigError, match="data.batch_size.*positive"):
+        load_config(None, ["data.batch_size=0"])
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_config(None, ["model.vision.patch_size=7"])
+
+
+def test_section_given_a_value_and_malformed_override():
+    with pytest.raises(ConfigError, match="'model'.*expected ModelConfig"):
+        load_config(None, ["model=3"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["loss.method"])
+
+
+def test_presets_are_valid():
+    for name in ("demo", "tiny"):
+        load_config(REPO / "dbl_scale" / "presets" / f"{name}.yaml")
+    load_config(TINY)
+
+
+def test_cli_reports_config_errors_before_starting_anything():
+    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "train", "--config", "tiny", "loss.margn=0.3"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key 'loss.margn'" in proc.stderr and "did you mean 'loss.margin'" in proc.stderr
+    assert "torch.distributed" not in proc.stderr

@@ -1,0 +1,115 @@
+"""The WebDataset pipeline: exact epochs over ranks and workers, equal step counts,
+clear errors, and bad data skipped and counted."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from dbl_scale.config import load_config
+from dbl_scale.data import DataError, TrainLoader, load_eval_split
+from conftest import TINY
+
+
+def _loader(root, tokenizer, rank, world, workers, batch=8, shuffle=64, seed=0):
+    cfg = load_config(TINY, [f"data.root={root}", f"data.workers={workers}", f"data.batch_size={batch}",
+                             f"data.shuffle_buffer={shuffle}"])
+    return TrainLoader(cfg.data, 32, tokenizer, 24, rank, world, seed)
+
+
+def _epoch_ids(root, tokenizer, epoch, world=2, workers=2):
+    per_rank = []
+    for rank in range(world):
+        loader = _loader(root, tokenizer, rank, world, workers)
+        batches = list(loader.epoch(epoch))
+        assert len(batches) == loader.steps_per_epoch
+        for b in batches:
+            assert b["pixel_values"].shape == (8, 3, 32, 32)
+            assert b["input_ids"].shape == (8, 24) and b["attention_mask"].shape == (8, 24)
+        per_rank.append([i for b in batches for i in b["image_ids"].tolist()])
+    return per_rank
+
+
+def test_two_ranks_two_workers_see_every_sample_once(shapes_root, tokenizer):
+    # 128 samples in 8 shards; 2 ranks x 2 workers; batch 8 -> 8 steps per rank per epoch
+    ids0 = _epoch_ids(shapes_root, tokenizer, epoch=0)
+    assert [len(r) for r in ids0] == [64, 64]  # equal step counts on both ranks
+    seen = ids0[0] + ids0[1]
+    assert sorted(seen) == list(range(128))  # each sample exactly once between the ranks
+    ids1 = _epoch_ids(shapes_root, tokenizer, epoch=1)
+    assert sorted(ids1[0] + ids1[1]) == list(range(128))
+    assert ids1 != ids0  # a new shard and sample order every epoch
+    assert _epoch_ids(shapes_root, tokenizer, epoch=0) == ids0  # and the same order for the same epoch
+
+
+def test_uneven_shards_still_give_equal_steps(shapes_root, tokenizer, tmp_path):
+    sizes = json.loads((shapes_root / "sizes.json").read_text())
+    sizes["train"]["shards"] = sizes["train"]["shards"][:5]  # 5 shards over 2 ranks x 1 worker
+    sizes["train"]["samples"] = 80
+    root = _copy_root(shapes_root, tmp_path, sizes)
+    counts = [len(list(_loader(root, tokenizer, r, 2, 1).epoch(0))) for r in range(2)]
+    assert counts == [5, 5]
+
+
+def test_rank_without_shards_is_an_error(shapes_root, tokenizer):
+    with pytest.raises(DataError, match="every rank needs at least one shard"):
+        _loader(shapes_root, tokenizer, 0, 9, 0)
+
+
+def test_missing_sizes_json_is_a_clear_error(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="sizes.json not found"):
+        _loader(tmp_path, tokenizer, 0, 1, 0)
+
+
+def _copy_root(src: Path, dst: Path, sizes: dict) -> Path:
+    for shard in sizes["train"]["shards"] + sizes["test"]["shards"]:
+        (dst / shard).write_bytes((src / shard).read_bytes())
+    (dst / "sizes.json").write_text(json.dumps(sizes))
+    return dst
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_samples_are_skipped_and_counted(shapes_root, tokenizer, tmp_path):
+    """A broken JPEG, a sample without captions, and a truncated tar: no crash, counted."""
+    src = shapes_root / "train-00000.tar"
+    members = []
+    with tarfile.open(src) as t:
+        for m in t.getmembers():
+            members.append((m.name, t.extractfile(m).read()))
+    bad = tmp_path / "bad-00000.tar"
+    with tarfile.open(bad, "w") as t:
+        for i, (name, data) in enumerate(members):
+            if name.endswith(".jpg") and i < 2:
+                data = b"not a jpeg"  # sample 0: corrupt image
+            if name.endswith(".json") and 2 <= i < 4:
+                data = json.dumps({"image_id": 999, "captions": []}).encode()  # sample 1: no caption
+            _add(t, name, data)
+    truncated = tmp_path / "bad-00001.tar"
+    whole = (shapes_root / "train-00001.tar").read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2 + 100])  # cut mid-member
+    sizes = {"train": {"shards": [bad.name, truncated.name], "samples": 24, "captions_per_image": 5}}
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+
+    loader = _loader(tmp_path, tokenizer, 0, 1, 0, batch=4, shuffle=0)
+    ids = [i for b in loader.epoch(0) for i in b["image_ids"].tolist()]
+    assert len(ids) == loader.steps_per_epoch * 4 == 24
+    assert 999 not in ids
+    assert loader.skipped >= 2  # the broken image and the caption-less sample, at least once each
+
+
+def test_eval_split_is_divided_over_ranks(shapes_root):
+    parts = [load_eval_split(shapes_root, "test", 32, rank=r, world=2) for r in range(2)]
+    ids = sorted(parts[0][1].tolist() + parts[1][1].tolist())
+    assert ids == list(range(40))
+    assert all(len(c) == 5 for p in parts for c in p[2])
+    assert parts[0][0].shape[1:] == (3, 32, 32) and parts[0][0].dtype == torch.float32

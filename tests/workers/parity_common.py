@@ -1,0 +1,41 @@
+"""The fixed models and global batch that both halves of the loss-parity test build."""
+import torch
+from transformers import AutoTokenizer
+
+from dbl_scale.config import load_config
+from dbl_scale.models import DualEncoder
+
+GLOBAL_BATCH = 8
+# ids repeat inside a rank's slice and across the two slices: masking must see both
+IMAGE_IDS = [0, 1, 1, 2, 3, 4, 4, 0]
+
+VARIANTS = {
+    "triplet": ["loss.method=triplet"],
+    "triplet_sum": ["loss.method=triplet", "loss.max_violation=false"],
+    "triplet_nomask": ["loss.method=triplet", "loss.mask_same_image=false"],
+    "dbl_relative": ["loss.method=dbl", "loss.dbl.boost=relative"],
+    "dbl_absolute": ["loss.method=dbl", "loss.dbl.boost=absolute", "loss.dbl.alpha=0.5"],
+}
+
+
+def make_models(tok_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = load_config(None, ["model.vision.image_size=16", "model.vision.patch_size=8", "model.vision.hidden=32",
+                             "model.vision.layers=1", "model.vision.heads=2", "model.text.hidden=32",
+                             "model.text.layers=1", "model.text.heads=2", "model.text.max_length=12",
+                             "model.embed_dim=16"])
+    torch.manual_seed(0)
+    target = DualEncoder(cfg.model, tokenizer)
+    torch.manual_seed(1)
+    anchor = DualEncoder(cfg.model, tokenizer).eval()
+    return target, anchor, tokenizer
+
+
+def make_batch(tokenizer):
+    g = torch.Generator().manual_seed(2)
+    words = ["red", "blue", "circle", "square", "left", "small", "large", "star"]
+    captions = [" ".join(words[(i * 3 + k) % len(words)] for k in range(2 + i % 4)) for i in range(GLOBAL_BATCH)]
+    enc = tokenizer(captions, padding="max_length", truncation=True, max_length=12, return_tensors="pt")
+    return {"pixel_values": torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g),
+            "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "image_ids": torch.tensor(IMAGE_IDS)}
