@@ -144,7 +144,7 @@ class StreamSpec:
 
 
 class TrainStream(torch.utils.data.IterableDataset):
-    """Endless stream of batches for one rank; `epoch` is set before each epoch's iteration.
+    """Endless stream of batches for one rank, starting at epoch `epoch`.
 
     Yields dicts: pixel_values, captions (one drawn per sample), image_ids, skipped.
     Tokenisation happens in `collate` (main process), so workers stay tokenizer-free.
@@ -169,9 +169,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         rng = random.Random(hash((spec.seed, self.epoch, spec.rank, worker)))
         shards = itertools.islice(self._shard_passes(), spec.rank, None, spec.world)  # node split
         shards = itertools.islice(shards, worker, None, workers)  # worker split
-        skipped = 0
+        skipped, tar_errors = 0, _SkipCounter()
         batch: list = []
-        for sample in _shuffle_within_pass(_samples(shards), spec.shuffle_buffer, rng):
+        for sample in _shuffle_within_pass(_samples(shards, tar_errors), spec.shuffle_buffer, rng):
             try:
                 pixels, captions, image_id = decode_sample(sample, spec.image_size)
             except Exception as exc:  # a corrupt image or json: skip it, count it
@@ -183,21 +183,29 @@ class TrainStream(torch.utils.data.IterableDataset):
                 yield {"pixel_values": torch.stack([b[0] for b in batch]),
                        "captions": [b[1] for b in batch],
                        "image_ids": torch.tensor([b[2] for b in batch], dtype=torch.long),
-                       "skipped": skipped}
+                       "skipped": skipped + tar_errors.take()}
                 batch, skipped = [], 0
 
 
 class _SkipCounter:
-    """tarfile handler: a truncated or unreadable tar member is skipped, never fatal."""
+    """tarfile handler: a truncated or unreadable tar member is skipped and counted, never fatal."""
+
+    def __init__(self):
+        self.count = 0
 
     def __call__(self, exc) -> bool:
         log.warning("skipping unreadable tar content: %s", exc)
+        self.count += 1
         return True
 
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
 
-def _samples(shards: Iterator[tuple[int, str]]) -> Iterator[dict]:
+
+def _samples(shards: Iterator[tuple[int, str]], handler: _SkipCounter) -> Iterator[dict]:
     for pass_no, url in shards:
-        for sample in tarfile_samples([{"url": url}], handler=_SkipCounter()):
+        for sample in tarfile_samples([{"url": url}], handler=handler):
             if "jpg" in sample and "json" in sample:
                 sample["__pass__"] = pass_no
                 yield sample
@@ -222,7 +230,7 @@ def _shuffle_within_pass(src: Iterator[dict], bufsize: int, rng: random.Random) 
 
 
 class TrainLoader:
-    """Exactly `steps_per_epoch` tokenised batches per epoch on every rank."""
+    """Tokenised batches for one rank; every rank runs `steps_per_epoch` steps per epoch."""
 
     def __init__(self, data_cfg, image_size: int, tokenizer, max_length: int, rank: int, world: int, seed: int):
         urls, samples = split_shards(data_cfg.root, data_cfg.train_split)
@@ -248,11 +256,15 @@ class TrainLoader:
         self.tokenizer, self.max_length = tokenizer, max_length
         self.skipped = 0
 
-    def epoch(self, epoch: int) -> Iterator[dict]:
-        self.stream.epoch = epoch
+    def batches(self, start_epoch: int = 0) -> Iterator[dict]:
+        """Tokenised batches without end, from the first batch of `start_epoch` on; epoch e
+        is batches [e * steps_per_epoch, (e + 1) * steps_per_epoch). The loader workers are
+        started once, not once per epoch."""
+        self.stream.epoch = start_epoch
         loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.workers,
-                                             prefetch_factor=4 if self.workers else None)
-        for batch in itertools.islice(loader, self.steps_per_epoch):
+                                             prefetch_factor=4 if self.workers else None,
+                                             persistent_workers=False)
+        for batch in loader:
             self.skipped += batch.pop("skipped")
             batch.update(self.tokenize(batch.pop("captions")))
             yield batch

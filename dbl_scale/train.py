@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import json
 import logging
 import math
@@ -227,42 +228,40 @@ def train(cfg: Config) -> dict:
 
     status = "FAILED"
     try:
-        step, epoch = 0, 0
+        step = 0
         sums: dict[str, torch.Tensor] = {}
         t_start = t_log = time.time()
         steps_since_log = 0
-        while step < cfg.train.steps:
-            for batch in loader.epoch(epoch):
-                terms = train_step(cfg, engine, anchor, batch, step)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                step += 1
-                steps_since_log += 1
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    names = sorted(sums)
-                    # loss terms are per-rank shares of a sum: add over ranks, average over steps
-                    totals = distributed.all_reduce_sum(torch.stack([sums[k] for k in names]).float())
-                    skipped = int(distributed.all_reduce_sum(torch.tensor([float(loader.skipped)])).item())
-                    elapsed = time.time() - t_log
-                    metrics = {k: totals[i].item() / steps_since_log for i, k in enumerate(names)}
-                    metrics.update({"lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                                    "samples_per_s": steps_since_log * world * cfg.data.batch_size / elapsed,
-                                    "data/skipped": skipped})
-                    if anchor is not None:
-                        metrics["momentum"] = momentum_at(step, cfg.train.steps, cfg.loss.dbl.momentum)
-                    tracker.log_metrics(metrics, step)
-                    if step % cfg.tracking.flush_every < cfg.train.log_every:
-                        tracker.flush()
-                    if rank == 0:
-                        eta = (time.time() - t_start) / step * (cfg.train.steps - step)
-                        parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names if k != "loss")
-                        print(f"[{run_name}] step {step}/{cfg.train.steps} | loss {metrics['loss']:.3f} ({parts}) "
-                              f"| lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.0f} samples/s "
-                              f"| ETA {_fmt_seconds(eta)}", flush=True)
-                    sums, steps_since_log, t_log = {}, 0, time.time()
-                if step >= cfg.train.steps:
-                    break
-            epoch += 1
+        for batch in loader.batches(start_epoch=0):
+            terms = train_step(cfg, engine, anchor, batch, step)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            step += 1
+            steps_since_log += 1
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                names = sorted(sums)
+                # loss terms are per-rank shares of a sum: add over ranks, average over steps
+                totals = distributed.all_reduce_sum(torch.stack([sums[k] for k in names]).float())
+                skipped = int(distributed.all_reduce_sum(torch.tensor([float(loader.skipped)])).item())
+                elapsed = time.time() - t_log
+                metrics = {k: totals[i].item() / steps_since_log for i, k in enumerate(names)}
+                metrics.update({"lr": scheduler.get_last_lr()[0], "epoch": step / loader.steps_per_epoch,
+                                "samples_per_s": steps_since_log * world * cfg.data.batch_size / elapsed,
+                                "data/skipped": skipped})
+                if anchor is not None:
+                    metrics["momentum"] = momentum_at(step, cfg.train.steps, cfg.loss.dbl.momentum)
+                tracker.log_metrics(metrics, step)
+                if step % cfg.tracking.flush_every < cfg.train.log_every:
+                    tracker.flush()
+                if rank == 0:
+                    eta = (time.time() - t_start) / step * (cfg.train.steps - step)
+                    parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names if k != "loss")
+                    print(f"[{run_name}] step {step}/{cfg.train.steps} | loss {metrics['loss']:.3f} ({parts}) "
+                          f"| lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.0f} samples/s "
+                          f"| ETA {_fmt_seconds(eta)}", flush=True)
+                sums, steps_since_log, t_log = {}, 0, time.time()
+            if step >= cfg.train.steps:
+                break
         train_seconds = time.time() - t_start
 
         results: dict = {}
@@ -290,6 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML config (defaults apply to anything it leaves out)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.method=dbl data.batch_size=64")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a native crash prints the Python stack of every thread
     cfg = load_config(args.config, args.overrides)  # validated before any process group starts
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(cfg)

@@ -3,6 +3,7 @@ clear errors, and bad data skipped and counted."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from collections import Counter
@@ -22,29 +23,32 @@ def _loader(root, tokenizer, rank, world, workers, batch=8, shuffle=64, seed=0):
     return TrainLoader(cfg.data, 32, tokenizer, 24, rank, world, seed)
 
 
-def _epoch_ids(root, tokenizer, epoch, world=2, workers=2):
+def _epochs(root, tokenizer, start_epoch, n_epochs, world=2, workers=2):
+    """Per epoch, per rank: the image ids of that rank's batches, read from one endless loader."""
     per_rank = []
     for rank in range(world):
         loader = _loader(root, tokenizer, rank, world, workers)
-        batches = list(loader.epoch(epoch))
-        assert len(batches) == loader.steps_per_epoch
+        assert loader.steps_per_epoch == 8  # 128 samples // (2 ranks x batch 8)
+        batches = list(itertools.islice(loader.batches(start_epoch), n_epochs * loader.steps_per_epoch))
         for b in batches:
             assert b["pixel_values"].shape == (8, 3, 32, 32)
             assert b["input_ids"].shape == (8, 24) and b["attention_mask"].shape == (8, 24)
-        per_rank.append([i for b in batches for i in b["image_ids"].tolist()])
-    return per_rank
+        ids = [b["image_ids"].tolist() for b in batches]
+        per_rank.append([sum(ids[e * 8:(e + 1) * 8], []) for e in range(n_epochs)])
+    return [[per_rank[r][e] for r in range(world)] for e in range(n_epochs)]
 
 
 def test_two_ranks_two_workers_see_every_sample_once(shapes_root, tokenizer):
-    # 128 samples in 8 shards; 2 ranks x 2 workers; batch 8 -> 8 steps per rank per epoch
-    ids0 = _epoch_ids(shapes_root, tokenizer, epoch=0)
-    assert [len(r) for r in ids0] == [64, 64]  # equal step counts on both ranks
-    seen = ids0[0] + ids0[1]
-    assert sorted(seen) == list(range(128))  # each sample exactly once between the ranks
-    ids1 = _epoch_ids(shapes_root, tokenizer, epoch=1)
-    assert sorted(ids1[0] + ids1[1]) == list(range(128))
-    assert ids1 != ids0  # a new shard and sample order every epoch
-    assert _epoch_ids(shapes_root, tokenizer, epoch=0) == ids0  # and the same order for the same epoch
+    # 128 samples in 8 shards of 16; 2 ranks x 2 workers; batch 8 -> 8 steps per rank per epoch
+    epoch0, epoch1 = _epochs(shapes_root, tokenizer, start_epoch=0, n_epochs=2)
+    for ranks in (epoch0, epoch1):
+        assert [len(r) for r in ranks] == [64, 64]  # equal step counts on both ranks
+        assert sorted(ranks[0] + ranks[1]) == list(range(128))  # every sample exactly once
+    assert epoch1 != epoch0  # a new shard and sample order every epoch
+    again = _epochs(shapes_root, tokenizer, start_epoch=0, n_epochs=1)[0]
+    assert again == epoch0  # deterministic
+    resumed = _epochs(shapes_root, tokenizer, start_epoch=1, n_epochs=1)[0]
+    assert sorted(resumed[0] + resumed[1]) == list(range(128))
 
 
 def test_uneven_shards_still_give_equal_steps(shapes_root, tokenizer, tmp_path):
@@ -52,8 +56,10 @@ def test_uneven_shards_still_give_equal_steps(shapes_root, tokenizer, tmp_path):
     sizes["train"]["shards"] = sizes["train"]["shards"][:5]  # 5 shards over 2 ranks x 1 worker
     sizes["train"]["samples"] = 80
     root = _copy_root(shapes_root, tmp_path, sizes)
-    counts = [len(list(_loader(root, tokenizer, r, 2, 1).epoch(0))) for r in range(2)]
-    assert counts == [5, 5]
+    loaders = [_loader(root, tokenizer, r, 2, 1) for r in range(2)]
+    assert [lo.steps_per_epoch for lo in loaders] == [5, 5]
+    for lo in loaders:  # the rank with 2 shards and the rank with 3 both deliver, epoch after epoch
+        assert len(list(itertools.islice(lo.batches(), 15))) == 15
 
 
 def test_rank_without_shards_is_an_error(shapes_root, tokenizer):
@@ -101,10 +107,12 @@ def test_corrupt_samples_are_skipped_and_counted(shapes_root, tokenizer, tmp_pat
     (tmp_path / "sizes.json").write_text(json.dumps(sizes))
 
     loader = _loader(tmp_path, tokenizer, 0, 1, 0, batch=4, shuffle=0)
-    ids = [i for b in loader.epoch(0) for i in b["image_ids"].tolist()]
-    assert len(ids) == loader.steps_per_epoch * 4 == 24
+    assert loader.steps_per_epoch == 6
+    ids = [i for b in itertools.islice(loader.batches(), 12) for i in b["image_ids"].tolist()]
+    assert len(ids) == 48
     assert 999 not in ids
-    assert loader.skipped >= 2  # the broken image and the caption-less sample, at least once each
+    # the broken image and the caption-less sample (each epoch), and the truncated tar's tail
+    assert loader.skipped >= 5
 
 
 def test_eval_split_is_divided_over_ranks(shapes_root):
