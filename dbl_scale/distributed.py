@@ -10,11 +10,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed import _functional_collectives as fcol
-
-# `all_gather_single_autograd` is the torch >= 2.12 name; older releases call it
-# `all_gather_tensor_autograd`. Both gather along dim 0 and reduce-scatter in backward.
-_gather_autograd = getattr(fcol, "all_gather_single_autograd", None) or fcol.all_gather_tensor_autograd
 
 
 def is_initialized() -> bool:
@@ -67,11 +62,38 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient of this rank's slice.
+
+    Synchronous collectives on purpose: torch's functional (async) autograd gather corrupted
+    the heap under gloo in our 2-rank CPU runs (`munmap_chunk(): invalid pointer` after a few
+    hundred steps), while this form ran clean.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = torch.empty(ctx.rows, *grad.shape[1:], dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+            return out
+        grad = grad.clone()  # gloo has no reduce-scatter: all-reduce, then keep this rank's rows
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[dist.get_rank() * ctx.rows:(dist.get_rank() + 1) * ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from all ranks along dim 0; gradients flow back to every rank's slice."""
     if world_size() == 1:
         return x
-    return _gather_autograd(x.contiguous(), 0, dist.group.WORLD)
+    return _GatherWithGrad.apply(x)
 
 
 @torch.no_grad()

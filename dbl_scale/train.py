@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +273,7 @@ def train(cfg: Config) -> dict:
             tracker.log_metrics({f"{split}/{k}": v for k, v in results.items()}, step)
             tracker.log_metrics({"train_seconds": train_seconds, "eval_seconds": time.time() - t_eval}, step)
             if rank == 0:
-                print(f"\n[{run_name}] {split} retrieval ({cfg.data.eval_split} split)\n"
+                print(f"\n[{run_name}] retrieval on the {split} split\n"
                       + format_table({cfg.loss.method: results}), flush=True)
                 (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
                 tracker.log_artifact(run_dir / "metrics.json")
@@ -290,6 +291,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.method=dbl data.batch_size=64")
     args = parser.parse_args(argv)
     faulthandler.enable()  # a native crash prints the Python stack of every thread
+    # DeepSpeed 0.19 calls a torch collective that torch 2.13 marks deprecated, on every step
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     cfg = load_config(args.config, args.overrides)  # validated before any process group starts
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(cfg)
