@@ -105,36 +105,107 @@ def hinge_triplet(scores: ScoresLike, margin: float = 0.2, max_violation: bool =
             + _reduce((margin + s.t2i - pos_t2i).clamp(min=0), s.neg_t2i, max_violation))
 
 
+def soft_margin_upper(m0: float, x: torch.Tensor, bound: float) -> torch.Tensor:
+    """m_sup: the margin m0 shrinks smoothly to 0 as x (stop-gradient) nears its upper bound."""
+    return 2.0 * m0 / (1.0 + torch.exp((2.0 / m0) * (x.detach() - bound))) - m0
+
+
+def soft_margin_lower(m0: float, x: torch.Tensor, bound: float) -> torch.Tensor:
+    """m_inf: the margin m0 shrinks smoothly to 0 as x (stop-gradient) nears -bound."""
+    return 2.0 * m0 / (1.0 + torch.exp(-(2.0 / m0) * (x.detach() + bound))) - m0
+
+
 def boost_relative(scores: ScoresLike, anchor_scores: ScoresLike, margin: float = 0.2,
                    beta: float = 1.0, image_ids: Optional[torch.Tensor] = None,
-                   max_violation: bool = True) -> torch.Tensor:
+                   max_violation: bool = True, soft_adapt: bool = False) -> torch.Tensor:
     """DBL relative boosting: the target's positive-negative gap must beat the anchor's by
-    margin*beta. `c = [margin*beta + (a_pos - a_neg) - (t_pos - t_neg)]+`, both directions."""
+    margin*beta. `c = [margin*beta + (a_pos - a_neg) - (t_pos - t_neg)]+`, both directions.
+    `soft_adapt`: the margin follows m_sup of the target's gap (bound 2, cosine scores)."""
     t, a = _as_scores(scores, image_ids), _as_scores(anchor_scores, image_ids).detach()
     m = margin * beta
     total = 0.0
     for t_q, a_q, neg, t_pos, a_pos in ((t.i2t, a.i2t, t.neg_i2t, *_pair(t, a, 0)),
                                         (t.t2i, a.t2i, t.neg_t2i, *_pair(t, a, 1))):
-        cost = (m + (a_pos - a_q) - (t_pos - t_q)).clamp(min=0)
+        gap = t_pos - t_q
+        margin_ij = soft_margin_upper(m, gap, 2.0) if soft_adapt else m
+        cost = (margin_ij + (a_pos - a_q) - gap).clamp(min=0)
         total = total + _reduce(cost, neg, max_violation)
     return total
 
 
 def boost_absolute(scores: ScoresLike, anchor_scores: ScoresLike, margin: float = 0.2,
                    beta: float = 1.0, gamma: float = 0.5, image_ids: Optional[torch.Tensor] = None,
-                   max_violation: bool = True) -> torch.Tensor:
+                   max_violation: bool = True, soft_adapt: bool = False) -> torch.Tensor:
     """DBL absolute boosting: positives must score gamma*margin*beta above the anchor's, each
     negative (1-gamma)*margin*beta below the anchor's. The positive term is counted once per
-    direction, which is the `2 * sum_i` of LOSSES.md."""
+    direction, which is the `2 * sum_i` of LOSSES.md. `soft_adapt`: positive margins follow
+    m_sup (bound 1) of the target's positive score, negative margins m_inf (bound 1) of the
+    target's negative score."""
     t, a = _as_scores(scores, image_ids), _as_scores(anchor_scores, image_ids).detach()
     m_pos, m_neg = gamma * margin * beta, (1.0 - gamma) * margin * beta
     total = 0.0
     for t_q, a_q, neg, t_pos, a_pos in ((t.i2t, a.i2t, t.neg_i2t, *_pair(t, a, 0)),
                                         (t.t2i, a.t2i, t.neg_t2i, *_pair(t, a, 1))):
-        total = total + (m_pos + a_pos - t_pos).clamp(min=0).sum()
-        total = total + _reduce((m_neg + t_q - a_q).clamp(min=0), neg, max_violation)
+        mp = soft_margin_upper(m_pos, t_pos, 1.0) if soft_adapt else m_pos
+        mn = soft_margin_lower(m_neg, t_q, 1.0) if soft_adapt else m_neg
+        total = total + (mp + a_pos - t_pos).clamp(min=0).sum()
+        total = total + _reduce((mn + t_q - a_q).clamp(min=0), neg, max_violation)
     return total
 
 
 def _pair(t: Scores, a: Scores, direction: int):
     return t.positives()[direction], a.positives()[direction]
+
+
+# ----------------------------------------------------------------------------- soft losses
+# Averaged over queries: a rank's value is its queries' sum divided by the global number of
+# queries (= the number of candidates), so the ranks' values add up to the global mean.
+
+def _candidates(q: torch.Tensor, neg: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Negatives plus each query's own positive: what a softmax over candidates ranges over."""
+    keep = neg.clone()
+    keep[torch.arange(q.shape[0], device=q.device), positive] = True
+    return keep
+
+
+def _cross_entropy_sum(logits: torch.Tensor, keep: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    logits = logits.masked_fill(~keep, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - logits.gather(1, positive[:, None]).squeeze(1)).sum()
+
+
+def info_nce(scores: ScoresLike, logit_scale, image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: `0.5 * [CE(scale * S, diag) + CE(scale * S^T, diag)]`, mean over
+    queries. `logit_scale` = 1/temperature, a tensor (learnable, clamped by the model) or float."""
+    s = _as_scores(scores, image_ids)
+    n = s.i2t.shape[1]
+    total = 0.0
+    for q, neg in ((s.i2t, s.neg_i2t), (s.t2i, s.neg_t2i)):
+        total = total + _cross_entropy_sum(logit_scale * q, _candidates(q, neg, s.positive), s.positive)
+    return total / (2 * n)
+
+
+def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Sum over queries of KL(softmax(teacher) || softmax(student)) over the kept candidates."""
+    log_p_s = torch.log_softmax(student.masked_fill(~keep, float("-inf")), dim=1)
+    log_p_t = torch.log_softmax(teacher.masked_fill(~keep, float("-inf")), dim=1)
+    terms = log_p_t.exp() * (log_p_t - log_p_s)
+    return terms.masked_fill(~keep, 0.0).sum()
+
+
+def distillation(scores: ScoresLike, teacher_scores: ScoresLike, temperature: float = 0.1,
+                 image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Conventional distillation from a frozen teacher: KL(softmax(S_teacher/T) || softmax(S/T))
+    per query, mean over queries, image->text plus text->image."""
+    s, t = _as_scores(scores, image_ids), _as_scores(teacher_scores, image_ids).detach()
+    n = s.i2t.shape[1]
+    total = 0.0
+    for q, tq, neg in ((s.i2t, t.i2t, s.neg_i2t), (s.t2i, t.t2i, s.neg_t2i)):
+        total = total + _kl_sum(q / temperature, tq / temperature, _candidates(q, neg, s.positive))
+    return total / n
+
+
+def mutual_learning(scores: ScoresLike, peer_scores: ScoresLike, smooth: float = 10.0,
+                    image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Deep mutual learning: KL(softmax(smooth * sg(S_peer)) || softmax(smooth * S)) per row,
+    mean over queries, both directions. Each branch gets this towards every peer."""
+    return distillation(scores, peer_scores, 1.0 / smooth, image_ids=image_ids)

@@ -2,10 +2,13 @@
 local-block form (what one rank computes) against the square matrix."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from dbl_scale.losses import Scores, boost_absolute, boost_relative, hinge_triplet
+from dbl_scale.losses import (Scores, boost_absolute, boost_relative, distillation, hinge_triplet, info_nce,
+                              mutual_learning)
 
 
 def _neg(i, j, ids):
@@ -114,7 +117,9 @@ def test_local_blocks_add_up_to_the_square_matrix(ids):
     full = Scores.square(img @ txt.t(), ids)
     full_a = Scores.square(a_img @ a_txt.t(), ids)
     for loss in (lambda s, a: hinge_triplet(s), lambda s, a: boost_relative(s, a),
-                 lambda s, a: boost_absolute(s, a), lambda s, a: hinge_triplet(s, max_violation=False)):
+                 lambda s, a: boost_absolute(s, a), lambda s, a: hinge_triplet(s, max_violation=False),
+                 lambda s, a: boost_relative(s, a, soft_adapt=True), lambda s, a: info_nce(s, 10.0),
+                 lambda s, a: distillation(s, a, 0.3), lambda s, a: mutual_learning(s, a)):
         parts = 0.0
         for r in range(2):
             sl = slice(5 * r, 5 * r + 5)
@@ -123,3 +128,110 @@ def test_local_blocks_add_up_to_the_square_matrix(ids):
             a = Scores.local(a_img[sl], a_txt[sl], a_img, a_txt, 5 * r, local_ids, ids)
             parts = parts + loss(s, a)
         assert parts.item() == pytest.approx(loss(full, full_a).item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- soft adaptation
+
+def m_sup(m0, x, e):
+    return 2 * m0 / (1 + math.exp((2 / m0) * (x - e))) - m0
+
+
+def m_inf(m0, x, e):
+    return 2 * m0 / (1 + math.exp(-(2 / m0) * (x + e))) - m0
+
+
+def test_soft_margins_shrink_to_zero_at_the_bound():
+    assert m_sup(0.2, 2.0, 2.0) == pytest.approx(0.0) and m_sup(0.2, -5.0, 2.0) == pytest.approx(0.2, abs=1e-6)
+    assert m_inf(0.2, -1.0, 1.0) == pytest.approx(0.0) and m_inf(0.2, 5.0, 1.0) == pytest.approx(0.2, abs=1e-6)
+
+
+@pytest.mark.parametrize("ids", IDS)
+def test_boost_relative_soft_adaptation_matches_loops(ids):
+    St, Sa = _cos(10, seed=9).numpy(), _cos(10, seed=10).numpy()
+    n, m = 10, 0.2
+    want = 0.0
+    for i in range(n):
+        c = [max(0.0, m_sup(m, St[i, i] - St[i, j], 2) + (Sa[i, i] - Sa[i, j]) - (St[i, i] - St[i, j]))
+             for j in range(n) if _neg(i, j, ids)]
+        want += max(c)
+    for j in range(n):
+        c = [max(0.0, m_sup(m, St[j, j] - St[i, j], 2) + (Sa[j, j] - Sa[i, j]) - (St[j, j] - St[i, j]))
+             for i in range(n) if _neg(i, j, ids)]
+        want += max(c)
+    got = boost_relative(torch.from_numpy(St), torch.from_numpy(Sa), image_ids=ids, soft_adapt=True)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("ids", IDS)
+def test_boost_absolute_soft_adaptation_matches_loops(ids):
+    St, Sa = _cos(10, seed=11).numpy(), _cos(10, seed=12).numpy()
+    n, g1, g2 = 10, 0.1, 0.1
+    want = 2 * sum(max(0.0, m_sup(g1, St[i, i], 1) + Sa[i, i] - St[i, i]) for i in range(n))
+    for i in range(n):
+        want += max(max(0.0, m_inf(g2, St[i, j], 1) + St[i, j] - Sa[i, j]) for j in range(n) if _neg(i, j, ids))
+    for j in range(n):
+        want += max(max(0.0, m_inf(g2, St[i, j], 1) + St[i, j] - Sa[i, j]) for i in range(n) if _neg(i, j, ids))
+    got = boost_absolute(torch.from_numpy(St), torch.from_numpy(Sa), image_ids=ids, soft_adapt=True)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- soft losses
+
+def _log_softmax(xs):
+    top = max(xs)
+    lse = top + math.log(sum(math.exp(x - top) for x in xs))
+    return [x - lse for x in xs]
+
+
+def _directions(S, ids):
+    """Per query: (its scores over the candidates it may see, index of its positive among them)."""
+    n = len(S)
+    out = []
+    for i in range(n):  # image query i over captions j
+        cand = [j for j in range(n) if j == i or _neg(i, j, ids)]
+        out.append(("i2t", i, cand, cand.index(i)))
+    for j in range(n):
+        cand = [i for i in range(n) if i == j or _neg(i, j, ids)]
+        out.append(("t2i", j, cand, cand.index(j)))
+    return out
+
+
+def _row(S, kind, q, cand):
+    return [S[q, c] for c in cand] if kind == "i2t" else [S[c, q] for c in cand]
+
+
+@pytest.mark.parametrize("ids", IDS)
+def test_info_nce_matches_loops(ids):
+    S = _cos(10, seed=13).numpy()
+    scale = 14.3
+    want = 0.0
+    for kind, q, cand, pos in _directions(S, ids):
+        want += -_log_softmax([scale * x for x in _row(S, kind, q, cand)])[pos]
+    want /= 2 * 10
+    got = info_nce(torch.from_numpy(S), torch.tensor([scale], dtype=torch.float64), image_ids=ids)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+def _ref_kl(S, T, temp, ids):
+    total = 0.0
+    for kind, q, cand, _ in _directions(S, ids):
+        ls = _log_softmax([x / temp for x in _row(S, kind, q, cand)])
+        lt = _log_softmax([x / temp for x in _row(T, kind, q, cand)])
+        total += sum(math.exp(b) * (b - a) for a, b in zip(ls, lt))
+    return total / len(S)
+
+
+@pytest.mark.parametrize("ids", IDS)
+def test_distillation_and_mutual_learning_match_loops(ids):
+    S, T = _cos(10, seed=14), _cos(10, seed=15)
+    got = distillation(S, T, temperature=0.2, image_ids=ids)
+    assert got.item() == pytest.approx(_ref_kl(S.numpy(), T.numpy(), 0.2, ids), rel=1e-10)
+    got = mutual_learning(S, T, smooth=10.0, image_ids=ids)
+    assert got.item() == pytest.approx(_ref_kl(S.numpy(), T.numpy(), 0.1, ids), rel=1e-10)
+    assert distillation(S, S, 0.2, image_ids=ids).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_teacher_and_peer_get_no_gradient():
+    S, T = _cos(6, seed=16).requires_grad_(True), _cos(6, seed=17).requires_grad_(True)
+    (mutual_learning(S, T) + distillation(S, T, 0.5)).backward()
+    assert S.grad.abs().sum() > 0 and T.grad is None
