@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import distributed
 
@@ -209,3 +210,116 @@ def mutual_learning(scores: ScoresLike, peer_scores: ScoresLike, smooth: float =
     """Deep mutual learning: KL(softmax(smooth * sg(S_peer)) || softmax(smooth * S)) per row,
     mean over queries, both directions. Each branch gets this towards every peer."""
     return distillation(scores, peer_scores, 1.0 / smooth, image_ids=image_ids)
+
+
+# ----------------------------------------------------------------------------- AOQ
+
+@dataclass
+class OfflineScores:
+    """AOQ: per local pair (I, T), the scores of its offline hard negatives (loader-delivered).
+
+    i_tneg = S(I, T-), ineg_t = S(I-, T), ineg_tneg = S(I-, T-), itneg_tineg = S(I_{T-}, T_{I-}).
+    """
+    i_tneg: torch.Tensor
+    ineg_t: torch.Tensor
+    ineg_tneg: torch.Tensor
+    itneg_tineg: torch.Tensor
+
+
+def _hardest(q: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Each query's hardest in-batch negative score (a very low finite value when it has none)."""
+    low = torch.finfo(q.dtype).min / 4
+    return q.masked_fill(~neg, low).max(dim=1).values
+
+
+def aoq_quintuplet(scores: ScoresLike, offline: OfflineScores, m_on: float = 0.2, m_off: float = 0.0,
+                   a: float = 0.3, b: float = 1.5, clamp_weights: bool = True,
+                   image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Adaptive offline quintuplet loss, summed over pairs. The online hinge terms are weighted by
+    how much harder the offline negative is than the in-batch one:
+    `w_c = b - (S(I,T-) - S(I,T_on-)) / a`, `w_i = b - (S(I-,T) - S(I_on-,T)) / a`, with gradient
+    (as the authors), clamped at 0 unless `clamp_weights=False` (the authors' form)."""
+    s = _as_scores(scores, image_ids)
+    pos = s.positives()[0].squeeze(1)  # S(I, T) of each local pair
+    hard_t, hard_i = _hardest(s.i2t, s.neg_i2t), _hardest(s.t2i, s.neg_t2i)  # S(I,T_on-), S(I_on-,T)
+    w_c = b - (offline.i_tneg - hard_t) / a
+    w_i = b - (offline.ineg_t - hard_i) / a
+    if clamp_weights:
+        w_c, w_i = w_c.clamp(min=0), w_i.clamp(min=0)
+    total = (w_c * (m_on + hard_t - pos).clamp(min=0)).sum() + (w_i * (m_on + hard_i - pos).clamp(min=0)).sum()
+    for neg in (offline.i_tneg, offline.ineg_t, offline.ineg_tneg, offline.itneg_tineg):
+        total = total + (m_off + neg - pos).clamp(min=0).sum()
+    return total
+
+
+# ----------------------------------------------------------------------------- CODER
+
+def diversity_contrastive(scores: ScoresLike, temperature: float = 0.07, beta: float = 1.0,
+                          queue_i2t: Optional[torch.Tensor] = None, queue_t2i: Optional[torch.Tensor] = None,
+                          image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """CODER's diversity-sensitive contrastive loss (our reading of the paper), mean over queries:
+    `-log(e^{s+/t} / (e^{s+/t} + sum_k w_k e^{s_k/t}))`, `w_k = K_neg * softmax_k(beta * s_k)` under
+    stop-gradient, over the in-batch negatives plus the other modality's momentum queue
+    (`queue_i2t`: local images x caption queue; `queue_t2i`: local captions x image queue).
+    beta = 0 gives plain InfoNCE."""
+    s = _as_scores(scores, image_ids)
+    n = s.i2t.shape[1]
+    total = 0.0
+    for q, neg, queue in ((s.i2t, s.neg_i2t, queue_i2t), (s.t2i, s.neg_t2i, queue_t2i)):
+        pos = q.gather(1, s.positive[:, None])
+        negs, valid = q, neg
+        if queue is not None:
+            negs = torch.cat([q, queue], dim=1)
+            valid = torch.cat([neg, torch.ones_like(queue, dtype=torch.bool)], dim=1)
+        with torch.no_grad():
+            k_neg = valid.sum(dim=1, keepdim=True).to(q.dtype)
+            log_w = torch.log(k_neg) + torch.log_softmax((beta * negs).masked_fill(~valid, float("-inf")), dim=1)
+        logits = torch.cat([pos / temperature, (negs / temperature + log_w).masked_fill(~valid, float("-inf"))], 1)
+        total = total + (torch.logsumexp(logits, dim=1) - pos.squeeze(1) / temperature).sum()
+    return total / (2 * n)
+
+
+@torch.no_grad()
+def sinkhorn(logits: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Balanced soft assignment of this rank's rows to C prototypes (Sinkhorn-Knopp, as SwAV),
+    with the sums over rows taken across all ranks: every prototype gets an equal share of the
+    global batch. Returns (B x C) assignments whose rows sum to 1."""
+    q = logits.float() / epsilon
+    q = torch.exp(q - distributed.all_reduce_max(q.max()))
+    n_rows = distributed.all_reduce_sum(torch.tensor(float(q.shape[0]), device=q.device))
+    n_protos = q.shape[1]
+    q = q / distributed.all_reduce_sum(q.sum())
+    for _ in range(iterations):
+        q = q / distributed.all_reduce_sum(q.sum(dim=0, keepdim=True)) / n_protos  # prototypes equal
+        q = q / q.sum(dim=1, keepdim=True) / n_rows  # each row a distribution
+    return (q * n_rows).to(logits.dtype)
+
+
+# ----------------------------------------------------------------------------- structure-aware distillation
+
+def structure_distillation(img: torch.Tensor, txt: torch.Tensor, teacher_img: torch.Tensor,
+                           teacher_txt: torch.Tensor, lam, tau, mode: str = "per_modality") -> torch.Tensor:
+    """`L_sd = mean_{i != j} |R_S - R_T|` over the (gathered) batch, with the teacher relation
+    `R_T = lam * T^T^T/tau + (1 - lam) * I^I^T/tau` of L2-normalised teacher features and the
+    student relation `R_S = F F^T / tau`. `per_modality`: F is each modality's embeddings in
+    turn (two terms, added); `pair_mean`: F is the normalised mean of each pair's embeddings.
+    Takes this rank's rows; gathers the columns from all ranks."""
+    t_img = F.normalize(teacher_img.detach(), dim=-1)
+    t_txt = F.normalize(teacher_txt.detach(), dim=-1)
+    all_t_img, all_t_txt = distributed.gather_no_grad(t_img), distributed.gather_no_grad(t_txt)
+    r_t = (lam * (t_txt @ all_t_txt.t()) + (1 - lam) * (t_img @ all_t_img.t())) / tau
+    b, n = img.shape[0], all_t_img.shape[0]
+    offset = distributed.rank() * b
+    off_diag = torch.ones(b, n, dtype=torch.bool, device=img.device)
+    off_diag[torch.arange(b, device=img.device), torch.arange(offset, offset + b, device=img.device)] = False
+    if mode == "per_modality":
+        students = (img, txt)
+    elif mode == "pair_mean":
+        students = (F.normalize(img + txt, dim=-1),)
+    else:
+        raise ValueError(f"mode must be 'per_modality' or 'pair_mean', got {mode!r}")
+    total = 0.0
+    for f in students:
+        r_s = f @ distributed.gather_with_grad(f).t() / tau
+        total = total + (r_s - r_t).abs().masked_fill(~off_diag, 0.0).sum()
+    return total / (n * (n - 1))

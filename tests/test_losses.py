@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from dbl_scale.losses import (Scores, boost_absolute, boost_relative, distillation, hinge_triplet, info_nce,
-                              mutual_learning)
+from dbl_scale.losses import (OfflineScores, Scores, aoq_quintuplet, boost_absolute, boost_relative,
+                              distillation, diversity_contrastive, hinge_triplet, info_nce, mutual_learning,
+                              sinkhorn, structure_distillation)
 
 
 def _neg(i, j, ids):
@@ -107,6 +108,12 @@ def test_masking_removes_same_image_negatives():
     assert hinge_triplet(S, 0.2, image_ids=torch.tensor([7, 7])).item() == 0.0
 
 
+def _offline_for(s):
+    """Offline scores indexed by the global pair index, so blocks and the square matrix agree."""
+    full = _offline(10, 25)
+    return OfflineScores(*(x[s.positive] for x in (full.i_tneg, full.ineg_t, full.ineg_tneg, full.itneg_tineg)))
+
+
 @pytest.mark.parametrize("ids", IDS)
 def test_local_blocks_add_up_to_the_square_matrix(ids):
     """What each of W ranks computes (local queries x all candidates) sums to the full loss."""
@@ -119,7 +126,9 @@ def test_local_blocks_add_up_to_the_square_matrix(ids):
     for loss in (lambda s, a: hinge_triplet(s), lambda s, a: boost_relative(s, a),
                  lambda s, a: boost_absolute(s, a), lambda s, a: hinge_triplet(s, max_violation=False),
                  lambda s, a: boost_relative(s, a, soft_adapt=True), lambda s, a: info_nce(s, 10.0),
-                 lambda s, a: distillation(s, a, 0.3), lambda s, a: mutual_learning(s, a)):
+                 lambda s, a: distillation(s, a, 0.3), lambda s, a: mutual_learning(s, a),
+                 lambda s, a: diversity_contrastive(s, 0.1, 2.0),
+                 lambda s, a: aoq_quintuplet(s, _offline_for(s))):
         parts = 0.0
         for r in range(2):
             sl = slice(5 * r, 5 * r + 5)
@@ -235,3 +244,95 @@ def test_teacher_and_peer_get_no_gradient():
     S, T = _cos(6, seed=16).requires_grad_(True), _cos(6, seed=17).requires_grad_(True)
     (mutual_learning(S, T) + distillation(S, T, 0.5)).backward()
     assert S.grad.abs().sum() > 0 and T.grad is None
+
+
+# ----------------------------------------------------------------------------- AOQ, CODER, structure
+
+def _offline(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return OfflineScores(*(torch.rand(n, generator=g, dtype=torch.float64) * 1.6 - 0.8 for _ in range(4)))
+
+
+@pytest.mark.parametrize("ids", IDS)
+@pytest.mark.parametrize("clamp", [True, False])
+def test_aoq_quintuplet_matches_loops(ids, clamp):
+    S = _cos(10, seed=18).numpy()
+    off = _offline(10, 19)
+    m_on, m_off, a, b = 0.2, 0.0, 0.3, 1.5
+    want = 0.0
+    for i in range(10):
+        sp = S[i, i]
+        hard_t = max(S[i, j] for j in range(10) if _neg(i, j, ids))
+        hard_i = max(S[j, i] for j in range(10) if _neg(j, i, ids))
+        w_c = b - (off.i_tneg[i].item() - hard_t) / a
+        w_i = b - (off.ineg_t[i].item() - hard_i) / a
+        if clamp:
+            w_c, w_i = max(w_c, 0.0), max(w_i, 0.0)
+        want += w_c * max(0.0, m_on + hard_t - sp) + w_i * max(0.0, m_on + hard_i - sp)
+        for x in (off.i_tneg, off.ineg_t, off.ineg_tneg, off.itneg_tineg):
+            want += max(0.0, m_off + x[i].item() - sp)
+    got = aoq_quintuplet(torch.from_numpy(S), off, clamp_weights=clamp, image_ids=ids)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("ids", IDS)
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_diversity_contrastive_matches_loops(ids, beta):
+    S = _cos(10, seed=20).numpy()
+    g = torch.Generator().manual_seed(21)
+    q_i2t = torch.rand(10, 7, generator=g, dtype=torch.float64) * 2 - 1
+    q_t2i = torch.rand(10, 7, generator=g, dtype=torch.float64) * 2 - 1
+    tau = 0.1
+    want = 0.0
+    for kind, q, cand, pos in _directions(S, ids):
+        row = _row(S, kind, q, cand)
+        negs = [x for k, x in enumerate(row) if k != pos] + (q_i2t if kind == "i2t" else q_t2i)[q].tolist()
+        soft = [math.exp(v) for v in _log_softmax([beta * x for x in negs])]
+        w = [len(negs) * p for p in soft]
+        denom = math.exp(row[pos] / tau) + sum(wk * math.exp(x / tau) for wk, x in zip(w, negs))
+        want += -math.log(math.exp(row[pos] / tau) / denom)
+    want /= 20
+    got = diversity_contrastive(torch.from_numpy(S), tau, beta, q_i2t, q_t2i, image_ids=ids)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+    if beta == 0.0:  # no queue, no weighting: plain InfoNCE
+        plain = diversity_contrastive(torch.from_numpy(S), tau, 0.0, image_ids=ids)
+        assert plain.item() == pytest.approx(info_nce(torch.from_numpy(S), 1 / tau, image_ids=ids).item(), rel=1e-10)
+
+
+def test_sinkhorn_balances_prototypes():
+    g = torch.Generator().manual_seed(22)
+    logits = torch.randn(64, 8, generator=g) * 0.2 + torch.linspace(0, 0.3, 8)  # prototype 7 favoured
+    q = sinkhorn(logits, epsilon=0.05, iterations=20)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(q.sum(dim=0), torch.full((8,), 8.0), atol=0.05, rtol=0)  # 64 rows / 8 prototypes
+    assert torch.bincount(q.argmax(1), minlength=8).max() < 20  # not everyone on the favoured prototype
+
+
+@pytest.mark.parametrize("mode", ["per_modality", "pair_mean"])
+def test_structure_distillation_matches_loops(mode):
+    g = torch.Generator().manual_seed(23)
+    norm = lambda x: torch.nn.functional.normalize(x, dim=1)  # noqa: E731
+    img, txt = norm(torch.randn(6, 5, generator=g, dtype=torch.float64)), norm(torch.randn(6, 5, generator=g, dtype=torch.float64))
+    t_img, t_txt = torch.randn(6, 9, generator=g, dtype=torch.float64), torch.randn(6, 9, generator=g, dtype=torch.float64)
+    lam, tau = 0.3, 0.07
+    ti, tt = norm(t_img), norm(t_txt)
+    students = [img, txt] if mode == "per_modality" else [norm(img + txt)]
+    want = 0.0
+    for f in students:
+        for i in range(6):
+            for j in range(6):
+                if i != j:
+                    r_t = (lam * (tt[i] @ tt[j]) + (1 - lam) * (ti[i] @ ti[j])) / tau
+                    want += abs((f[i] @ f[j]) / tau - r_t).item()
+    want /= 6 * 5
+    got = structure_distillation(img, txt, t_img, t_txt, lam, tau, mode=mode)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+
+
+def test_structure_distillation_trains_lambda_and_tau():
+    g = torch.Generator().manual_seed(24)
+    img, txt, ti, tt = (torch.randn(5, 4, generator=g) for _ in range(4))
+    lam = torch.tensor([0.5], requires_grad=True)
+    log_tau = torch.tensor([math.log(0.07)], requires_grad=True)
+    structure_distillation(img, txt, ti, tt, lam, log_tau.exp()).backward()
+    assert lam.grad.abs().item() > 0 and log_tau.grad.abs().item() > 0
