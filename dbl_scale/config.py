@@ -69,17 +69,40 @@ class DataConfig:
 
 @dataclass
 class DBLConfig:
-    scenario: Literal["momentum"] = "momentum"
+    # how the anchor is obtained: EMA of the target, K branches trained together, or frozen
+    scenario: Literal["momentum", "online", "offline"] = "momentum"
+    branches: int = 2  # online: K branches; branch k is boosted against the mean over n < k
+    anchor: Optional[str] = None  # offline: run folder of the trained anchor (config.yaml, model.pt)
     boost: Literal["relative", "absolute"] = "relative"
     alpha: float = 1.0  # weight of the boosting term
     beta: float = 1.0  # boosting margin = margin * beta
     gamma: float = 0.5  # absolute boosting: share of the margin for positives
+    soft_adapt: bool = False  # margins shrink smoothly near the score bounds (our reading)
     momentum: float = 0.9995  # EMA start value; cosine schedule up to 1
 
 
 @dataclass
+class InfoNCEConfig:
+    temperature: float = 0.07  # initial; learnable
+    max_logit_scale: float = 100.0  # 1/temperature is clamped here, inside forward
+
+
+@dataclass
+class DistillConfig:
+    teacher: Optional[str] = None  # run folder of the frozen teacher (config.yaml, model.pt)
+    temperature: float = 0.1
+    weight: float = 1.0
+
+
+@dataclass
+class MutualConfig:
+    smooth: float = 10.0  # softmax sharpness on cosine scores
+    weight: float = 1.0
+
+
+@dataclass
 class LossConfig:
-    method: Literal["triplet", "dbl"] = "triplet"
+    method: Literal["triplet", "infonce", "dbl", "distill", "mutual"] = "triplet"
     margin: float = 0.2
     max_violation: bool = True
     # VSE-infinity's warm-up: sum over all negatives (VSE0) for this many steps, then the
@@ -87,6 +110,9 @@ class LossConfig:
     sum_warmup_steps: int = 0
     mask_same_image: bool = True  # pairs sharing an image id are never negatives
     dbl: DBLConfig = field(default_factory=DBLConfig)
+    infonce: InfoNCEConfig = field(default_factory=InfoNCEConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    mutual: MutualConfig = field(default_factory=MutualConfig)
 
 
 @dataclass
@@ -277,6 +303,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.dbl.momentum': got {cfg.loss.dbl.momentum}, expected 0 <= m < 1")
     if not 0.0 <= cfg.loss.dbl.gamma <= 1.0:
         raise ConfigError(f"config key 'loss.dbl.gamma': got {cfg.loss.dbl.gamma}, expected 0 <= g <= 1")
+    lc = cfg.loss
+    if lc.method == "dbl" and lc.dbl.scenario == "offline" and not lc.dbl.anchor:
+        raise ConfigError("config key 'loss.dbl.anchor': the offline scenario needs the run folder of a "
+                          "trained anchor (it holds config.yaml and model.pt)")
+    if lc.method == "distill" and not lc.distill.teacher:
+        raise ConfigError("config key 'loss.distill.teacher': distillation needs the run folder of a "
+                          "trained teacher (it holds config.yaml and model.pt)")
+    if lc.dbl.branches < 2:
+        raise ConfigError(f"config key 'loss.dbl.branches': got {lc.dbl.branches}, expected >= 2")
+    for key, value in (("loss.infonce.temperature", lc.infonce.temperature),
+                       ("loss.distill.temperature", lc.distill.temperature), ("loss.mutual.smooth", lc.mutual.smooth)):
+        if value <= 0:
+            raise ConfigError(f"config key '{key}': got {value}, expected > 0")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr': got {cfg.optim.lr}, expected > 0")
 

@@ -6,6 +6,9 @@ the config) or `AutoModel.from_pretrained` on a local folder; nothing is downloa
 """
 from __future__ import annotations
 
+import math
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,14 +54,29 @@ def build_text_backbone(cfg: TextConfig, tokenizer) -> tuple[nn.Module, int]:
     return AutoModel.from_config(config, add_pooling_layer=False), cfg.hidden
 
 
+class Embeddings(NamedTuple):
+    img: torch.Tensor  # (B, d), L2-normalised
+    txt: torch.Tensor  # (B, d), L2-normalised
+    logit_scale: Optional[torch.Tensor] = None  # (1,), 1/temperature, for contrastive losses
+
+
 class DualEncoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, tokenizer):
+    """Both towers of one branch. `temperature` adds a learnable logit scale (InfoNCE): stored
+    as log(1/T) with shape (1,) (DeepSpeed cannot shard 0-dim parameters) and clamped inside
+    `forward`, so the fp32 master copy under ZeRO never sees an in-place edit."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer, temperature: Optional[float] = None,
+                 max_logit_scale: float = 100.0):
         super().__init__()
         self.vision, v_width = build_vision_backbone(cfg.vision)
         self.text, t_width = build_text_backbone(cfg.text, tokenizer)
         self.vision_pooling, self.text_pooling = cfg.vision.pooling, cfg.text.pooling
         self.vision_proj = nn.Linear(v_width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(t_width, cfg.embed_dim, bias=False)
+        self.log_logit_scale = None
+        if temperature is not None:
+            self.log_logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
+            self.max_log_logit_scale = math.log(max_logit_scale)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.vision(pixel_values=pixel_values)
@@ -78,5 +96,8 @@ class DualEncoder(nn.Module):
             pooled = hidden[:, 0]
         return F.normalize(self.text_proj(pooled), dim=-1)
 
-    def forward(self, pixel_values, input_ids, attention_mask):
-        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+    def forward(self, pixel_values, input_ids, attention_mask) -> Embeddings:
+        scale = None
+        if self.log_logit_scale is not None:
+            scale = self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
+        return Embeddings(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), scale)

@@ -17,7 +17,9 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from . import distributed
 from .config import Config, flatten, load_config, save_config, to_dict
 from .data import TrainLoader, ensure_tokenizer, load_eval_split
 from .eval import embed_split, format_table, retrieval_metrics
-from .losses import Scores, boost_absolute, boost_relative, hinge_triplet
+from .methods import branch_roles, compute_losses
 from .models import DualEncoder
 from .tracking import Tracker
 
@@ -108,54 +110,124 @@ def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float) -> No
         a.mul_(m).add_(t.detach().to(a.dtype), alpha=1.0 - m)
 
 
+# ----------------------------------------------------------------------------- branches
+
+@dataclass
+class Branch:
+    """One branch: a DeepSpeed engine when it trains, else a plain module without gradient."""
+    role: str  # "trained", "ema" or "frozen" (methods.branch_roles)
+    module: torch.nn.Module
+    engine: Any = None
+    scheduler: Any = None
+
+
+def new_model(cfg: Config, tokenizer, index: int) -> DualEncoder:
+    """Branch `index`'s initial towers: the same on every rank, different between branches."""
+    torch.manual_seed(cfg.train.seed + 1000 * index)
+    temperature = cfg.loss.infonce.temperature if cfg.loss.method == "infonce" else None
+    return DualEncoder(cfg.model, tokenizer, temperature, cfg.loss.infonce.max_logit_scale)
+
+
+def load_model(run_dir: str | Path, tokenizer) -> DualEncoder:
+    """The target towers a finished run saved (its config.yaml and model.pt)."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.pt"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir / name} not found: expected the folder of a finished run")
+    run_cfg = load_config(run_dir / "config.yaml")
+    model = new_model(run_cfg, tokenizer, 0)
+    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    return model
+
+
+def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
+    import deepspeed
+
+    roles = branch_roles(cfg.loss)
+    frozen_from = cfg.loss.dbl.anchor if cfg.loss.method == "dbl" else cfg.loss.distill.teacher
+    frozen = load_model(frozen_from, tokenizer) if "frozen" in roles else None
+    modules = []
+    for k, role in enumerate(roles):
+        if role == "frozen":
+            modules.append(frozen)
+        elif role == "ema":
+            modules.append(None)  # filled below: the EMA starts equal to the target
+        elif cfg.loss.method == "dbl" and cfg.loss.dbl.scenario == "offline":
+            modules.append(copy.deepcopy(frozen))  # the target starts from the anchor's checkpoint
+        else:
+            modules.append(new_model(cfg, tokenizer, k if "ema" not in roles else 0))
+    if "ema" in roles:
+        modules[roles.index("ema")] = copy.deepcopy(modules[roles.index("trained")])
+
+    branches = []
+    for role, module in zip(roles, modules):
+        if role == "trained":
+            engine, _, _, scheduler = deepspeed.initialize(
+                model=module, model_parameters=param_groups(module, cfg.optim.weight_decay),
+                config=deepspeed_config(cfg, world),
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+            branches.append(Branch(role, engine.module, engine, scheduler))
+        else:
+            branches.append(Branch(role, module))
+    target = branches[-1].engine
+    if "ema" in roles and target.zero_optimization_stage() == 3:
+        raise NotImplementedError("the momentum anchor under ZeRO-3 is not supported yet; use ZeRO 0-2")
+    for br in branches:
+        if br.engine is None:
+            br.module.to(target.device, dtype=_dtype(target.module)).eval().requires_grad_(False)
+    return branches
+
+
 # ----------------------------------------------------------------------------- the step
 
-def compute_losses(cfg: Config, img, txt, image_ids, anchor_img=None, anchor_txt=None,
-                   step: int = 0) -> dict[str, torch.Tensor]:
-    """Loss terms of this rank's queries against the candidates of all ranks.
-
-    Each term is a sum over this rank's queries; summed over ranks it equals the
-    single-process loss of the concatenated batch ("loss" is what is optimised).
-    """
-    lc = cfg.loss
-    ids = image_ids if lc.mask_same_image else None
-    max_violation = lc.max_violation and step >= lc.sum_warmup_steps
-    scores = Scores.gathered(img, txt, ids, with_grad=True)
-    raw = hinge_triplet(scores, lc.margin, max_violation)
-    terms = {"loss/raw": raw, "loss": raw}
-    if lc.method == "dbl":
-        anchor = Scores.gathered(anchor_img, anchor_txt, ids, with_grad=False)
-        if lc.dbl.boost == "relative":
-            boost = boost_relative(scores, anchor, lc.margin, lc.dbl.beta, max_violation=max_violation)
-        else:
-            boost = boost_absolute(scores, anchor, lc.margin, lc.dbl.beta, lc.dbl.gamma,
-                                   max_violation=max_violation)
-        terms["loss/boost"] = boost
-        terms["loss"] = raw + lc.dbl.alpha * boost
-    return terms
-
-
-def train_step(cfg: Config, engine, anchor, batch: dict, step: int) -> dict[str, torch.Tensor]:
-    dev = engine.device
-    pixels = batch["pixel_values"].to(dev, non_blocking=True)
+def train_step(cfg: Config, branches: list[Branch], batch: dict, step: int) -> dict[str, torch.Tensor]:
+    """Forward every branch, take each trained branch's loss, backward and step its engine."""
+    target = branches[-1]
+    dev = target.engine.device
+    pixels = batch["pixel_values"].to(dev, _dtype(target.module), non_blocking=True)
     input_ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    img, txt = engine(pixels, input_ids, mask)
-    anchor_img = anchor_txt = None
-    if anchor is not None:
-        with torch.no_grad():
-            anchor_img, anchor_txt = anchor(pixels.to(_dtype(anchor)), input_ids, mask)
-    terms = compute_losses(cfg, img, txt, batch["image_ids"].to(dev), anchor_img, anchor_txt, step)
-    # Gradients are averaged over ranks by DeepSpeed; the loss is a per-rank share of a sum,
+    outs = []
+    for br in branches:
+        if br.engine is not None:
+            outs.append(br.engine(pixels, input_ids, mask))
+        else:
+            with torch.no_grad():
+                outs.append(br.module(pixels, input_ids, mask))
+    terms = compute_losses(cfg, outs, batch["image_ids"].to(dev), step)
+    # Gradients are averaged over ranks by DeepSpeed; each loss is a per-rank share of a sum,
     # so scaling by the world size gives exactly the single-process gradient.
-    engine.backward(terms["loss"] * distributed.world_size())
-    engine.step()
-    if anchor is not None:
-        ema_update(anchor, engine.module, momentum_at(step + 1, cfg.train.steps, cfg.loss.dbl.momentum))
-    return {k: v.detach() for k, v in terms.items()}
+    for br, t in zip(branches, terms):
+        if t is not None:
+            br.engine.backward(t["loss"] * distributed.world_size())
+    for br in branches:
+        if br.engine is not None:
+            br.engine.step()
+    for br in branches:
+        if br.role == "ema":
+            ema_update(br.module, target.module, momentum_at(step + 1, cfg.train.steps, cfg.loss.dbl.momentum))
+    logged = {}
+    for k, t in enumerate(terms):
+        if t is not None:  # the target's terms as they are, other trained branches' with a prefix
+            prefix = "" if k == len(branches) - 1 else f"branch{k}/"
+            logged.update({prefix + name: v.detach() for name, v in t.items()})
+    if outs[-1].logit_scale is not None:
+        # the same on every rank; the log step adds ranks up, so each contributes its share
+        logged["logit_scale"] = outs[-1].logit_scale.detach().squeeze() / distributed.world_size()
+    return logged
 
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+def save_model(engine, path: Path) -> None:
+    """The target's weights for `load_model` and export, written atomically. Under ZeRO-3 the
+    shards are gathered (collective: every rank calls this)."""
+    tmp = path.with_name(path.name + ".tmp")
+    engine.save_16bit_model(str(path.parent), tmp.name)
+    if distributed.is_main():
+        os.replace(tmp, path)
+    distributed.barrier()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -194,16 +266,8 @@ def train(cfg: Config) -> dict:
     if rank != 0:
         tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
 
-    model = DualEncoder(cfg.model, tokenizer)
-    anchor = copy.deepcopy(model) if cfg.loss.method == "dbl" else None  # EMA starts at the target
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, world),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    if anchor is not None:
-        if engine.zero_optimization_stage() == 3:
-            raise NotImplementedError("the momentum anchor under ZeRO-3 is not supported yet; use ZeRO 0-2")
-        anchor.to(engine.device, dtype=_dtype(engine.module)).eval().requires_grad_(False)
+    branches = build_branches(cfg, tokenizer, world)
+    engine, scheduler = branches[-1].engine, branches[-1].scheduler  # the target
 
     loader = TrainLoader(cfg.data, cfg.model.vision.image_size, tokenizer, cfg.model.text.max_length,
                          rank, world, cfg.train.seed)
@@ -220,7 +284,8 @@ def train(cfg: Config) -> dict:
         (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2, default=str))
         tracker.start(run_name, flatten(to_dict(cfg)),
                       tags={"method": cfg.loss.method, "world_size": str(world),
-                            "zero_stage": str(engine.zero_optimization_stage())})
+                            "zero_stage": str(engine.zero_optimization_stage()),
+                            "branches": ",".join(br.role for br in branches)})
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "ds_config.json")
         log.info("run %s: %d ranks x batch %d, %d steps (%d per epoch), ZeRO-%d, MLflow %s run %s",
@@ -234,7 +299,7 @@ def train(cfg: Config) -> dict:
         t_start = t_log = time.time()
         steps_since_log = 0
         for batch in loader.batches(start_epoch=0):
-            terms = train_step(cfg, engine, anchor, batch, step)
+            terms = train_step(cfg, branches, batch, step)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             step += 1
@@ -249,14 +314,15 @@ def train(cfg: Config) -> dict:
                 metrics.update({"lr": scheduler.get_last_lr()[0], "epoch": step / loader.steps_per_epoch,
                                 "samples_per_s": steps_since_log * world * cfg.data.batch_size / elapsed,
                                 "data/skipped": skipped})
-                if anchor is not None:
+                if "ema" in [br.role for br in branches]:
                     metrics["momentum"] = momentum_at(step, cfg.train.steps, cfg.loss.dbl.momentum)
                 tracker.log_metrics(metrics, step)
                 if step % cfg.tracking.flush_every < cfg.train.log_every:
                     tracker.flush()
                 if rank == 0:
                     eta = (time.time() - t_start) / step * (cfg.train.steps - step)
-                    parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names if k != "loss")
+                    parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names
+                                     if k.startswith("loss/"))
                     print(f"[{run_name}] step {step}/{cfg.train.steps} | loss {metrics['loss']:.3f} ({parts}) "
                           f"| lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.0f} samples/s "
                           f"| ETA {_fmt_seconds(eta)}", flush=True)
@@ -264,6 +330,7 @@ def train(cfg: Config) -> dict:
             if step >= cfg.train.steps:
                 break
         train_seconds = time.time() - t_start
+        save_model(engine, run_dir / "model.pt")
 
         results: dict = {}
         if cfg.eval.at_end:

@@ -27,7 +27,7 @@ def test_unknown_key_names_key_and_allowed():
 
 
 def test_bad_choice_lists_allowed_values():
-    with pytest.raises(ConfigError, match=r"loss.method.*'triplet', 'dbl'"):
+    with pytest.raises(ConfigError, match=r"loss.method.*'triplet', 'infonce', 'dbl'"):
         load_config(None, ["loss.method=arcface"])
 
 

@@ -3,6 +3,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dbl_scale.config import load_config
+from dbl_scale.methods import branch_roles
 from dbl_scale.models import DualEncoder
 
 GLOBAL_BATCH = 8
@@ -13,22 +14,39 @@ VARIANTS = {
     "triplet": ["loss.method=triplet"],
     "triplet_sum": ["loss.method=triplet", "loss.max_violation=false"],
     "triplet_nomask": ["loss.method=triplet", "loss.mask_same_image=false"],
-    "dbl_relative": ["loss.method=dbl", "loss.dbl.boost=relative"],
-    "dbl_absolute": ["loss.method=dbl", "loss.dbl.boost=absolute", "loss.dbl.alpha=0.5"],
+    "infonce": ["loss.method=infonce"],
+    "dbl_momentum_relative": ["loss.method=dbl", "loss.dbl.boost=relative"],
+    "dbl_absolute_soft": ["loss.method=dbl", "loss.dbl.boost=absolute", "loss.dbl.alpha=0.5",
+                          "loss.dbl.soft_adapt=true"],
+    "dbl_online_3": ["loss.method=dbl", "loss.dbl.scenario=online", "loss.dbl.branches=3"],
+    "distill": ["loss.method=distill", "loss.distill.teacher=unused", "loss.distill.temperature=0.2"],
+    "mutual": ["loss.method=mutual"],
 }
 
 
-def make_models(tok_dir):
+def variant_config(name):
+    return load_config(None, VARIANTS[name])
+
+
+def make_models(tok_dir, n_branches, infonce=False):
+    """Branch k's towers from seed k: the first branches differ from the last (the target)."""
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     cfg = load_config(None, ["model.vision.image_size=16", "model.vision.patch_size=8", "model.vision.hidden=32",
                              "model.vision.layers=1", "model.vision.heads=2", "model.text.hidden=32",
                              "model.text.layers=1", "model.text.heads=2", "model.text.max_length=12",
                              "model.embed_dim=16"])
-    torch.manual_seed(0)
-    target = DualEncoder(cfg.model, tokenizer)
-    torch.manual_seed(1)
-    anchor = DualEncoder(cfg.model, tokenizer).eval()
-    return target, anchor, tokenizer
+    models = []
+    for k in range(n_branches):
+        torch.manual_seed(k)
+        models.append(DualEncoder(cfg.model, tokenizer, 0.07 if infonce else None))
+    return models, tokenizer
+
+
+def models_for(name, tok_dir):
+    cfg = variant_config(name)
+    roles = branch_roles(cfg.loss)
+    models, tokenizer = make_models(tok_dir, len(roles), infonce=cfg.loss.method == "infonce")
+    return cfg, roles, models, tokenizer
 
 
 def make_batch(tokenizer):
