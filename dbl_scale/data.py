@@ -146,7 +146,8 @@ class StreamSpec:
 class TrainStream(torch.utils.data.IterableDataset):
     """Endless stream of batches for one rank, starting at epoch `epoch`.
 
-    Yields dicts: pixel_values, captions (one drawn per sample), image_ids, skipped.
+    Yields dicts: pixel_values, captions (one drawn per sample), image_ids, caption_index (which
+    of the image's captions was drawn), skipped.
     Tokenisation happens in `collate` (main process), so workers stay tokenizer-free.
     """
 
@@ -178,11 +179,13 @@ class TrainStream(torch.utils.data.IterableDataset):
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
                 skipped += 1
                 continue
-            batch.append((pixels, rng.choice(captions), image_id))
+            j = rng.randrange(len(captions))
+            batch.append((pixels, captions[j], image_id, j))
             if len(batch) == spec.batch_size:
                 yield {"pixel_values": torch.stack([b[0] for b in batch]),
                        "captions": [b[1] for b in batch],
                        "image_ids": torch.tensor([b[2] for b in batch], dtype=torch.long),
+                       "caption_index": torch.tensor([b[3] for b in batch], dtype=torch.long),
                        "skipped": skipped + tar_errors.take()}
                 batch, skipped = [], 0
 
