@@ -101,8 +101,36 @@ class MutualConfig:
 
 
 @dataclass
+class StructureConfig:
+    """Structure-aware distillation (rebalanced retrieval)."""
+    teacher: Optional[str] = None  # run folder whose towers give the per-modality teacher features
+    init_lambda: float = 0.5  # learnable text/image mix of the teacher relation
+    temperature: float = 0.07  # tau_2, initial; learnable
+    mode: Literal["per_modality", "pair_mean"] = "per_modality"
+    weight: float = 1.0  # L_sd
+    repr_weight_image: float = 1.0  # InfoNCE(student image -> teacher image feature)
+    repr_weight_text: float = 2.0  # InfoNCE(student caption -> teacher caption feature)
+    repr_temperature: float = 0.07
+
+
+@dataclass
+class CODERConfig:
+    """CODER (our reading of the paper: no public code exists)."""
+    momentum: float = 0.999  # key encoders: EMA of the query encoders (constant, as MoCo)
+    queue_size: int = 16384  # FIFO of keys per modality, filled from all ranks
+    temperature: float = 0.07
+    beta: float = 1.0  # diversity weighting sharpness; 0 gives plain InfoNCE
+    concepts: int = 256  # concept bank rows = pseudo-label clusters
+    concept_file: Optional[str] = None  # C x d tensor (.pt / .npy) to start the bank from
+    concept_temperature: float = 0.1
+    concept_weight: float = 1.0
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+
+
+@dataclass
 class LossConfig:
-    method: Literal["triplet", "infonce", "dbl", "distill", "mutual"] = "triplet"
+    method: Literal["triplet", "infonce", "dbl", "distill", "mutual", "structure", "coder"] = "triplet"
     margin: float = 0.2
     max_violation: bool = True
     # VSE-infinity's warm-up: sum over all negatives (VSE0) for this many steps, then the
@@ -113,6 +141,8 @@ class LossConfig:
     infonce: InfoNCEConfig = field(default_factory=InfoNCEConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     mutual: MutualConfig = field(default_factory=MutualConfig)
+    structure: StructureConfig = field(default_factory=StructureConfig)
+    coder: CODERConfig = field(default_factory=CODERConfig)
 
 
 @dataclass
@@ -310,6 +340,13 @@ def validate(cfg: Config) -> None:
     if lc.method == "distill" and not lc.distill.teacher:
         raise ConfigError("config key 'loss.distill.teacher': distillation needs the run folder of a "
                           "trained teacher (it holds config.yaml and model.pt)")
+    if lc.method == "structure" and not lc.structure.teacher:
+        raise ConfigError("config key 'loss.structure.teacher': structure-aware distillation needs the run "
+                          "folder of a trained teacher (it holds config.yaml and model.pt)")
+    if not 0.0 <= lc.coder.momentum < 1.0:
+        raise ConfigError(f"config key 'loss.coder.momentum': got {lc.coder.momentum}, expected 0 <= m < 1")
+    if lc.coder.queue_size < 0 or lc.coder.concepts < 1:
+        raise ConfigError("config keys 'loss.coder.queue_size' (>= 0) and 'loss.coder.concepts' (>= 1)")
     if lc.dbl.branches < 2:
         raise ConfigError(f"config key 'loss.dbl.branches': got {lc.dbl.branches}, expected >= 2")
     for key, value in (("loss.infonce.temperature", lc.infonce.temperature),

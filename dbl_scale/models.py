@@ -58,6 +58,47 @@ class Embeddings(NamedTuple):
     img: torch.Tensor  # (B, d), L2-normalised
     txt: torch.Tensor  # (B, d), L2-normalised
     logit_scale: Optional[torch.Tensor] = None  # (1,), 1/temperature, for contrastive losses
+    heads: Optional[dict] = None  # outputs of a method's extra heads (structure, concepts)
+
+
+class StructureHead(nn.Module):
+    """Structure-aware distillation's learnables: the teacher-relation mix lambda, the relation
+    temperature tau_2 (stored as its log), and the projections to the teacher's feature spaces."""
+
+    def __init__(self, embed_dim: int, teacher_dims: tuple[int, int], init_lambda: float, temperature: float):
+        super().__init__()
+        self.lam = nn.Parameter(torch.tensor([init_lambda]))
+        self.log_tau = nn.Parameter(torch.tensor([math.log(temperature)]))
+        self.proj_img = nn.Linear(embed_dim, teacher_dims[0])
+        self.proj_txt = nn.Linear(embed_dim, teacher_dims[1])
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> dict:
+        return {"lam": self.lam, "tau": self.log_tau.exp(),
+                "proj_img": F.normalize(self.proj_img(img), dim=-1),
+                "proj_txt": F.normalize(self.proj_txt(txt), dim=-1)}
+
+
+class ConceptBank(nn.Module):
+    """CODER's concept branch: C concept vectors queried by attention. Each embedding gets a
+    concept-level descriptor (attention-weighted concepts) and logits over the concepts, which
+    double as the prototypes of the online clustering."""
+
+    def __init__(self, embed_dim: int, n_concepts: int, temperature: float, init: Optional[torch.Tensor] = None):
+        super().__init__()
+        bank = init.float() if init is not None else torch.randn(n_concepts, embed_dim) / math.sqrt(embed_dim)
+        if bank.shape != (n_concepts, embed_dim):
+            raise ValueError(f"concept file holds {tuple(bank.shape)}, expected ({n_concepts}, {embed_dim})")
+        self.bank = nn.Parameter(bank)
+        self.temperature = temperature
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> dict:
+        bank = F.normalize(self.bank, dim=-1)
+        out = {"prototypes": bank}
+        for name, x in (("img", img), ("txt", txt)):
+            logits = x @ bank.t() / self.temperature
+            out[f"concept_logits_{name}"] = logits
+            out[f"concept_{name}"] = F.normalize(torch.softmax(logits, dim=-1) @ bank, dim=-1)
+        return out
 
 
 class DualEncoder(nn.Module):
@@ -66,7 +107,7 @@ class DualEncoder(nn.Module):
     `forward`, so the fp32 master copy under ZeRO never sees an in-place edit."""
 
     def __init__(self, cfg: ModelConfig, tokenizer, temperature: Optional[float] = None,
-                 max_logit_scale: float = 100.0):
+                 max_logit_scale: float = 100.0, heads: Optional[dict[str, nn.Module]] = None):
         super().__init__()
         self.vision, v_width = build_vision_backbone(cfg.vision)
         self.text, t_width = build_text_backbone(cfg.text, tokenizer)
@@ -77,6 +118,7 @@ class DualEncoder(nn.Module):
         if temperature is not None:
             self.log_logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
             self.max_log_logit_scale = math.log(max_logit_scale)
+        self.heads = nn.ModuleDict(heads or {})
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.vision(pixel_values=pixel_values)
@@ -100,4 +142,8 @@ class DualEncoder(nn.Module):
         scale = None
         if self.log_logit_scale is not None:
             scale = self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
-        return Embeddings(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask), scale)
+        img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+        heads = {}
+        for head in self.heads.values():  # inside forward, so ZeRO-3 gathers their parameters
+            heads.update(head(img, txt))
+        return Embeddings(img, txt, scale, heads or None)

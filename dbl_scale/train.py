@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from . import distributed
 from .config import Config, flatten, load_config, save_config, to_dict
 from .data import TrainLoader, ensure_tokenizer, load_eval_split
 from .eval import embed_split, format_table, retrieval_metrics
-from .methods import branch_roles, compute_losses
+from .methods import KeyQueues, branch_roles, compute_losses, frozen_checkpoint, method_heads
 from .models import DualEncoder
 from .tracking import Tracker
 
@@ -121,11 +121,13 @@ class Branch:
     scheduler: Any = None
 
 
-def new_model(cfg: Config, tokenizer, index: int) -> DualEncoder:
-    """Branch `index`'s initial towers: the same on every rank, different between branches."""
+def new_model(cfg: Config, tokenizer, index: int, teacher_dims=None) -> DualEncoder:
+    """Branch `index`'s initial towers (and the method's heads): the same on every rank,
+    different between branches."""
     torch.manual_seed(cfg.train.seed + 1000 * index)
     temperature = cfg.loss.infonce.temperature if cfg.loss.method == "infonce" else None
-    return DualEncoder(cfg.model, tokenizer, temperature, cfg.loss.infonce.max_logit_scale)
+    return DualEncoder(cfg.model, tokenizer, temperature, cfg.loss.infonce.max_logit_scale,
+                       heads=method_heads(cfg, teacher_dims))
 
 
 def load_model(run_dir: str | Path, tokenizer) -> DualEncoder:
@@ -144,8 +146,8 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
     import deepspeed
 
     roles = branch_roles(cfg.loss)
-    frozen_from = cfg.loss.dbl.anchor if cfg.loss.method == "dbl" else cfg.loss.distill.teacher
-    frozen = load_model(frozen_from, tokenizer) if "frozen" in roles else None
+    frozen = load_model(frozen_checkpoint(cfg.loss), tokenizer) if "frozen" in roles else None
+    teacher_dims = (frozen.vision_proj.out_features, frozen.text_proj.out_features) if frozen else None
     modules = []
     for k, role in enumerate(roles):
         if role == "frozen":
@@ -155,7 +157,7 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
         elif cfg.loss.method == "dbl" and cfg.loss.dbl.scenario == "offline":
             modules.append(copy.deepcopy(frozen))  # the target starts from the anchor's checkpoint
         else:
-            modules.append(new_model(cfg, tokenizer, k if "ema" not in roles else 0))
+            modules.append(new_model(cfg, tokenizer, k if "ema" not in roles else 0, teacher_dims))
     if "ema" in roles:
         modules[roles.index("ema")] = copy.deepcopy(modules[roles.index("trained")])
 
@@ -180,7 +182,14 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
 
 # ----------------------------------------------------------------------------- the step
 
-def train_step(cfg: Config, branches: list[Branch], batch: dict, step: int) -> dict[str, torch.Tensor]:
+def ema_momentum(cfg: Config, step: int) -> float:
+    if cfg.loss.method == "coder":
+        return cfg.loss.coder.momentum  # constant, as MoCo's key encoders
+    return momentum_at(step, cfg.train.steps, cfg.loss.dbl.momentum)
+
+
+def train_step(cfg: Config, branches: list[Branch], batch: dict, step: int,
+               queues: Optional[KeyQueues] = None) -> dict[str, torch.Tensor]:
     """Forward every branch, take each trained branch's loss, backward and step its engine."""
     target = branches[-1]
     dev = target.engine.device
@@ -193,7 +202,7 @@ def train_step(cfg: Config, branches: list[Branch], batch: dict, step: int) -> d
         else:
             with torch.no_grad():
                 outs.append(br.module(pixels, input_ids, mask))
-    terms = compute_losses(cfg, outs, batch["image_ids"].to(dev), step)
+    terms = compute_losses(cfg, outs, batch["image_ids"].to(dev), step, queues)
     # Gradients are averaged over ranks by DeepSpeed; each loss is a per-rank share of a sum,
     # so scaling by the world size gives exactly the single-process gradient.
     for br, t in zip(branches, terms):
@@ -204,7 +213,10 @@ def train_step(cfg: Config, branches: list[Branch], batch: dict, step: int) -> d
             br.engine.step()
     for br in branches:
         if br.role == "ema":
-            ema_update(br.module, target.module, momentum_at(step + 1, cfg.train.steps, cfg.loss.dbl.momentum))
+            ema_update(br.module, target.module, ema_momentum(cfg, step + 1))
+    if queues is not None:  # enqueue this step's keys of all ranks
+        keys = outs[0]
+        queues.push(distributed.gather_no_grad(keys.img), distributed.gather_no_grad(keys.txt))
     logged = {}
     for k, t in enumerate(terms):
         if t is not None:  # the target's terms as they are, other trained branches' with a prefix
@@ -268,6 +280,9 @@ def train(cfg: Config) -> dict:
 
     branches = build_branches(cfg, tokenizer, world)
     engine, scheduler = branches[-1].engine, branches[-1].scheduler  # the target
+    queues = None
+    if cfg.loss.method == "coder":
+        queues = KeyQueues(cfg.loss.coder.queue_size, cfg.model.embed_dim, engine.device)
 
     loader = TrainLoader(cfg.data, cfg.model.vision.image_size, tokenizer, cfg.model.text.max_length,
                          rank, world, cfg.train.seed)
@@ -299,7 +314,7 @@ def train(cfg: Config) -> dict:
         t_start = t_log = time.time()
         steps_since_log = 0
         for batch in loader.batches(start_epoch=0):
-            terms = train_step(cfg, branches, batch, step)
+            terms = train_step(cfg, branches, batch, step, queues)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             step += 1
@@ -315,7 +330,7 @@ def train(cfg: Config) -> dict:
                                 "samples_per_s": steps_since_log * world * cfg.data.batch_size / elapsed,
                                 "data/skipped": skipped})
                 if "ema" in [br.role for br in branches]:
-                    metrics["momentum"] = momentum_at(step, cfg.train.steps, cfg.loss.dbl.momentum)
+                    metrics["momentum"] = ema_momentum(cfg, step)
                 tracker.log_metrics(metrics, step)
                 if step % cfg.tracking.flush_every < cfg.train.log_every:
                     tracker.flush()

@@ -14,7 +14,7 @@ from dbl_scale.methods import compute_losses
 
 WORKERS = Path(__file__).parent / "workers"
 sys.path.insert(0, str(WORKERS))
-from parity_common import VARIANTS, make_batch, models_for  # noqa: E402
+from parity_common import VARIANTS, make_batch, make_queues, models_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_two_ranks_equal_one_process(variant, two_rank_results, shapes_root):
     for m, role in zip(models, roles):
         with torch.set_grad_enabled(role == "trained"):
             outs.append(m(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
-    terms = compute_losses(cfg, outs, batch["image_ids"])
+    terms = compute_losses(cfg, outs, batch["image_ids"], queues=make_queues(cfg))
     got = two_rank_results[variant]
     assert sorted(got) == [k for k, t in enumerate(terms) if t is not None]
     for k, t in enumerate(terms):

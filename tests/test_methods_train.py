@@ -53,6 +53,22 @@ def test_offline_dbl_target_starts_from_the_anchor(shapes_root, tmp_path, teache
     assert first.step == 1 and first.value == pytest.approx(2 * 16 * 0.2, rel=1e-5)
 
 
+def test_structure_aware_distillation_from_a_finished_run(shapes_root, tmp_path, teacher):
+    client, run = _run(shapes_root, tmp_path, "structure", "loss.method=structure",
+                       f"loss.structure.teacher={teacher}")
+    for key in ("loss/structure", "loss/repr_image", "loss/repr_text"):
+        assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, key)), key
+
+
+def test_coder_fills_its_queues(shapes_root, tmp_path):
+    client, run = _run(shapes_root, tmp_path, "coder", "loss.method=coder", "loss.coder.queue_size=24",
+                       "loss.coder.concepts=16", steps=4)
+    dcl = [m.value for m in client.get_metric_history(run.info.run_id, "loss/dcl")]
+    # the queue holds 0, 16, 24, 24 keys at steps 1-4: more negatives, a larger loss
+    assert dcl[1] > dcl[0] and len(dcl) == 4
+    assert client.get_metric_history(run.info.run_id, "momentum")[0].value == pytest.approx(0.999)
+
+
 def test_distillation_from_a_finished_run(shapes_root, tmp_path, teacher):
     client, run = _run(shapes_root, tmp_path, "distill", "loss.method=distill", f"loss.distill.teacher={teacher}")
     assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "loss/distill"))

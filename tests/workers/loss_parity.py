@@ -13,7 +13,7 @@ from dbl_scale import distributed
 from dbl_scale.config import load_config
 from dbl_scale.methods import compute_losses
 from dbl_scale.train import deepspeed_config
-from parity_common import VARIANTS, make_batch, models_for
+from parity_common import VARIANTS, make_batch, make_queues, models_for
 
 out, tok_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
 distributed.init_distributed()
@@ -36,7 +36,7 @@ for name in VARIANTS:
         else:
             with torch.no_grad():
                 outs.append(m(local["pixel_values"], local["input_ids"], local["attention_mask"]))
-    terms = compute_losses(cfg, outs, local["image_ids"])
+    terms = compute_losses(cfg, outs, local["image_ids"], queues=make_queues(cfg))
     results[name] = {}
     for k, (e, t) in enumerate(zip(engines, terms)):
         if t is None:

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dbl_scale.config import load_config
-from dbl_scale.methods import branch_roles
+from dbl_scale.methods import KeyQueues, branch_roles, method_heads
 from dbl_scale.models import DualEncoder
 
 GLOBAL_BATCH = 8
@@ -21,32 +21,39 @@ VARIANTS = {
     "dbl_online_3": ["loss.method=dbl", "loss.dbl.scenario=online", "loss.dbl.branches=3"],
     "distill": ["loss.method=distill", "loss.distill.teacher=unused", "loss.distill.temperature=0.2"],
     "mutual": ["loss.method=mutual"],
+    "structure": ["loss.method=structure", "loss.structure.teacher=unused"],
+    "structure_pair_mean": ["loss.method=structure", "loss.structure.teacher=unused",
+                            "loss.structure.mode=pair_mean"],
+    "coder": ["loss.method=coder", "loss.coder.concepts=8", "loss.coder.beta=2.0"],
 }
-
-
-def variant_config(name):
-    return load_config(None, VARIANTS[name])
-
-
-def make_models(tok_dir, n_branches, infonce=False):
-    """Branch k's towers from seed k: the first branches differ from the last (the target)."""
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = load_config(None, ["model.vision.image_size=16", "model.vision.patch_size=8", "model.vision.hidden=32",
-                             "model.vision.layers=1", "model.vision.heads=2", "model.text.hidden=32",
-                             "model.text.layers=1", "model.text.heads=2", "model.text.max_length=12",
-                             "model.embed_dim=16"])
-    models = []
-    for k in range(n_branches):
-        torch.manual_seed(k)
-        models.append(DualEncoder(cfg.model, tokenizer, 0.07 if infonce else None))
-    return models, tokenizer
+MODEL = ["model.vision.image_size=16", "model.vision.patch_size=8", "model.vision.hidden=32",
+         "model.vision.layers=1", "model.vision.heads=2", "model.text.hidden=32",
+         "model.text.layers=1", "model.text.heads=2", "model.text.max_length=12", "model.embed_dim=16"]
 
 
 def models_for(name, tok_dir):
-    cfg = variant_config(name)
+    """The variant's config, branch roles, and branch k's towers from seed k (with the method's
+    heads): the first branches differ from the last (the target)."""
+    cfg = load_config(None, MODEL + VARIANTS[name])
     roles = branch_roles(cfg.loss)
-    models, tokenizer = make_models(tok_dir, len(roles), infonce=cfg.loss.method == "infonce")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    models = []
+    for k in range(len(roles)):
+        torch.manual_seed(k)
+        models.append(DualEncoder(cfg.model, tokenizer, 0.07 if cfg.loss.method == "infonce" else None,
+                                  heads=method_heads(cfg)))
     return cfg, roles, models, tokenizer
+
+
+def make_queues(cfg):
+    """A CODER queue half full of fixed keys (the same in both halves of the test)."""
+    if cfg.loss.method != "coder":
+        return None
+    g = torch.Generator().manual_seed(3)
+    queues = KeyQueues(32, cfg.model.embed_dim)
+    norm = torch.nn.functional.normalize
+    queues.push(norm(torch.randn(20, 16, generator=g), dim=1), norm(torch.randn(20, 16, generator=g), dim=1))
+    return queues
 
 
 def make_batch(tokenizer):
