@@ -159,6 +159,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 600
+    init_from: Optional[str] = None  # run folder: trained branches start from its target's weights
     deepspeed: str = "ds_configs/zero2.json"
     seed: int = 0
     log_every: int = 10

@@ -158,6 +158,15 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
             modules.append(copy.deepcopy(frozen))  # the target starts from the anchor's checkpoint
         else:
             modules.append(new_model(cfg, tokenizer, k if "ema" not in roles else 0, teacher_dims))
+    if cfg.train.init_from:  # e.g. continue a baseline from the checkpoint an offline anchor uses
+        start = load_model(cfg.train.init_from, tokenizer).state_dict()
+        for role, module in zip(roles, modules):
+            if role == "trained":  # towers must match; a method's own heads keep their init
+                result = module.load_state_dict(start, strict=False)
+                towers = [k for k in result.missing_keys + result.unexpected_keys
+                          if not k.startswith(("heads.", "log_logit_scale"))]
+                if towers:
+                    raise ValueError(f"train.init_from {cfg.train.init_from}: towers differ: {towers[:5]}")
     if "ema" in roles:
         modules[roles.index("ema")] = copy.deepcopy(modules[roles.index("trained")])
 
