@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -178,7 +179,7 @@ def _dcl(x: _Inputs) -> torch.Tensor:
 
 
 def _infonce(x: _Inputs) -> torch.Tensor:
-    return info_nce(_target(x), x.log_logit_scale.clamp(max=4.6052).exp())
+    return info_nce(_target(x), x.log_logit_scale.clamp(max=math.log(100.0)).exp())
 
 
 def _dbl_total(x: _Inputs) -> torch.Tensor:
@@ -284,7 +285,12 @@ def bench_losses(local_batches: Sequence[int] = (256, 1024), global_batches: Seq
                  progress: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Time (median ms of forward + backward over `repeats` after `warmup`) and peak memory of
     every loss for each (local B, global N) with B <= N, as rows of dicts; each row also holds
-    its ratios to the triplet at the same sizes. `losses`: a subset (the triplet is always run)."""
+    its ratios to the triplet at the same sizes. The steps run in rounds of every loss once;
+    the time ratio is the median over rounds of the loss's time over the triplet's time in the
+    same round. Peak memory is over one more forward + backward, above what was allocated
+    before it (CPU: the profiler's allocation events; CUDA: max_memory_allocated).
+    `losses`: a subset (the triplet is always run). Keys of a row: loss, local, global, dim,
+    ms, ms_min, ms_all, time_ratio, peak_mib, mem_ratio, value (the loss), device, dtype."""
     names = list(LOSSES if losses is None else losses)
     unknown = sorted(set(names) - set(LOSSES))
     if unknown:
@@ -317,11 +323,12 @@ def bench_losses(local_batches: Sequence[int] = (256, 1024), global_batches: Seq
                 value = []
                 peak = _peak_bytes(lambda: value.append(_step(STEPS[name], x)), device)
                 row = {"loss": name, "local": b, "global": n, "dim": dim, "ms": statistics.median(times[name]),
-                       "ms_all": times[name], "peak_mib": peak / 2**20, "value": value[0],
+                       "ms_min": min(times[name]), "ms_all": times[name], "peak_mib": peak / 2**20, "value": value[0],
                        "device": str(device), "dtype": str(dtype).replace("torch.", "")}
                 if base is None:
                     base = row
-                row["time_ratio"] = row["ms"] / base["ms"]
+                # per round against that round's triplet, then the median: robust to load drifting
+                row["time_ratio"] = statistics.median(t / t0 for t, t0 in zip(times[name], times[BASELINE]))
                 row["mem_ratio"] = row["peak_mib"] / base["peak_mib"] if base["peak_mib"] > 0 else float("nan")
                 rows.append(row)
                 if progress is not None:

@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_train)
 
+    from .mining import add_mine_parser
+    add_mine_parser(sub)
+
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="write ShapesCaptions as WebDataset shards")

@@ -129,8 +129,23 @@ class CODERConfig:
 
 
 @dataclass
+class AOQConfig:
+    """Adaptive offline quintuplet loss: hard negatives mined from the whole training set."""
+    candidates: Optional[str] = None  # file from `dbl-scale mine`; None: mine at start with the start model
+    refresh_epochs: int = 0  # re-mine with the current target every N epochs; 0: never (the authors)
+    k_captions: int = 2000  # mined caption candidates per image
+    k_images: int = 400  # mined image candidates per caption
+    n_max: int = 300  # the offline negative is drawn among the first n_max candidates
+    m_on: float = 0.2
+    m_off: float = 0.0
+    a: float = 0.3
+    b: float = 1.5
+    clamp_weights: bool = True  # False: the authors' unclamped adaptive weights
+
+
+@dataclass
 class LossConfig:
-    method: Literal["triplet", "infonce", "dbl", "distill", "mutual", "structure", "coder"] = "triplet"
+    method: Literal["triplet", "infonce", "dbl", "distill", "mutual", "structure", "coder", "aoq"] = "triplet"
     margin: float = 0.2
     max_violation: bool = True
     # VSE-infinity's warm-up: sum over all negatives (VSE0) for this many steps, then the
@@ -143,6 +158,7 @@ class LossConfig:
     mutual: MutualConfig = field(default_factory=MutualConfig)
     structure: StructureConfig = field(default_factory=StructureConfig)
     coder: CODERConfig = field(default_factory=CODERConfig)
+    aoq: AOQConfig = field(default_factory=AOQConfig)
 
 
 @dataclass
@@ -348,6 +364,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.coder.momentum': got {lc.coder.momentum}, expected 0 <= m < 1")
     if lc.coder.queue_size < 0 or lc.coder.concepts < 1:
         raise ConfigError("config keys 'loss.coder.queue_size' (>= 0) and 'loss.coder.concepts' (>= 1)")
+    if lc.aoq.refresh_epochs < 0 or lc.aoq.n_max < 1:
+        raise ConfigError("config keys 'loss.aoq.refresh_epochs' (>= 0) and 'loss.aoq.n_max' (>= 1)")
     if lc.dbl.branches < 2:
         raise ConfigError(f"config key 'loss.dbl.branches': got {lc.dbl.branches}, expected >= 2")
     for key, value in (("loss.infonce.temperature", lc.infonce.temperature),

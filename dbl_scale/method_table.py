@@ -17,7 +17,7 @@ from .cli import launch_env, prepare_data, resolve_config, torchrun_command
 from .config import load_config
 from .eval import chance_metrics, format_table
 
-# (row, overrides, what it starts from); "{ckpt}" is the triplet run's folder, "{cands}" AOQ's file
+# (row, overrides, what it starts from); "{ckpt}" is the folder of the table's triplet run
 METHODS = [
     ("triplet (VSE++)", ["loss.method=triplet"], "scratch"),
     ("InfoNCE", ["loss.method=infonce"], "scratch"),
@@ -31,6 +31,7 @@ METHODS = [
     ("triplet, continued", ["loss.method=triplet", "train.init_from={ckpt}"], "triplet checkpoint"),
     ("DBL offline", ["loss.method=dbl", "loss.dbl.scenario=offline", "loss.dbl.anchor={ckpt}"],
      "triplet checkpoint"),
+    ("AOQ", ["loss.method=aoq", "train.init_from={ckpt}"], "triplet checkpoint, mined with it"),
 ]
 
 

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 
 from . import distributed
 from .config import Config, LossConfig
-from .losses import (Scores, boost_absolute, boost_relative, distillation, diversity_contrastive, hinge_triplet,
-                     info_nce, mutual_learning, sinkhorn, structure_distillation)
+from .losses import (OfflineScores, Scores, aoq_quintuplet, boost_absolute, boost_relative, distillation,
+                     diversity_contrastive, hinge_triplet, info_nce, mutual_learning, sinkhorn,
+                     structure_distillation)
 from .models import ConceptBank, Embeddings, StructureHead
 
 
 def branch_roles(lc: LossConfig) -> list[str]:
-    if lc.method in ("triplet", "infonce"):
+    if lc.method in ("triplet", "infonce", "aoq"):
         return ["trained"]
     if lc.method == "dbl":
         if lc.dbl.scenario == "momentum":
@@ -100,6 +101,8 @@ def compute_losses(cfg: Config, outs: list[Embeddings], image_ids: torch.Tensor,
     ids = image_ids if lc.mask_same_image else None
     if lc.method == "coder":
         return [None, coder_losses(cfg, outs[1], outs[0], ids, queues)]
+    if lc.method == "aoq":
+        return [aoq_losses(cfg, outs[0], ids)]
     scores = [Scores.gathered(o.img, o.txt, ids, with_grad=role == "trained") for o, role in zip(outs, roles)]
     max_violation = lc.max_violation and step >= lc.sum_warmup_steps
 
@@ -152,6 +155,17 @@ def compute_losses(cfg: Config, outs: list[Embeddings], image_ids: torch.Tensor,
                      + sc.repr_weight_text * t["loss/repr_text"])
         terms[1] = t
     return terms
+
+
+def aoq_losses(cfg: Config, out: Embeddings, ids: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AOQ. The branch embedded 3B images [I, I-, I_{T-}] and 3B captions [T, T-, T_{I-}]
+    (the pairs, then their offline negatives from `mining.OfflineNegatives`)."""
+    a = cfg.loss.aoq
+    img, ineg, itneg = out.img.chunk(3)
+    txt, tneg, tineg = out.txt.chunk(3)
+    offline = OfflineScores((img * tneg).sum(1), (ineg * txt).sum(1), (ineg * tneg).sum(1), (itneg * tineg).sum(1))
+    loss = aoq_quintuplet(Scores.gathered(img, txt, ids), offline, a.m_on, a.m_off, a.a, a.b, a.clamp_weights)
+    return {"loss/aoq": loss, "loss": loss}
 
 
 def coder_losses(cfg: Config, query: Embeddings, key: Embeddings, ids: Optional[torch.Tensor],

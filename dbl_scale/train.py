@@ -189,6 +189,44 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
     return branches
 
 
+class OfflineHardNegatives:
+    """AOQ's loader side: mined candidates of the training split (from `loss.aoq.candidates`,
+    or mined at start with the starting towers), refreshed with the current target every
+    `refresh_epochs`; `extend` appends each pair's offline negatives to the batch."""
+
+    def __init__(self, cfg: Config, model, tokenize, rank: int):
+        from .mining import Candidates, OfflineNegatives
+
+        self.cfg, self.tokenize = cfg, tokenize
+        a = cfg.loss.aoq
+        candidates = Candidates.load(a.candidates) if a.candidates else self._mine(model)
+        self.sampler = OfflineNegatives(candidates, cfg.data.root, cfg.data.train_split,
+                                        cfg.model.vision.image_size, a.n_max)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+
+    def _mine(self, model):
+        from .mining import mine
+
+        a = self.cfg.loss.aoq
+        return mine(model, self.cfg.data.root, self.cfg.data.train_split, self.cfg.model.vision.image_size,
+                    self.tokenize, self.cfg.eval.batch_size, a.k_captions, a.k_images)
+
+    def refresh(self, model) -> None:
+        t0 = time.time()
+        self.sampler.update(self._mine(model))
+        log.info("AOQ candidates re-mined with the current target in %.1fs", time.time() - t0)
+
+    def extend(self, batch: dict) -> dict:
+        """Images become [I, I-, I_{T-}], captions [T, T-, T_{I-}] (3B each); ids stay B."""
+        neg = self.sampler.sample(batch["image_ids"], batch["caption_index"], self.generator)
+        t_neg, t_ineg = self.tokenize(neg["captions_tneg"]), self.tokenize(neg["captions_tineg"])
+        out = dict(batch)
+        out["pixel_values"] = torch.cat([batch["pixel_values"], neg["pixels_ineg"], neg["pixels_itneg"]])
+        for key in ("input_ids", "attention_mask"):
+            out[key] = torch.cat([batch[key], t_neg[key], t_ineg[key]])
+        return out
+
+
 # ----------------------------------------------------------------------------- the step
 
 def ema_momentum(cfg: Config, step: int) -> float:
@@ -299,6 +337,8 @@ def train(cfg: Config) -> dict:
     def tokenize(texts):
         return loader.tokenize(texts)
 
+    offline = OfflineHardNegatives(cfg, engine.module, tokenize, rank) if cfg.loss.method == "aoq" else None
+
     run_name = cfg.tracking.run_name or f"{cfg.loss.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.output_dir) / run_name
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, enabled=rank == 0)
@@ -323,6 +363,11 @@ def train(cfg: Config) -> dict:
         t_start = t_log = time.time()
         steps_since_log = 0
         for batch in loader.batches(start_epoch=0):
+            if offline is not None:
+                if step and cfg.loss.aoq.refresh_epochs and step % (loader.steps_per_epoch *
+                                                                    cfg.loss.aoq.refresh_epochs) == 0:
+                    offline.refresh(engine.module)
+                batch = offline.extend(batch)
             terms = train_step(cfg, branches, batch, step, queues)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v

@@ -27,7 +27,7 @@ def two_rank_results(shapes_root, tmp_path_factory):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_ranks_equal_one_process(variant, two_rank_results, shapes_root):
     cfg, roles, models, tokenizer = models_for(variant, str(shapes_root / "tokenizer"))
-    batch = make_batch(tokenizer)
+    batch = make_batch(tokenizer, cfg)
     outs = []
     for m, role in zip(models, roles):
         with torch.set_grad_enabled(role == "trained"):

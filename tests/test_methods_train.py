@@ -10,7 +10,7 @@ from conftest import TINY, torchrun
 
 def _run(shapes_root, tmp_path, name, *overrides, steps=4):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", f"train.steps={steps}",
+    proc = torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", f"train.steps={steps}",
               "train.log_every=1", "eval.at_end=false", f"tracking.uri={uri}", "tracking.experiment=methods",
               f"tracking.run_name={name}", f"train.output_dir={tmp_path / 'runs'}", *overrides], cwd=tmp_path)
     client = MlflowClient(uri)
@@ -18,6 +18,7 @@ def _run(shapes_root, tmp_path, name, *overrides, steps=4):
                              f"tags.mlflow.runName = '{name}'")[0]
     assert run.info.status == "FINISHED"
     assert (tmp_path / "runs" / name / "model.pt").is_file()
+    _run.output = proc.stdout + proc.stderr
     return client, run
 
 
@@ -67,6 +68,16 @@ def test_coder_fills_its_queues(shapes_root, tmp_path):
     # the queue holds 0, 16, 24, 24 keys at steps 1-4: more negatives, a larger loss
     assert dcl[1] > dcl[0] and len(dcl) == 4
     assert client.get_metric_history(run.info.run_id, "momentum")[0].value == pytest.approx(0.999)
+
+
+def test_aoq_mines_trains_and_refreshes(shapes_root, tmp_path, teacher):
+    # 128 images / (2 ranks x 8) = 8 steps per epoch: candidates mined at start, re-mined at step 8
+    client, run = _run(shapes_root, tmp_path, "aoq", "loss.method=aoq", f"train.init_from={teacher}",
+                       "loss.aoq.refresh_epochs=1", "loss.aoq.k_captions=50", "loss.aoq.k_images=20",
+                       "loss.aoq.n_max=10", steps=10)
+    history = client.get_metric_history(run.info.run_id, "loss/aoq")
+    assert len(history) == 10 and all(m.value > 0 for m in history)
+    assert _run.output.count("AOQ candidates re-mined") == 1
 
 
 def test_distillation_from_a_finished_run(shapes_root, tmp_path, teacher):

@@ -13,7 +13,7 @@ from dbl_scale import distributed
 from dbl_scale.config import load_config
 from dbl_scale.methods import compute_losses
 from dbl_scale.train import deepspeed_config
-from parity_common import VARIANTS, make_batch, make_queues, models_for
+from parity_common import VARIANTS, local_slice, make_batch, make_queues, models_for
 
 out, tok_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
 distributed.init_distributed()
@@ -23,9 +23,7 @@ ds_cfg = load_config(None, ["data.batch_size=4", "optim.lr=1e-30", "optim.weight
 results = {}
 for name in VARIANTS:
     cfg, roles, models, tokenizer = models_for(name, tok_dir)
-    batch = make_batch(tokenizer)
-    per = batch["pixel_values"].shape[0] // world
-    local = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+    local = local_slice(make_batch(tokenizer, cfg), rank, world)
     engines = [deepspeed.initialize(model=m, model_parameters=list(m.parameters()),
                                     config=deepspeed_config(ds_cfg, world))[0] if role == "trained" else None
                for m, role in zip(models, roles)]

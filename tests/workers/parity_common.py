@@ -25,6 +25,8 @@ VARIANTS = {
     "structure_pair_mean": ["loss.method=structure", "loss.structure.teacher=unused",
                             "loss.structure.mode=pair_mean"],
     "coder": ["loss.method=coder", "loss.coder.concepts=8", "loss.coder.beta=2.0"],
+    "aoq": ["loss.method=aoq"],
+    "aoq_unclamped": ["loss.method=aoq", "loss.aoq.clamp_weights=false", "loss.aoq.a=0.05"],
 }
 MODEL = ["model.vision.image_size=16", "model.vision.patch_size=8", "model.vision.hidden=32",
          "model.vision.layers=1", "model.vision.heads=2", "model.text.hidden=32",
@@ -56,11 +58,25 @@ def make_queues(cfg):
     return queues
 
 
-def make_batch(tokenizer):
+def make_batch(tokenizer, cfg=None):
+    """The global batch; for AOQ each pair's two offline negative images and captions follow
+    the pairs (3 blocks of GLOBAL_BATCH rows), as OfflineHardNegatives.extend lays them out."""
+    blocks = 3 if cfg is not None and cfg.loss.method == "aoq" else 1
     g = torch.Generator().manual_seed(2)
     words = ["red", "blue", "circle", "square", "left", "small", "large", "star"]
-    captions = [" ".join(words[(i * 3 + k) % len(words)] for k in range(2 + i % 4)) for i in range(GLOBAL_BATCH)]
+    n = GLOBAL_BATCH * blocks
+    captions = [" ".join(words[(i * 3 + k) % len(words)] for k in range(2 + i % 4)) for i in range(n)]
     enc = tokenizer(captions, padding="max_length", truncation=True, max_length=12, return_tensors="pt")
-    return {"pixel_values": torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g),
+    return {"pixel_values": torch.randn(n, 3, 16, 16, generator=g),
             "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "image_ids": torch.tensor(IMAGE_IDS)}
+
+
+def local_slice(batch, rank, world):
+    """Rank `rank`'s share: its rows of every block (pairs, then offline negatives)."""
+    per = GLOBAL_BATCH // world
+    out = {}
+    for key, value in batch.items():
+        blocks = value.split(GLOBAL_BATCH)
+        out[key] = torch.cat([b[rank * per:(rank + 1) * per] for b in blocks])
+    return out
