@@ -350,15 +350,19 @@ def boost_verdict(rows: Sequence[dict], limit: float = BOOST_TIME_LIMIT) -> tupl
 
 
 def format_bench(rows: Sequence[dict]) -> str:
-    header = f"{'loss':<18} {'local B':>7} {'global N':>8} {'ms':>9} {'x triplet':>9} {'peak MiB':>9} {'x triplet':>9}"
-    lines = [header, "-" * len(header)]
+    """A text table of `bench_losses` rows, and whether the DBL boosting terms stay within
+    BOOST_TIME_LIMIT triplets in time at every size (with the worst ratio)."""
+    header = f"{'loss':<18} {'local B':>7} {'global N':>8} {'ms (med)':>9} {'x triplet':>9} {'peak MiB':>9} {'x triplet':>9}"
+    lines = ["time: forward + backward incl. score matmuls, median over rounds; time ratio: median over rounds "
+             "of the ratio to that round's triplet; memory: peak over one forward + backward", header,
+             "-" * len(header)]
     last = None
     for r in rows:
         if last is not None and (r["local"], r["global"]) != last:
             lines.append("")
         last = (r["local"], r["global"])
         lines.append(f"{r['loss']:<18} {r['local']:>7} {r['global']:>8} {r['ms']:>9.2f} {r['time_ratio']:>8.2f}x "
-                     f"{r['peak_mib']:>9.1f} {r['mem_ratio']:>8.2f}x")
+                     f"{r['peak_mib']:>9.{1 if r['peak_mib'] >= 10 else 3}f} {r['mem_ratio']:>8.2f}x")
     ok, worst = boost_verdict(rows)
     if worst is None:
         lines.append(f"DBL boosting terms ({', '.join(BOOST_TERMS)}): not measured")

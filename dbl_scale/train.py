@@ -2,7 +2,7 @@
 losses -> DeepSpeed step -> (anchor update) -> MLflow; evaluation at the end.
 
 Launch on one machine with 2 CPU ranks:
-    torchrun --standalone --nproc_per_node 2 -m dbl_scale.train --config configs/demo.yaml loss.method=dbl
+    torchrun --standalone --nproc_per_node 2 -m dbl_scale.train --config dbl_scale/presets/demo.yaml loss.method=dbl
 """
 from __future__ import annotations
 
@@ -304,6 +304,46 @@ def evaluate(cfg: Config, model, tokenize, split: str) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- the run
 
+class StepMeter:
+    """Adds up each step's loss terms; at a log step sums them over ranks (each rank holds a
+    share of the global loss), averages over the steps since the last log, and reports."""
+
+    def __init__(self, cfg: Config, tracker: Tracker, run_name: str, world: int, loader, scheduler, branches):
+        self.cfg, self.tracker, self.run_name, self.world = cfg, tracker, run_name, world
+        self.loader, self.scheduler = loader, scheduler
+        self.has_ema = any(br.role == "ema" for br in branches)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.t_last = 0, time.time()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def log(self, step: int, t_start: float) -> None:
+        cfg = self.cfg
+        names = sorted(self.sums)
+        totals = distributed.all_reduce_sum(torch.stack([self.sums[k] for k in names]).float())
+        skipped = int(distributed.all_reduce_sum(torch.tensor([float(self.loader.skipped)])).item())
+        elapsed = time.time() - self.t_last
+        metrics = {k: totals[i].item() / self.steps for i, k in enumerate(names)}
+        metrics.update({"lr": self.scheduler.get_last_lr()[0], "epoch": step / self.loader.steps_per_epoch,
+                        "samples_per_s": self.steps * self.world * cfg.data.batch_size / elapsed,
+                        "data/skipped": skipped})
+        if self.has_ema:
+            metrics["momentum"] = ema_momentum(cfg, step)
+        self.tracker.log_metrics(metrics, step)
+        if step % cfg.tracking.flush_every < cfg.train.log_every:
+            self.tracker.flush()
+        if distributed.is_main():
+            eta = (time.time() - t_start) / step * (cfg.train.steps - step)
+            parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names if k.startswith("loss/"))
+            print(f"[{self.run_name}] step {step}/{cfg.train.steps} | loss {metrics['loss']:.3f} ({parts}) "
+                  f"| lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.0f} samples/s "
+                  f"| ETA {_fmt_seconds(eta)}", flush=True)
+        self.sums, self.steps, self.t_last = {}, 0, time.time()
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 60}m{s % 60:02d}s"
@@ -356,46 +396,21 @@ def train(cfg: Config) -> dict:
                  run_name, world, cfg.data.batch_size, cfg.train.steps, loader.steps_per_epoch,
                  engine.zero_optimization_stage(), cfg.tracking.uri, tracker.run_id)
 
+    meter = StepMeter(cfg, tracker, run_name, world, loader, scheduler, branches)
     status = "FAILED"
     try:
         step = 0
-        sums: dict[str, torch.Tensor] = {}
-        t_start = t_log = time.time()
-        steps_since_log = 0
+        t_start = time.time()
         for batch in loader.batches(start_epoch=0):
             if offline is not None:
                 if step and cfg.loss.aoq.refresh_epochs and step % (loader.steps_per_epoch *
                                                                     cfg.loss.aoq.refresh_epochs) == 0:
                     offline.refresh(engine.module)
                 batch = offline.extend(batch)
-            terms = train_step(cfg, branches, batch, step, queues)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
+            meter.add(train_step(cfg, branches, batch, step, queues))
             step += 1
-            steps_since_log += 1
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                names = sorted(sums)
-                # loss terms are per-rank shares of a sum: add over ranks, average over steps
-                totals = distributed.all_reduce_sum(torch.stack([sums[k] for k in names]).float())
-                skipped = int(distributed.all_reduce_sum(torch.tensor([float(loader.skipped)])).item())
-                elapsed = time.time() - t_log
-                metrics = {k: totals[i].item() / steps_since_log for i, k in enumerate(names)}
-                metrics.update({"lr": scheduler.get_last_lr()[0], "epoch": step / loader.steps_per_epoch,
-                                "samples_per_s": steps_since_log * world * cfg.data.batch_size / elapsed,
-                                "data/skipped": skipped})
-                if "ema" in [br.role for br in branches]:
-                    metrics["momentum"] = ema_momentum(cfg, step)
-                tracker.log_metrics(metrics, step)
-                if step % cfg.tracking.flush_every < cfg.train.log_every:
-                    tracker.flush()
-                if rank == 0:
-                    eta = (time.time() - t_start) / step * (cfg.train.steps - step)
-                    parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names
-                                     if k.startswith("loss/"))
-                    print(f"[{run_name}] step {step}/{cfg.train.steps} | loss {metrics['loss']:.3f} ({parts}) "
-                          f"| lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.0f} samples/s "
-                          f"| ETA {_fmt_seconds(eta)}", flush=True)
-                sums, steps_since_log, t_log = {}, 0, time.time()
+                meter.log(step, t_start)
             if step >= cfg.train.steps:
                 break
         train_seconds = time.time() - t_start
@@ -414,10 +429,10 @@ def train(cfg: Config) -> dict:
                 (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
                 tracker.log_artifact(run_dir / "metrics.json")
         status = "FINISHED"
-        return results
-    finally:
-        tracker.finish(status)
         distributed.barrier()
+        return results
+    finally:  # no collective here: after a failure on one rank the launcher stops the others
+        tracker.finish(status)
 
 
 def main(argv=None) -> int:
