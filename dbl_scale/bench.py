@@ -426,7 +426,7 @@ def cmd_bench_loss(args) -> int:
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `bench` (sub-command `loss`) on an argparse sub-parser set."""
+    """Register `bench` (sub-commands `loss` and `methods`) on an argparse sub-parser set."""
     p = subparsers.add_parser("bench", help="micro-benchmarks", description="micro-benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     b = bsub.add_parser("loss", help="time and peak memory of every loss, forward + backward, as one rank",
@@ -444,6 +444,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     b.add_argument("--quiet", action="store_true", help="no per-loss progress on stderr")
     b.set_defaults(func=cmd_bench_loss)
+    from .method_table import add_methods_parser  # `bench methods`: trains every method
+    add_methods_parser(bsub)
     return p
 
 

@@ -3,6 +3,8 @@
   dbl-scale demo                      build ShapesCaptions, train triplet and DBL on 2 CPU ranks, compare
   dbl-scale train --nproc 2 [--config demo] [key=value ...]   one run under torchrun
   dbl-scale data build --out DIR      write ShapesCaptions shards
+  dbl-scale mine --run-dir RUN --out FILE    AOQ: offline hard negatives of the training set
+  dbl-scale bench loss | methods      loss cost at scale | every method trained and tabulated
 """
 from __future__ import annotations
 
@@ -157,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_train)
 
+    from .bench import add_bench_parser
     from .mining import add_mine_parser
     add_mine_parser(sub)
+    add_bench_parser(sub)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
