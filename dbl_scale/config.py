@@ -104,6 +104,9 @@ class MutualConfig:
 class StructureConfig:
     """Structure-aware distillation (rebalanced retrieval)."""
     teacher: Optional[str] = None  # run folder whose towers give the per-modality teacher features
+    # or frozen single-modal encoders: local Hugging Face folders (the text one with its tokenizer)
+    teacher_vision: Optional[str] = None
+    teacher_text: Optional[str] = None
     init_lambda: float = 0.5  # learnable text/image mix of the teacher relation
     temperature: float = 0.07  # tau_2, initial; learnable
     mode: Literal["per_modality", "pair_mean"] = "per_modality"
@@ -357,9 +360,11 @@ def validate(cfg: Config) -> None:
     if lc.method == "distill" and not lc.distill.teacher:
         raise ConfigError("config key 'loss.distill.teacher': distillation needs the run folder of a "
                           "trained teacher (it holds config.yaml and model.pt)")
-    if lc.method == "structure" and not lc.structure.teacher:
+    single_modal = bool(lc.structure.teacher_vision) + bool(lc.structure.teacher_text)
+    if lc.method == "structure" and not (lc.structure.teacher or single_modal == 2):
         raise ConfigError("config key 'loss.structure.teacher': structure-aware distillation needs the run "
-                          "folder of a trained teacher (it holds config.yaml and model.pt)")
+                          "folder of a trained teacher (config.yaml, model.pt), or both "
+                          "'loss.structure.teacher_vision' and 'loss.structure.teacher_text' (local HF folders)")
     if not 0.0 <= lc.coder.momentum < 1.0:
         raise ConfigError(f"config key 'loss.coder.momentum': got {lc.coder.momentum}, expected 0 <= m < 1")
     if lc.coder.queue_size < 0 or lc.coder.concepts < 1:

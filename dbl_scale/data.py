@@ -233,7 +233,8 @@ def _shuffle_within_pass(src: Iterator[dict], bufsize: int, rng: random.Random) 
 
 
 class TrainLoader:
-    """Tokenised batches for one rank; every rank runs `steps_per_epoch` steps per epoch."""
+    """Tokenised batches for one rank (the raw captions stay in "captions"); every rank runs
+    `steps_per_epoch` steps per epoch."""
 
     def __init__(self, data_cfg, image_size: int, tokenizer, max_length: int, rank: int, world: int, seed: int):
         urls, samples = split_shards(data_cfg.root, data_cfg.train_split)
@@ -269,7 +270,7 @@ class TrainLoader:
                                              persistent_workers=False)
         for batch in loader:
             self.skipped += batch.pop("skipped")
-            batch.update(self.tokenize(batch.pop("captions")))
+            batch.update(self.tokenize(batch["captions"]))
             yield batch
 
     def tokenize(self, captions: list[str]) -> dict:

@@ -103,18 +103,24 @@ def compute_losses(cfg: Config, outs: list[Embeddings], image_ids: torch.Tensor,
         return [None, coder_losses(cfg, outs[1], outs[0], ids, queues)]
     if lc.method == "aoq":
         return [aoq_losses(cfg, outs[0], ids)]
-    scores = [Scores.gathered(o.img, o.txt, ids, with_grad=role == "trained") for o, role in zip(outs, roles)]
+    cache: dict[int, Scores] = {}
+
+    def scores(k: int) -> Scores:  # branch k's cross-modal scores, built once, only when a loss uses them
+        if k not in cache:
+            cache[k] = Scores.gathered(outs[k].img, outs[k].txt, ids, with_grad=roles[k] == "trained")
+        return cache[k]
+
     max_violation = lc.max_violation and step >= lc.sum_warmup_steps
 
     def raw(k: int) -> torch.Tensor:
-        return hinge_triplet(scores[k], lc.margin, max_violation)
+        return hinge_triplet(scores(k), lc.margin, max_violation)
 
     def boost(k: int, n: int) -> torch.Tensor:
         d = lc.dbl
         if d.boost == "relative":
-            return boost_relative(scores[k], scores[n], lc.margin, d.beta, max_violation=max_violation,
+            return boost_relative(scores(k), scores(n), lc.margin, d.beta, max_violation=max_violation,
                                   soft_adapt=d.soft_adapt)
-        return boost_absolute(scores[k], scores[n], lc.margin, d.beta, d.gamma, max_violation=max_violation,
+        return boost_absolute(scores(k), scores(n), lc.margin, d.beta, d.gamma, max_violation=max_violation,
                               soft_adapt=d.soft_adapt)
 
     terms: list[Optional[dict[str, torch.Tensor]]] = [None] * len(outs)
@@ -122,7 +128,7 @@ def compute_losses(cfg: Config, outs: list[Embeddings], image_ids: torch.Tensor,
         terms[0] = {"loss/raw": raw(0)}
         terms[0]["loss"] = terms[0]["loss/raw"]
     elif lc.method == "infonce":
-        terms[0] = {"loss/infonce": info_nce(scores[0], outs[0].logit_scale)}
+        terms[0] = {"loss/infonce": info_nce(scores(0), outs[0].logit_scale)}
         terms[0]["loss"] = terms[0]["loss/infonce"]
     elif lc.method == "dbl":
         for k, role in enumerate(roles):
@@ -135,12 +141,12 @@ def compute_losses(cfg: Config, outs: list[Embeddings], image_ids: torch.Tensor,
                 t["loss"] = t["loss"] + lc.dbl.alpha * t["loss/boost"]
             terms[k] = t
     elif lc.method == "distill":
-        t = {"loss/raw": raw(1), "loss/distill": distillation(scores[1], scores[0], lc.distill.temperature)}
+        t = {"loss/raw": raw(1), "loss/distill": distillation(scores(1), scores(0), lc.distill.temperature)}
         t["loss"] = t["loss/raw"] + lc.distill.weight * t["loss/distill"]
         terms[1] = t
     elif lc.method == "mutual":
         for k in (0, 1):
-            t = {"loss/raw": raw(k), "loss/mutual": mutual_learning(scores[k], scores[1 - k], lc.mutual.smooth)}
+            t = {"loss/raw": raw(k), "loss/mutual": mutual_learning(scores(k), scores(1 - k), lc.mutual.smooth)}
             t["loss"] = t["loss/raw"] + lc.mutual.weight * t["loss/mutual"]
             terms[k] = t
     elif lc.method == "structure":

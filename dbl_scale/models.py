@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoModel, BertConfig, CLIPTextConfig, CLIPVisionConfig, RobertaConfig,
+from transformers import (AutoModel, AutoTokenizer, BertConfig, CLIPTextConfig, CLIPVisionConfig, RobertaConfig,
                           ViTConfig)
 
 from .config import ModelConfig, TextConfig, VisionConfig
@@ -147,3 +147,35 @@ class DualEncoder(nn.Module):
         for head in self.heads.values():  # inside forward, so ZeRO-3 gathers their parameters
             heads.update(head(img, txt))
         return Embeddings(img, txt, scale, heads or None)
+
+
+class FrozenEncoders(nn.Module):
+    """Single-modal teacher encoders (structure-aware distillation) from local Hugging Face
+    folders: pooled, L2-normalised per-modality features. The text encoder reads the raw
+    captions with its own tokenizer; images are resized to the vision encoder's input size
+    (normalised as the student's are)."""
+
+    def __init__(self, vision_path: str, text_path: str, max_length: int = 64):
+        super().__init__()
+        vision = AutoModel.from_pretrained(vision_path)
+        self.vision = getattr(vision, "vision_model", vision)
+        text = AutoModel.from_pretrained(text_path)
+        self.text = getattr(text, "text_model", text)
+        self.tokenizer = AutoTokenizer.from_pretrained(text_path)
+        self.image_size = getattr(self.vision.config, "image_size", None)
+        self.max_length = max_length
+        self.dims = (self.vision.config.hidden_size, self.text.config.hidden_size)
+
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, captions=None) -> Embeddings:
+        if captions is None:
+            raise ValueError("FrozenEncoders needs the raw captions (its text encoder has its own tokenizer)")
+        if self.image_size and pixel_values.shape[-1] != self.image_size:
+            pixel_values = F.interpolate(pixel_values, size=self.image_size, mode="bilinear", align_corners=False)
+        out = self.vision(pixel_values=pixel_values)
+        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+        enc = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(pixel_values.device)
+        hidden = self.text(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        txt = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return Embeddings(F.normalize(pooled.float(), dim=-1), F.normalize(txt.float(), dim=-1))

@@ -29,7 +29,7 @@ from .config import Config, flatten, load_config, save_config, to_dict
 from .data import TrainLoader, ensure_tokenizer, load_eval_split
 from .eval import embed_split, format_table, retrieval_metrics
 from .methods import KeyQueues, branch_roles, compute_losses, frozen_checkpoint, method_heads
-from .models import DualEncoder
+from .models import DualEncoder, FrozenEncoders
 from .tracking import Tracker
 
 log = logging.getLogger("dbl_scale")
@@ -146,8 +146,14 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
     import deepspeed
 
     roles = branch_roles(cfg.loss)
-    frozen = load_model(frozen_checkpoint(cfg.loss), tokenizer) if "frozen" in roles else None
-    teacher_dims = (frozen.vision_proj.out_features, frozen.text_proj.out_features) if frozen else None
+    frozen, teacher_dims = None, None
+    sc = cfg.loss.structure
+    if "frozen" in roles and cfg.loss.method == "structure" and not sc.teacher:
+        frozen = FrozenEncoders(sc.teacher_vision, sc.teacher_text)
+        teacher_dims = frozen.dims
+    elif "frozen" in roles:
+        frozen = load_model(frozen_checkpoint(cfg.loss), tokenizer)
+        teacher_dims = (frozen.vision_proj.out_features, frozen.text_proj.out_features)
     modules = []
     for k, role in enumerate(roles):
         if role == "frozen":
@@ -246,6 +252,9 @@ def train_step(cfg: Config, branches: list[Branch], batch: dict, step: int,
     for br in branches:
         if br.engine is not None:
             outs.append(br.engine(pixels, input_ids, mask))
+        elif isinstance(br.module, FrozenEncoders):  # reads the raw captions
+            with torch.no_grad():
+                outs.append(br.module(pixels, captions=batch["captions"]))
         else:
             with torch.no_grad():
                 outs.append(br.module(pixels, input_ids, mask))

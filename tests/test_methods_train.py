@@ -61,6 +61,20 @@ def test_structure_aware_distillation_from_a_finished_run(shapes_root, tmp_path,
         assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, key)), key
 
 
+def test_structure_with_frozen_single_modal_encoders(shapes_root, tmp_path, tokenizer):
+    """The teacher is a local ViT folder and a local BERT folder with its own tokenizer."""
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+    ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                       image_size=48, patch_size=16)).save_pretrained(tmp_path / "vit")
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=40, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=80)).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    client, run = _run(shapes_root, tmp_path, "structure-hf", "loss.method=structure",
+                       f"loss.structure.teacher_vision={tmp_path / 'vit'}",
+                       f"loss.structure.teacher_text={tmp_path / 'bert'}", steps=3)
+    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "loss/repr_text"))
+
+
 def test_coder_fills_its_queues(shapes_root, tmp_path):
     client, run = _run(shapes_root, tmp_path, "coder", "loss.method=coder", "loss.coder.queue_size=24",
                        "loss.coder.concepts=16", steps=4)
