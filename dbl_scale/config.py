@@ -186,6 +186,15 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints (0: only at the end)
+    at_end: bool = True
+    keep: int = 3  # newest complete checkpoints kept
+    resume: Optional[str] = None  # "latest" (the newest complete one, if any) or a checkpoint folder
+    stop_at: Optional[int] = None  # checkpoint and exit after this step, to be resumed (time slices)
+
+
+@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "dbl_scale"
@@ -206,6 +215,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -339,6 +349,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}': got {value}, expected a positive number")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
+        raise ConfigError("config keys 'checkpoint.every' and 'checkpoint.keep' must be >= 0")
+    if cfg.checkpoint.resume and not cfg.tracking.run_name:
+        raise ConfigError("config key 'checkpoint.resume' needs 'tracking.run_name': the run to continue")
     if cfg.data.workers < 0:
         raise ConfigError(f"config key 'data.workers': got {cfg.data.workers}, expected >= 0")
     if cfg.model.vision.image_size % cfg.model.vision.patch_size:

@@ -167,19 +167,24 @@ class TrainStream(torch.utils.data.IterableDataset):
         spec = self.spec
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(hash((spec.seed, self.epoch, spec.rank, worker)))
+
+        def pass_rng(pass_no: int) -> random.Random:  # per pass, so a resumed stream draws the same
+            return random.Random(((spec.seed * 1_000_003 + pass_no) * 1_000_003 + spec.rank) * 1_000_003 + worker)
+
         shards = itertools.islice(self._shard_passes(), spec.rank, None, spec.world)  # node split
         shards = itertools.islice(shards, worker, None, workers)  # worker split
         skipped, tar_errors = 0, _SkipCounter()
         batch: list = []
-        for sample in _shuffle_within_pass(_samples(shards, tar_errors), spec.shuffle_buffer, rng):
+        for sample in _shuffle_within_pass(_samples(shards, tar_errors), spec.shuffle_buffer, pass_rng):
             try:
                 pixels, captions, image_id = decode_sample(sample, spec.image_size)
             except Exception as exc:  # a corrupt image or json: skip it, count it
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
                 skipped += 1
                 continue
-            j = rng.randrange(len(captions))
+            # the caption drawn for this visit: a function of (seed, pass, image), not of history
+            j = random.Random((spec.seed * 1_000_003 + sample["__pass__"]) * 1_000_003 + image_id).randrange(
+                len(captions))
             batch.append((pixels, captions[j], image_id, j))
             if len(batch) == spec.batch_size:
                 yield {"pixel_values": torch.stack([b[0] for b in batch]),
@@ -214,21 +219,25 @@ def _samples(shards: Iterator[tuple[int, str]], handler: _SkipCounter) -> Iterat
                 yield sample
 
 
-def _shuffle_within_pass(src: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
-    """Buffered shuffle that never lets a sample of the next pass overtake one of this pass."""
+def _shuffle_within_pass(src: Iterator[dict], bufsize: int, pass_rng) -> Iterator[dict]:
+    """Buffered shuffle that never lets a sample of the next pass overtake one of this pass;
+    each pass shuffles with its own generator `pass_rng(pass)`."""
     buf: list = []
-    current = None
+    current, rng = None, None
     for sample in src:
         if sample["__pass__"] != current:
-            rng.shuffle(buf)
+            if rng is not None:
+                rng.shuffle(buf)
             yield from buf
             buf, current = [], sample["__pass__"]
+            rng = pass_rng(current)
         buf.append(sample)
         if len(buf) > bufsize:
             i = rng.randrange(len(buf))
             buf[i], buf[-1] = buf[-1], buf[i]
             yield buf.pop()
-    rng.shuffle(buf)
+    if rng is not None:
+        rng.shuffle(buf)
     yield from buf
 
 

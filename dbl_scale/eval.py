@@ -1,14 +1,23 @@
 """Retrieval evaluation: the standard image-text protocol, computed by counting.
 
-`retrieval_metrics` follows the published VSE evaluation: an image query's rank is the best
-rank among its K captions; a caption query's rank is that of its own image; R@K in percent,
-rSum = the six recalls added, medr = floor(median 0-based rank) + 1, meanr = mean rank + 1.
+`retrieval_metrics` equals the published VSE evaluation code (VSE++ `evaluation.py`, which
+ranks a query's candidates with `numpy.argsort(scores)[::-1]`) on the same similarity matrix,
+ties included: an image query's rank is the best rank among its K captions, a caption query's
+rank is that of its own image; R@K in percent, rSum = the six recalls added, medr =
+floor(median 0-based rank) + 1, meanr = mean 0-based rank + 1.
+
 A rank is the number of candidates that score strictly higher than the positive, so no row
-is ever sorted, and rows are processed in chunks to bound memory.
+is sorted, and rows are processed in chunks to bound memory. Where that count is not the
+reference's answer, i.e. where a negative scores exactly as much as the (best) positive or
+the query's scores hold a NaN, numpy's quicksort puts tied items in an order that depends on
+the whole row (introsort is not stable, and the order is an implementation detail of numpy):
+for just those queries the reference's own ordering is run, so the result is exact by
+construction on any numpy version and CPU.
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Union
 
 import numpy as np
@@ -20,39 +29,126 @@ METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rs
                "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr")
 
 
-def _ranks(sims: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n_img, n_cap = sims.shape
-    if n_cap != k * n_img:
-        raise ValueError(f"sims must be N images x {k}*N captions, got {tuple(sims.shape)}")
-    owner = torch.arange(n_cap, device=sims.device) // k
-    i2t = torch.empty(n_img, dtype=torch.long)
-    for lo in range(0, n_img, chunk):
-        block = sims[lo:lo + chunk]
-        best = block.view(block.shape[0], n_img, k)[torch.arange(block.shape[0]), torch.arange(lo, lo + block.shape[0])]
-        best = best.max(dim=1).values
-        i2t[lo:lo + chunk] = (block > best[:, None]).sum(dim=1).cpu()
-    t2i = torch.empty(n_cap, dtype=torch.long)
-    for lo in range(0, n_cap, chunk * k):
-        block = sims[:, lo:lo + chunk * k]
-        cols = torch.arange(lo, lo + block.shape[1], device=sims.device)
-        pos = sims[owner[cols], cols]
-        t2i[lo:lo + block.shape[1]] = (block > pos[None, :]).sum(dim=0).cpu()
+class _Scores:
+    """Read access to a similarity matrix as numpy blocks, in the dtype the reference would
+    sort: numpy input as it is, torch input via `.numpy()` (bfloat16, which numpy lacks, as
+    float32: exact, so ties stay ties). A CUDA tensor is copied to the host block by block."""
+
+    def __init__(self, sims: Union[torch.Tensor, np.ndarray]):
+        if isinstance(sims, torch.Tensor):
+            self._t, self._a = sims.detach(), None
+        else:
+            self._t, self._a = None, np.asarray(sims)
+        self.shape = tuple(self._t.shape if self._a is None else self._a.shape)
+
+    def _np(self, t: torch.Tensor) -> np.ndarray:
+        t = t.cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+    def rows(self, lo: int, hi: int) -> np.ndarray:
+        return self._a[lo:hi] if self._a is not None else self._np(self._t[lo:hi])
+
+    def take(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        if self._a is not None:
+            return self._a[rows, cols]
+        dev = self._t.device
+        return self._np(self._t[torch.as_tensor(rows, device=dev), torch.as_tensor(cols, device=dev)])
+
+    def cols(self, cols: np.ndarray) -> np.ndarray:
+        """Columns as contiguous rows (len(cols) x N)."""
+        if self._a is not None:
+            return np.ascontiguousarray(self._a[:, cols].T)
+        return np.ascontiguousarray(self._np(self._t[:, torch.as_tensor(cols, device=self._t.device)]).T)
+
+
+def _count(mask: np.ndarray, axis: int) -> np.ndarray:
+    return np.add.reduce(mask, axis=axis, dtype=np.int32)
+
+
+def _reference_rank(scores: np.ndarray, is_positive) -> int:
+    """The published code's rank: position of the first positive in argsort(scores)[::-1]."""
+    order = np.argsort(scores)[::-1]
+    return int(np.flatnonzero(is_positive(order))[0])
+
+
+def _count_block(m: _Scores, lo: int, hi: int, k: int, t2i_pos: np.ndarray):
+    """Rows lo:hi: image-query ranks by counting, which of them need the reference's tie order,
+    and these rows' contribution to the caption queries' counts."""
+    block = m.rows(lo, hi)
+    r = np.arange(block.shape[0])
+    own = block[r[:, None], (lo + r)[:, None] * k + np.arange(k)]  # b x k positives
+    best = own.max(axis=1)[:, None]
+    i2t = _count(block > best, 1)
+    tied = _count(block == best, 1) > _count(own == best, 1)  # a negative equals the best positive
+    cap_gt = _count(block > t2i_pos, 0)
+    cap_ge = _count(block >= t2i_pos, 0)
+    cap_nan = None
+    if block.dtype.kind == "f" and np.isnan(np.add.reduce(block, axis=None)):  # NaN (or inf - inf) here
+        nan = np.isnan(block)  # argsort puts NaN last, i.e. first in [::-1]: let the reference rank those
+        tied |= nan.any(axis=1)
+        cap_nan = nan.any(axis=0)
+    return i2t, tied, cap_gt, cap_ge, cap_nan
+
+
+def _ranks(sims: Union[torch.Tensor, np.ndarray], k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ranks of every image query (N) and caption query (K*N).
+
+    Row chunks are counted on torch's number of CPU threads (numpy releases the GIL), so
+    extra memory is O(threads x chunk x K*N)."""
+    m = _Scores(sims)
+    if len(m.shape) != 2 or m.shape[1] != k * m.shape[0]:
+        raise ValueError(f"sims must be N images x {k}*N captions, got {m.shape}")
+    n_img, n_cap = m.shape
+    chunk = max(1, int(chunk))
+    caps = np.arange(n_cap)
+    t2i_pos = m.take(caps // k, caps)  # each caption's score with its own image
+    t2i = np.zeros(n_cap, np.int64)  # images scoring above the positive
+    t2i_ge = np.zeros(n_cap, np.int64)  # ... or equal to it (the positive itself included)
+    t2i_nan = np.zeros(n_cap, bool)
+    i2t = np.empty(n_img, np.int64)
+    i2t_resolve = []
+    starts = range(0, n_img, chunk)
+    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(starts)))) as pool:
+        blocks = pool.map(lambda lo: _count_block(m, lo, min(lo + chunk, n_img), k, t2i_pos), starts)
+        for lo, (gt, tied, cap_gt, cap_ge, cap_nan) in zip(starts, blocks):
+            i2t[lo:lo + len(gt)] = gt
+            i2t_resolve.extend(lo + np.flatnonzero(tied))
+            t2i += cap_gt
+            t2i_ge += cap_ge
+            if cap_nan is not None:
+                t2i_nan |= cap_nan
+    t2i_resolve = np.flatnonzero((t2i_ge - t2i > 1) | t2i_nan)
+
+    for i in i2t_resolve:  # rare: only queries whose positive is tied with a negative
+        i2t[i] = _reference_rank(m.rows(i, i + 1)[0], lambda order, i=i: order // k == i)
+    for lo in range(0, len(t2i_resolve), chunk):
+        idx = t2i_resolve[lo:lo + chunk]
+        for c, col in zip(idx, m.cols(idx)):
+            t2i[c] = _reference_rank(col, lambda order, img=c // k: order == img)
     return i2t, t2i
 
 
 def retrieval_metrics(sims: Union[torch.Tensor, np.ndarray], captions_per_image: int = 5,
-                      chunk: int = 1024) -> dict[str, float]:
-    """Metrics of an (N images x K*N captions) similarity matrix; caption c shows image c // K."""
-    sims = torch.as_tensor(sims)
+                      chunk: int = 512, return_ranks: bool = False):
+    """Metrics of an (N images x K*N captions) similarity matrix; caption c shows image c // K.
+
+    Equal to the published evaluation code on the same matrix, ties included. Extra memory
+    is O(threads x chunk x K*N) (torch's CPU thread count). With `return_ranks`, also returns the 0-based ranks,
+    {"i2t": N ints, "t2i": K*N ints}.
+    """
     i2t, t2i = _ranks(sims, captions_per_image, chunk)
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = 100.0 * (ranks < k).double().mean().item()
-        out[f"{name}_medr"] = math.floor(float(np.median(ranks.numpy()))) + 1
-        out[f"{name}_meanr"] = ranks.double().mean().item() + 1
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return {key: out[key] for key in METRIC_KEYS}
+        for k in (1, 5, 10):  # the published code's arithmetic, so even the last bit agrees
+            out[f"{name}_r{k}"] = 100.0 * len(np.where(ranks < k)[0]) / len(ranks)
+        out[f"{name}_medr"] = float(np.floor(np.median(ranks)) + 1)
+        out[f"{name}_meanr"] = float(ranks.mean() + 1)
+    out["rsum"] = (out["i2t_r1"] + out["i2t_r5"] + out["i2t_r10"]
+                   + out["t2i_r1"] + out["t2i_r5"] + out["t2i_r10"])
+    metrics = {key: out[key] for key in METRIC_KEYS}
+    if return_ranks:
+        return metrics, {"i2t": i2t, "t2i": t2i}
+    return metrics
 
 
 def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, float]:

@@ -43,6 +43,13 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
         return self.run_id
 
+    def resume(self, run_id: str) -> None:
+        """Continue an existing run (after a restart): same run id, metric history goes on."""
+        if not self.enabled:
+            return
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return

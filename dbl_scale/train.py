@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import faulthandler
+import itertools
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import distributed
+from . import checkpoint, distributed
 from .config import Config, flatten, load_config, save_config, to_dict
 from .data import TrainLoader, ensure_tokenizer, load_eval_split
 from .eval import embed_split, format_table, retrieval_metrics
@@ -222,6 +223,13 @@ class OfflineHardNegatives:
         self.sampler.update(self._mine(model))
         log.info("AOQ candidates re-mined with the current target in %.1fs", time.time() - t0)
 
+    def state_dict(self) -> dict:
+        return {"candidates": self.sampler.candidates}
+
+    def load_state_dict(self, state: dict, generator_state: torch.Tensor) -> None:
+        self.sampler.update(state["candidates"])
+        self.generator.set_state(generator_state)
+
     def extend(self, batch: dict) -> dict:
         """Images become [I, I-, I_{T-}], captions [T, T-, T_{I-}] (3B each); ids stay B."""
         neg = self.sampler.sample(batch["image_ids"], batch["caption_index"], self.generator)
@@ -329,7 +337,7 @@ class StepMeter:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
 
-    def log(self, step: int, t_start: float) -> None:
+    def log(self, step: int, t_start: float, start_step: int = 0) -> None:
         cfg = self.cfg
         names = sorted(self.sums)
         totals = distributed.all_reduce_sum(torch.stack([self.sums[k] for k in names]).float())
@@ -345,7 +353,7 @@ class StepMeter:
         if step % cfg.tracking.flush_every < cfg.train.log_every:
             self.tracker.flush()
         if distributed.is_main():
-            eta = (time.time() - t_start) / step * (cfg.train.steps - step)
+            eta = (time.time() - t_start) / max(1, step - start_step) * (cfg.train.steps - step)
             parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names if k.startswith("loss/"))
             print(f"[{self.run_name}] step {step}/{cfg.train.steps} | loss {metrics['loss']:.3f} ({parts}) "
                   f"| lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.0f} samples/s "
@@ -390,8 +398,23 @@ def train(cfg: Config) -> dict:
 
     run_name = cfg.tracking.run_name or f"{cfg.loss.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.train.output_dir) / run_name
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = checkpoint.resolve(ckpt_root, cfg.checkpoint.resume) if cfg.checkpoint.resume else None
+    start_step = 0
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, enabled=rank == 0)
-    if rank == 0:
+    if resume_from is not None:
+        state, rank_state = checkpoint.load(resume_from, branches)
+        start_step = state["step"]
+        checkpoint.set_rng_state(rank_state["rng"])
+        if queues is not None:
+            queues.load_state_dict(state["queues"])
+        if offline is not None:
+            offline.load_state_dict(state["aoq"], rank_state["aoq_generator"])
+        tracker.resume(state["mlflow_run_id"])
+        log.info("resumed %s from %s (step %d)", run_name, resume_from, start_step)
+    elif rank == 0:
+        if cfg.checkpoint.resume:
+            log.info("no checkpoint under %s yet: starting %s from step 0", ckpt_root, run_name)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2, default=str))
@@ -401,28 +424,52 @@ def train(cfg: Config) -> dict:
                             "branches": ",".join(br.role for br in branches)})
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "ds_config.json")
+    if rank == 0:
         log.info("run %s: %d ranks x batch %d, %d steps (%d per epoch), ZeRO-%d, MLflow %s run %s",
                  run_name, world, cfg.data.batch_size, cfg.train.steps, loader.steps_per_epoch,
                  engine.zero_optimization_stage(), cfg.tracking.uri, tracker.run_id)
 
+    def save_checkpoint(step: int) -> None:
+        tracker.flush()  # the metric history up to this step is in MLflow before the checkpoint exists
+        state = {"step": step, "mlflow_run_id": tracker.run_id,
+                 "queues": queues.state_dict() if queues is not None else None,
+                 "aoq": offline.state_dict() if offline is not None else None}
+        rank_state = {"rng": checkpoint.rng_state(),
+                      "aoq_generator": offline.generator.get_state() if offline is not None else None}
+        path = checkpoint.save(ckpt_root, step, branches, state, rank_state, cfg.checkpoint.keep)
+        if rank == 0:
+            log.info("checkpoint %s", path)
+
     meter = StepMeter(cfg, tracker, run_name, world, loader, scheduler, branches)
     status = "FAILED"
     try:
-        step = 0
+        step = start_step
         t_start = time.time()
-        for batch in loader.batches(start_epoch=0):
+        spe = loader.steps_per_epoch
+        # a resumed stream starts at its epoch and skips the batches already trained on
+        batches = itertools.islice(loader.batches(start_epoch=step // spe), step % spe, None)
+        for batch in batches:
+            if step >= cfg.train.steps:
+                break
             if offline is not None:
-                if step and cfg.loss.aoq.refresh_epochs and step % (loader.steps_per_epoch *
-                                                                    cfg.loss.aoq.refresh_epochs) == 0:
+                if step and cfg.loss.aoq.refresh_epochs and step % (spe * cfg.loss.aoq.refresh_epochs) == 0:
                     offline.refresh(engine.module)
                 batch = offline.extend(batch)
             meter.add(train_step(cfg, branches, batch, step, queues))
             step += 1
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                meter.log(step, t_start)
-            if step >= cfg.train.steps:
-                break
+                meter.log(step, t_start, start_step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+                save_checkpoint(step)
+            if cfg.checkpoint.stop_at is not None and step == cfg.checkpoint.stop_at < cfg.train.steps:
+                if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    save_checkpoint(step)
+                status = "KILLED"  # stopped on purpose, to be resumed
+                distributed.barrier()
+                return {}
         train_seconds = time.time() - t_start
+        if cfg.checkpoint.at_end:
+            save_checkpoint(step)
         save_model(engine, run_dir / "model.pt")
 
         results: dict = {}

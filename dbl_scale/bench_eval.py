@@ -1,0 +1,231 @@
+"""`dbl-scale bench eval`: what the retrieval evaluation costs next to the similarity product.
+
+From random L2-normalised float32 embeddings (default: 5,000 images x 25,000 captions, d =
+1024, COCO 5K size) it times
+  (a) the similarity matrix product alone, img @ txt.T;
+  (b) all metrics via `eval.retrieval_metrics`, the product included;
+  (c) the published code's way, per query `argsort(scores)[::-1]` then `where(inds == i)`,
+      the product included. Sorting 30,000 queries takes long, so the ranking is timed on an
+      evenly spaced subset of queries of each direction and extrapolated linearly (the time
+      per query does not depend on which query it is); the subset's ranks are also checked
+      against (b)'s.
+Targets: (b)/(a) <= 1.5 and (c)/(b) >= 3. Peak memory above the inputs is measured two ways,
+as neither tool sees everything: torch's allocations (the product's output) with the torch
+profiler's memory events, numpy's (all of `retrieval_metrics`' working memory, and the
+naive reference's) with tracemalloc, which numpy reports its buffers to.
+
+    dbl-scale bench eval --images 5000 --captions-per-image 5 --dim 1024 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .eval import retrieval_metrics
+
+TARGET_PRODUCT_RATIO = 1.5  # (b)/(a): metrics add at most half a product
+TARGET_SPEEDUP = 3.0  # (c)/(b): counting beats the per-query sort by this much
+MIB = 2 ** 20
+
+
+def _embeddings(n_images: int, k: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    img = F.normalize(torch.randn(n_images, dim, generator=gen), dim=-1)
+    txt = F.normalize(torch.randn(k * n_images, dim, generator=gen), dim=-1)
+    return img, txt
+
+
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def naive_ranks(sims: np.ndarray, sims_t: np.ndarray, k: int, images: np.ndarray, captions: np.ndarray):
+    """The published evaluation code's ranking for the given queries: i2t over rows of sims,
+    t2i over rows of sims_t (captions x images, as that code computes them)."""
+    i2t = np.zeros(len(images))
+    for j, i in enumerate(images):
+        inds = np.argsort(sims[i])[::-1]
+        rank = 1e20
+        for c in range(k * i, k * i + k):
+            tmp = np.where(inds == c)[0][0]
+            if tmp < rank:
+                rank = tmp
+        i2t[j] = rank
+    t2i = np.zeros(len(captions))
+    for j, c in enumerate(captions):
+        inds = np.argsort(sims_t[c])[::-1]
+        t2i[j] = np.where(inds == c // k)[0][0]
+    return i2t, t2i
+
+
+def _torch_peak_bytes(run: Callable[[], object]) -> int:
+    """Peak of torch's CPU allocations during `run` above those before it (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    total = peak = 0
+    for _, size in events:
+        total += size
+        peak = max(peak, total)
+    return peak
+
+
+def _numpy_peak_bytes(run: Callable[[], object]) -> int:
+    """Peak of traced (numpy and Python) allocations during `run`, above those before it."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        run()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def bench_eval(n_images: int = 5000, k: int = 5, dim: int = 1024, repeats: int = 3, seed: int = 0,
+               naive_images: Optional[int] = 500, chunk: int = 512, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Times (a), (b), (c) and peak memories; see the module docstring. `naive_images`: image
+    queries the naive reference sorts (and k times as many caption queries); None = all."""
+    say = progress or (lambda msg: None)
+    img, txt = _embeddings(n_images, k, dim, seed)
+    n_cap = k * n_images
+
+    def product():
+        return img @ txt.T
+
+    say("(a) product")
+    product()  # warm-up (thread pools, first-touch of the output)
+    t_product = _median_s(product, repeats)
+    say("(b) retrieval_metrics")
+    t_metrics = _median_s(lambda: retrieval_metrics(product(), captions_per_image=k, chunk=chunk), repeats)
+
+    sims_t = product()
+    metrics, ranks = retrieval_metrics(sims_t, captions_per_image=k, chunk=chunk, return_ranks=True)
+    sims = sims_t.numpy()
+    q_img = n_images if naive_images is None else max(1, min(naive_images, n_images))
+    img_q = np.linspace(0, n_images - 1, q_img).round().astype(np.int64)
+    cap_q = np.linspace(0, n_cap - 1, min(k * q_img, n_cap)).round().astype(np.int64)
+    say(f"(c) naive argsort on {len(img_q)} image + {len(cap_q)} caption queries")
+    captions_x_images = np.ascontiguousarray(sims.T)  # the published code scores captions against images
+    t_i2t = _median_s(lambda: naive_ranks(sims, captions_x_images, k, img_q, cap_q[:0]), repeats)
+    t_t2i = _median_s(lambda: naive_ranks(sims, captions_x_images, k, img_q[:0], cap_q), repeats)
+    want_i2t, want_t2i = naive_ranks(sims, captions_x_images, k, img_q, cap_q)
+    agree = bool((ranks["i2t"][img_q] == want_i2t).all() and (ranks["t2i"][cap_q] == want_t2i).all())
+    t_naive_rank = t_i2t * n_images / len(img_q) + t_t2i * n_cap / len(cap_q)
+    del captions_x_images, sims, sims_t
+
+    say("peak memory")
+    product_bytes = _torch_peak_bytes(product)
+    held = product()
+    metrics_bytes = _numpy_peak_bytes(lambda: retrieval_metrics(held, captions_per_image=k, chunk=chunk))
+    held_np = held.numpy()
+    naive_bytes = _numpy_peak_bytes(lambda: naive_ranks(held_np, held_np[:0], k, img_q[:50], cap_q[:0]))
+    del held, held_np
+
+    return {
+        "n_images": n_images, "n_captions": n_cap, "dim": dim, "repeats": repeats, "chunk": chunk,
+        "threads": torch.get_num_threads(),
+        "product_s": t_product, "metrics_s": t_metrics, "metrics_only_s": t_metrics - t_product,
+        "naive_s": t_product + t_naive_rank, "naive_rank_s": t_naive_rank,
+        "naive_queries": [int(len(img_q)), int(len(cap_q))],
+        "naive_extrapolated": bool(len(img_q) < n_images or len(cap_q) < n_cap),
+        "naive_agrees": agree,
+        "ratio_metrics_to_product": t_metrics / t_product,
+        "speedup_vs_naive": (t_product + t_naive_rank) / t_metrics,
+        "product_peak_mib": product_bytes / MIB,
+        "metrics_peak_mib": metrics_bytes / MIB,
+        "naive_peak_mib": naive_bytes / MIB,
+        "sims_mib": n_images * n_cap * 4 / MIB,
+        "rsum": metrics["rsum"],
+    }
+
+
+def format_bench_eval(r: dict) -> str:
+    ok_ratio = r["ratio_metrics_to_product"] <= TARGET_PRODUCT_RATIO
+    ok_speed = r["speedup_vs_naive"] >= TARGET_SPEEDUP
+    n_i, n_c = r["naive_queries"]
+    how = (f"ranking timed on {n_i} of {r['n_images']} image and {n_c} of {r['n_captions']} caption queries, "
+           f"extrapolated linearly" if r["naive_extrapolated"] else "all queries timed")
+    return "\n".join([
+        f"bench eval: {r['n_images']} images x {r['n_captions']} captions, d = {r['dim']}, float32, "
+        f"median of {r['repeats']}, {r['threads']} torch threads, chunk {r['chunk']} rows",
+        f"  (a) similarity product img @ txt.T        {r['product_s']:8.3f} s",
+        f"  (b) retrieval_metrics, product included   {r['metrics_s']:8.3f} s   (metrics alone "
+        f"{r['metrics_only_s']:.3f} s)",
+        f"  (c) naive argsort[::-1] per query, product included {r['naive_s']:8.3f} s   ({how}; "
+        f"ranks agree with (b): {'yes' if r['naive_agrees'] else 'NO'})",
+        f"  (b)/(a) = {r['ratio_metrics_to_product']:.2f}x (target <= {TARGET_PRODUCT_RATIO}x: "
+        f"{'met' if ok_ratio else 'MISSED'});  (c)/(b) = {r['speedup_vs_naive']:.1f}x faster "
+        f"(target >= {TARGET_SPEEDUP:.0f}x: {'met' if ok_speed else 'MISSED'})",
+        f"  peak memory above the inputs: product {r['product_peak_mib']:.1f} MiB (torch profiler memory events; "
+        f"the sims matrix is {r['sims_mib']:.1f} MiB); retrieval_metrics {r['metrics_peak_mib']:.1f} MiB beyond "
+        f"the sims matrix (tracemalloc, which sees numpy); naive reference {r['naive_peak_mib']:.1f} MiB "
+        f"(tracemalloc)",
+        f"  rSum of these random embeddings: {r['rsum']:.2f} (chance level)",
+    ])
+
+
+def cmd_bench_eval(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .bench import machine_line
+
+    print(machine_line(torch.device("cpu")), flush=True)
+    t0 = time.time()
+    r = bench_eval(args.images, args.captions_per_image, args.dim, args.repeats, args.seed,
+                   naive_images=None if args.naive_images <= 0 else args.naive_images, chunk=args.chunk,
+                   progress=None if args.quiet else (lambda m: print(f"  ... {m}", file=sys.stderr, flush=True)))
+    print(format_bench_eval(r))
+    print(f"bench wall time: {time.time() - t0:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+        print(f"results written to {args.json}")
+    return 0
+
+
+def add_bench_eval_parser(bench_subparsers) -> argparse.ArgumentParser:
+    """Register `eval` on the `bench` sub-parser set."""
+    b = bench_subparsers.add_parser("eval", help="retrieval evaluation cost: counting vs the product vs argsort",
+                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--images", type=int, default=5000, help="N images (the 5K test split: 5000)")
+    b.add_argument("--captions-per-image", type=int, default=5)
+    b.add_argument("--dim", type=int, default=1024, help="embedding width")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    b.add_argument("--naive-images", type=int, default=500,
+                   help="image queries the naive reference sorts (x K caption queries), extrapolated to all; "
+                        "0 = all queries")
+    b.add_argument("--chunk", type=int, default=512, help="retrieval_metrics rows per chunk")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    b.set_defaults(func=cmd_bench_eval)
+    return b
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dbl_scale.bench_eval")
+    add_bench_eval_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval"] + list(sys.argv[1:] if argv is None else argv))
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Checkpoints: each trained branch's DeepSpeed state (module, optimizer, LR schedule) plus the
+run's own state (step, anchor EMA, CODER queues, AOQ candidates and sampler, RNG of every
+rank, the MLflow run id), so that a resumed run continues as if never stopped.
+
+A checkpoint is written into `step_NNNNNNNN.tmp/` by all ranks, marked COMPLETE by rank 0
+when every rank has finished, and only then renamed to `step_NNNNNNNN/`: a crash while
+saving leaves a `.tmp` folder that is never read. The newest K complete ones are kept.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import distributed
+
+PREFIX = "step_"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")
+             and (p / "COMPLETE").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def resolve(root: Path, resume: str) -> Optional[Path]:
+    """`latest`: the newest complete checkpoint under root (None when there is none yet);
+    anything else: that checkpoint folder, which must be complete."""
+    if resume == "latest":
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "COMPLETE").exists():
+        raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no COMPLETE marker)")
+    return path
+
+
+def save(root: Path, step: int, branches, state: dict, rank_state: dict, keep: int) -> Path:
+    """Collective: every rank calls it. `state` is the same on every rank (written by rank 0);
+    `rank_state` is this rank's own (RNG, sampler generators)."""
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f"{PREFIX}{step:08d}.tmp"
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    for k, br in enumerate(branches):
+        if br.engine is not None:
+            br.engine.save_checkpoint(str(tmp), tag=f"branch{k}", save_latest=False)
+        elif br.role == "ema" and distributed.is_main():
+            torch.save(br.module.state_dict(), tmp / f"branch{k}_ema.pt")
+    torch.save(rank_state, tmp / f"rank{distributed.rank():05d}.pt")
+    if distributed.is_main():
+        torch.save(state, tmp / "state.pt")
+    distributed.barrier()
+    if distributed.is_main():
+        (tmp / "COMPLETE").write_text(f"step {step}\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def load(path: Path, branches) -> tuple[dict, dict]:
+    """Restore every branch from `path`; returns (run state, this rank's state)."""
+    for k, br in enumerate(branches):
+        if br.engine is not None:
+            loaded, _ = br.engine.load_checkpoint(str(path), tag=f"branch{k}")
+            if loaded is None:
+                raise RuntimeError(f"DeepSpeed could not load branch {k} from {path}")
+        elif br.role == "ema":
+            br.module.load_state_dict(torch.load(path / f"branch{k}_ema.pt", map_location="cpu", weights_only=True))
+    rank_file = path / f"rank{distributed.rank():05d}.pt"
+    if not rank_file.exists():
+        raise FileNotFoundError(f"{rank_file} missing: was the checkpoint written with another number of ranks?")
+    return (torch.load(path / "state.pt", map_location="cpu", weights_only=False),
+            torch.load(rank_file, map_location="cpu", weights_only=False))

@@ -1,0 +1,91 @@
+"""Invariant 2: a run stopped after step k and resumed ends exactly where the uninterrupted run
+ends: every trained branch's fp32 master weights, the momentum anchor, CODER's queues (through
+the weights they shape), the data position, the RNG and the LR schedule; and the MLflow run
+is the same run with one continuous metric history."""
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, torchrun
+
+
+def _train(shapes_root, tmp_path, name, overrides, extra=()):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=12",
+              "train.log_every=1", "eval.at_end=false", f"tracking.uri={uri}", "tracking.experiment=resume",
+              f"tracking.run_name={name}", f"train.output_dir={tmp_path / 'runs'}", *overrides, *extra],
+             cwd=tmp_path)
+    return MlflowClient(uri)
+
+
+def _weights(run_dir, step, branches):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    out = {}
+    for k in branches:
+        ema = ckpt / f"branch{k}_ema.pt"
+        out[k] = (torch.load(ema, weights_only=True) if ema.exists()
+                  else get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=f"branch{k}"))
+    return out
+
+
+SCENARIOS = [
+    # (name, overrides, branches with saved weights: EMA anchors and trained ones, ZeRO stage)
+    ("momentum", ["loss.method=dbl", "loss.dbl.scenario=momentum", "loss.dbl.momentum=0.9"], [0, 1], 2),
+    ("online", ["loss.method=dbl", "loss.dbl.scenario=online"], [0, 1], 2),
+    ("offline", ["loss.method=dbl", "loss.dbl.scenario=offline", "loss.dbl.anchor={teacher}"], [1], 2),
+    ("coder", ["loss.method=coder", "loss.coder.queue_size=40", "loss.coder.concepts=8"], [0, 1], 2),
+    ("online", ["loss.method=dbl", "loss.dbl.scenario=online"], [0, 1], 3),
+    ("offline", ["loss.method=dbl", "loss.dbl.scenario=offline", "loss.dbl.anchor={teacher}"], [1], 3),
+]
+
+
+@pytest.fixture(scope="module")
+def teacher(shapes_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("anchor")
+    _train(shapes_root, tmp, "anchor", ["loss.method=triplet", "train.steps=4"])
+    return tmp / "runs" / "anchor"
+
+
+@pytest.mark.parametrize("scenario,overrides,saved,stage", SCENARIOS,
+                         ids=[f"{s[0]}-zero{s[3]}" for s in SCENARIOS])
+def test_stop_and_resume_is_exact(scenario, overrides, saved, stage, shapes_root, tmp_path, teacher):
+    overrides = [o.format(teacher=teacher) for o in overrides] + [f"train.deepspeed=ds_configs/zero{stage}.json"]
+    client = _train(shapes_root, tmp_path, "whole", overrides)
+    # stopped after step 5 (mid-epoch: 8 steps per epoch), resumed twice ("latest" is step 5, then done)
+    _train(shapes_root, tmp_path, "split", overrides, ["checkpoint.stop_at=5"])
+    _train(shapes_root, tmp_path, "split", overrides, ["checkpoint.resume=latest"])
+
+    whole = _weights(tmp_path / "runs" / "whole", 12, saved)
+    split = _weights(tmp_path / "runs" / "split", 12, saved)
+    for k in whole:
+        for name, w in whole[k].items():
+            torch.testing.assert_close(split[k][name], w, rtol=0, atol=1e-6, msg=f"branch {k} {name}")
+
+    exp = client.get_experiment_by_name("resume").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([exp])}
+    assert set(runs) == {"whole", "split"}  # the resumed run is the same MLflow run
+    assert runs["split"].info.status == "FINISHED"
+    losses = {n: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")]
+              for n, r in runs.items()}
+    assert [s for s, _ in losses["split"]] == list(range(1, 13))  # one continuous history
+    assert [v for _, v in losses["split"]] == pytest.approx([v for _, v in losses["whole"]], rel=1e-6)
+
+
+def test_resume_latest_without_checkpoint_starts_fresh_and_bad_path_is_an_error(shapes_root, tmp_path):
+    _train(shapes_root, tmp_path, "fresh", ["train.steps=2", "checkpoint.resume=latest"], ["train.steps=2"])
+    assert (tmp_path / "runs" / "fresh" / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+    from dbl_scale import checkpoint
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.resolve(tmp_path, str(tmp_path / "nowhere"))
+
+
+def test_incomplete_checkpoints_are_never_picked(tmp_path):
+    from dbl_scale import checkpoint
+    (tmp_path / "step_00000004").mkdir()
+    (tmp_path / "step_00000004" / "COMPLETE").write_text("step 4")
+    (tmp_path / "step_00000009.tmp").mkdir()  # a crash while saving
+    (tmp_path / "step_00000008").mkdir()  # no COMPLETE marker
+    assert checkpoint.resolve(tmp_path, "latest") == tmp_path / "step_00000004"
