@@ -35,6 +35,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _full_parameters(module, modifier_rank=None):
+    """The module's full parameters for the block: a no-op unless ZeRO-3 partitioned them."""
+    import contextlib
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
@@ -68,8 +79,10 @@ def save(root: Path, step: int, branches, state: dict, rank_state: dict, keep: i
     for k, br in enumerate(branches):
         if br.engine is not None:
             br.engine.save_checkpoint(str(tmp), tag=f"branch{k}", save_latest=False)
-        elif br.role == "ema" and distributed.is_main():
-            torch.save(br.module.state_dict(), tmp / f"branch{k}_ema.pt")
+        elif br.role == "ema":
+            with _full_parameters(br.module):
+                if distributed.is_main():
+                    torch.save(br.module.state_dict(), tmp / f"branch{k}_ema.pt")
     torch.save(rank_state, tmp / f"rank{distributed.rank():05d}.pt")
     if distributed.is_main():
         torch.save(state, tmp / "state.pt")
@@ -92,7 +105,9 @@ def load(path: Path, branches) -> tuple[dict, dict]:
             if loaded is None:
                 raise RuntimeError(f"DeepSpeed could not load branch {k} from {path}")
         elif br.role == "ema":
-            br.module.load_state_dict(torch.load(path / f"branch{k}_ema.pt", map_location="cpu", weights_only=True))
+            state = torch.load(path / f"branch{k}_ema.pt", map_location="cpu", weights_only=True)
+            with _full_parameters(br.module, modifier_rank=0):  # every rank loads; ZeRO-3 re-shards
+                br.module.load_state_dict(state)
     rank_file = path / f"rank{distributed.rank():05d}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file} missing: was the checkpoint written with another number of ranks?")

@@ -61,8 +61,14 @@ class _Scores:
         return np.ascontiguousarray(self._np(self._t[:, torch.as_tensor(cols, device=self._t.device)]).T)
 
 
-def _count(mask: np.ndarray, axis: int) -> np.ndarray:
-    return np.add.reduce(mask, axis=axis, dtype=np.int32)
+def _row_counts(mask: np.ndarray) -> np.ndarray:
+    return np.add.reduce(mask, axis=1, dtype=np.int32)
+
+
+def _col_counts(mask: np.ndarray) -> np.ndarray:
+    if mask.shape[0] <= 255:  # bytes cannot overflow: a plain byte add, no widening cast per element
+        return np.add.reduce(mask.view(np.uint8), axis=0, dtype=np.uint8)
+    return np.add.reduce(mask, axis=0, dtype=np.int32)
 
 
 def _reference_rank(scores: np.ndarray, is_positive) -> int:
@@ -71,30 +77,37 @@ def _reference_rank(scores: np.ndarray, is_positive) -> int:
     return int(np.flatnonzero(is_positive(order))[0])
 
 
-def _count_block(m: _Scores, lo: int, hi: int, k: int, t2i_pos: np.ndarray):
-    """Rows lo:hi: image-query ranks by counting, which of them need the reference's tie order,
-    and these rows' contribution to the caption queries' counts."""
-    block = m.rows(lo, hi)
-    r = np.arange(block.shape[0])
-    own = block[r[:, None], (lo + r)[:, None] * k + np.arange(k)]  # b x k positives
-    best = own.max(axis=1)[:, None]
-    i2t = _count(block > best, 1)
-    tied = _count(block == best, 1) > _count(own == best, 1)  # a negative equals the best positive
-    cap_gt = _count(block > t2i_pos, 0)
-    cap_ge = _count(block >= t2i_pos, 0)
-    cap_nan = None
-    if block.dtype.kind == "f" and np.isnan(np.add.reduce(block, axis=None)):  # NaN (or inf - inf) here
-        nan = np.isnan(block)  # argsort puts NaN last, i.e. first in [::-1]: let the reference rank those
-        tied |= nan.any(axis=1)
-        cap_nan = nan.any(axis=0)
+def _count_rows(m: _Scores, lo: int, hi: int, k: int, t2i_pos: np.ndarray, step: int):
+    """Rows lo:hi, `step` rows at a time (all four comparisons while they are in cache, into
+    one reused mask): image-query ranks by counting, which of them need the reference's tie
+    order, and these rows' share of the caption queries' counts (above / at least the positive)."""
+    n_cap = m.shape[1]
+    mask = np.empty((min(step, hi - lo), n_cap), bool)
+    i2t = np.empty(hi - lo, np.int64)
+    tied = np.zeros(hi - lo, bool)
+    cap_gt, cap_ge = np.zeros(n_cap, np.int64), np.zeros(n_cap, np.int64)
+    cap_nan = np.zeros(n_cap, bool)
+    for s in range(lo, hi, step):
+        block = m.rows(s, min(s + step, hi))
+        b, r, out = mask[:len(block)], np.arange(len(block)), slice(s - lo, s - lo + len(block))
+        own = block[r[:, None], (s + r)[:, None] * k + np.arange(k)]  # rows x K positives
+        best = own.max(axis=1)[:, None]
+        i2t[out] = _row_counts(np.greater(block, best, out=b))
+        tied[out] = _row_counts(np.equal(block, best, out=b)) > _row_counts(own == best)  # a negative ties
+        cap_gt += _col_counts(np.greater(block, t2i_pos, out=b))
+        cap_ge += _col_counts(np.greater_equal(block, t2i_pos, out=b))
+        if block.dtype.kind == "f" and np.isnan(np.add.reduce(block, axis=None)):  # NaN (or inf - inf) here
+            nan = np.isnan(block)  # argsort puts NaN last, i.e. first in [::-1]: let the reference rank those
+            tied[out] |= nan.any(axis=1)
+            cap_nan |= nan.any(axis=0)
     return i2t, tied, cap_gt, cap_ge, cap_nan
 
 
 def _ranks(sims: Union[torch.Tensor, np.ndarray], k: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """0-based ranks of every image query (N) and caption query (K*N).
 
-    Row chunks are counted on torch's number of CPU threads (numpy releases the GIL), so
-    extra memory is O(threads x chunk x K*N)."""
+    The rows are split among torch's number of CPU threads (numpy releases the GIL), each
+    working `chunk` rows at a time, so extra memory is O(threads x chunk x K*N)."""
     m = _Scores(sims)
     if len(m.shape) != 2 or m.shape[1] != k * m.shape[0]:
         raise ValueError(f"sims must be N images x {k}*N captions, got {m.shape}")
@@ -102,22 +115,15 @@ def _ranks(sims: Union[torch.Tensor, np.ndarray], k: int, chunk: int) -> tuple[n
     chunk = max(1, int(chunk))
     caps = np.arange(n_cap)
     t2i_pos = m.take(caps // k, caps)  # each caption's score with its own image
-    t2i = np.zeros(n_cap, np.int64)  # images scoring above the positive
-    t2i_ge = np.zeros(n_cap, np.int64)  # ... or equal to it (the positive itself included)
-    t2i_nan = np.zeros(n_cap, bool)
-    i2t = np.empty(n_img, np.int64)
-    i2t_resolve = []
-    starts = range(0, n_img, chunk)
-    with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(starts)))) as pool:
-        blocks = pool.map(lambda lo: _count_block(m, lo, min(lo + chunk, n_img), k, t2i_pos), starts)
-        for lo, (gt, tied, cap_gt, cap_ge, cap_nan) in zip(starts, blocks):
-            i2t[lo:lo + len(gt)] = gt
-            i2t_resolve.extend(lo + np.flatnonzero(tied))
-            t2i += cap_gt
-            t2i_ge += cap_ge
-            if cap_nan is not None:
-                t2i_nan |= cap_nan
-    t2i_resolve = np.flatnonzero((t2i_ge - t2i > 1) | t2i_nan)
+    workers = max(1, min(torch.get_num_threads(), math.ceil(n_img / chunk)))
+    bounds = np.linspace(0, n_img, workers + 1).round().astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda lo, hi: _count_rows(m, lo, hi, k, t2i_pos, chunk), bounds[:-1], bounds[1:]))
+    i2t = np.concatenate([p[0] for p in parts])
+    i2t_resolve = np.flatnonzero(np.concatenate([p[1] for p in parts]))
+    t2i = sum(p[2] for p in parts)  # images scoring above the positive
+    t2i_ge = sum(p[3] for p in parts)  # ... or equal to it (the positive itself included)
+    t2i_resolve = np.flatnonzero((t2i_ge - t2i > 1) | np.logical_or.reduce([p[4] for p in parts]))
 
     for i in i2t_resolve:  # rare: only queries whose positive is tied with a negative
         i2t[i] = _reference_rank(m.rows(i, i + 1)[0], lambda order, i=i: order // k == i)
@@ -129,7 +135,7 @@ def _ranks(sims: Union[torch.Tensor, np.ndarray], k: int, chunk: int) -> tuple[n
 
 
 def retrieval_metrics(sims: Union[torch.Tensor, np.ndarray], captions_per_image: int = 5,
-                      chunk: int = 512, return_ranks: bool = False):
+                      chunk: int = 32, return_ranks: bool = False):
     """Metrics of an (N images x K*N captions) similarity matrix; caption c shows image c // K.
 
     Equal to the published evaluation code on the same matrix, ties included. Extra memory

@@ -54,8 +54,10 @@ def resolve_ds_config(path: str) -> Path:
 
 
 def deepspeed_config(cfg: Config, world: int) -> dict:
-    """Read the JSON of `train.deepspeed` and fill its "auto" values from our config."""
-    ds = json.loads(resolve_ds_config(cfg.train.deepspeed).read_text())
+    """Read the JSON of `train.deepspeed` (or, under `accelerate launch` with a DeepSpeed YAML,
+    the file that YAML names) and fill its "auto" values from our config."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or cfg.train.deepspeed
+    ds = json.loads(resolve_ds_config(path).read_text())
     fills = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "train_batch_size": cfg.data.batch_size * world * ds.get("gradient_accumulation_steps", 1),
@@ -106,9 +108,13 @@ def momentum_at(step: int, total: int, m0: float) -> float:
 
 @torch.no_grad()
 def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float) -> None:
-    """anchor <- m * anchor + (1 - m) * target, on full parameters (ZeRO 0-2)."""
+    """anchor <- m * anchor + (1 - m) * target. Under ZeRO-3 both modules are partitioned the
+    same way, so each rank updates its own shards (`ds_tensor`) and nothing is gathered."""
     for a, t in zip(anchor.parameters(), target.parameters()):
-        a.mul_(m).add_(t.detach().to(a.dtype), alpha=1.0 - m)
+        if hasattr(a, "ds_tensor"):
+            a.ds_tensor.mul_(m).add_(t.ds_tensor.to(a.ds_tensor.dtype), alpha=1.0 - m)
+        else:
+            a.mul_(m).add_(t.detach().to(a.dtype), alpha=1.0 - m)
 
 
 # ----------------------------------------------------------------------------- branches
@@ -120,6 +126,7 @@ class Branch:
     module: torch.nn.Module
     engine: Any = None
     scheduler: Any = None
+    partitioner: Any = None  # ZeRO-3 EMA anchor: the optimizer-less engine that shards `module`
 
 
 def new_model(cfg: Config, tokenizer, index: int, teacher_dims=None) -> DualEncoder:
@@ -188,11 +195,17 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
         else:
             branches.append(Branch(role, module))
     target = branches[-1].engine
-    if "ema" in roles and target.zero_optimization_stage() == 3:
-        raise NotImplementedError("the momentum anchor under ZeRO-3 is not supported yet; use ZeRO 0-2")
     for br in branches:
-        if br.engine is None:
-            br.module.to(target.device, dtype=_dtype(target.module)).eval().requires_grad_(False)
+        if br.engine is not None:
+            continue
+        br.module.eval().requires_grad_(False)
+        if br.role == "ema" and target.zero_optimization_stage() == 3:
+            # partitioned exactly as the target, so the EMA runs shard by shard
+            ds = {k: v for k, v in deepspeed_config(cfg, world).items() if k not in ("optimizer", "scheduler")}
+            br.partitioner = deepspeed.initialize(model=br.module, config=ds)[0]
+            br.module = br.partitioner.module
+        else:
+            br.module.to(target.device, dtype=_dtype(target.module))
     return branches
 
 
@@ -496,6 +509,8 @@ def main(argv=None) -> int:
                                      description="Train one run (start it with torchrun, deepspeed or accelerate).")
     parser.add_argument("--config", help="YAML config (defaults apply to anything it leaves out)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.method=dbl data.batch_size=64")
+    # the `deepspeed` launcher appends --local_rank=N; the LOCAL_RANK environment variable says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     faulthandler.enable()  # a native crash prints the Python stack of every thread
     # DeepSpeed 0.19 calls a torch collective that torch 2.13 marks deprecated, on every step
