@@ -45,15 +45,6 @@ def _embeddings(n_images: int, k: int, dim: int, seed: int) -> tuple[torch.Tenso
     return img, txt
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def naive_ranks(sims: np.ndarray, sims_t: np.ndarray, k: int, images: np.ndarray, captions: np.ndarray):
     """The published evaluation code's ranking for the given queries: i2t over rows of sims,
     t2i over rows of sims_t (captions x images, as that code computes them)."""
@@ -110,26 +101,34 @@ def bench_eval(n_images: int = 5000, k: int = 5, dim: int = 1024, repeats: int =
     def product():
         return img @ txt.T
 
-    say("(a) product")
-    product()  # warm-up (thread pools, first-touch of the output)
-    t_product = _median_s(product, repeats)
-    say("(b) retrieval_metrics")
-    t_metrics = _median_s(lambda: retrieval_metrics(product(), captions_per_image=k, chunk=chunk), repeats)
-
-    sims_t = product()
-    t_metrics_only = _median_s(lambda: retrieval_metrics(sims_t, captions_per_image=k, chunk=chunk), repeats)
+    sims_t = product()  # also the warm-up (thread pools, allocator)
     metrics, ranks = retrieval_metrics(sims_t, captions_per_image=k, chunk=chunk, return_ranks=True)
     sims = sims_t.numpy()
+    captions_x_images = np.ascontiguousarray(sims.T)  # the published code scores captions against images
     q_img = n_images if naive_images is None else max(1, min(naive_images, n_images))
     img_q = np.linspace(0, n_images - 1, q_img).round().astype(np.int64)
     cap_q = np.linspace(0, n_cap - 1, min(k * q_img, n_cap)).round().astype(np.int64)
-    say(f"(c) naive argsort on {len(img_q)} image + {len(cap_q)} caption queries")
-    captions_x_images = np.ascontiguousarray(sims.T)  # the published code scores captions against images
-    t_i2t = _median_s(lambda: naive_ranks(sims, captions_x_images, k, img_q, cap_q[:0]), repeats)
-    t_t2i = _median_s(lambda: naive_ranks(sims, captions_x_images, k, img_q[:0], cap_q), repeats)
     want_i2t, want_t2i = naive_ranks(sims, captions_x_images, k, img_q, cap_q)
     agree = bool((ranks["i2t"][img_q] == want_i2t).all() and (ranks["t2i"][cap_q] == want_t2i).all())
-    t_naive_rank = t_i2t * n_images / len(img_q) + t_t2i * n_cap / len(cap_q)
+
+    jobs = {  # interleaved, one of each per repeat, so a busy machine slows them alike
+        "product": product,
+        "metrics": lambda: retrieval_metrics(product(), captions_per_image=k, chunk=chunk),
+        "metrics_only": lambda: retrieval_metrics(sims_t, captions_per_image=k, chunk=chunk),
+        "naive_i2t": lambda: naive_ranks(sims, captions_x_images, k, img_q, cap_q[:0]),
+        "naive_t2i": lambda: naive_ranks(sims, captions_x_images, k, img_q[:0], cap_q),
+    }
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for rep in range(repeats):
+        say(f"timing, repeat {rep + 1}/{repeats}: (a), (b), metrics alone, naive on {len(img_q)} image + "
+            f"{len(cap_q)} caption queries")
+        for name, fn in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    t_product, t_metrics, t_metrics_only = med["product"], med["metrics"], med["metrics_only"]
+    t_naive_rank = med["naive_i2t"] * n_images / len(img_q) + med["naive_t2i"] * n_cap / len(cap_q)
     del captions_x_images, sims, sims_t
 
     say("peak memory")

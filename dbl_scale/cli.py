@@ -5,6 +5,7 @@
   dbl-scale data build --out DIR      write ShapesCaptions shards
   dbl-scale mine --run-dir RUN --out FILE    AOQ: offline hard negatives of the training set
   dbl-scale bench loss | methods      loss cost at scale | every method trained and tabulated
+  dbl-scale export --run-dir RUN --out DIR   target towers as Hugging Face folders
 """
 from __future__ import annotations
 
@@ -160,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     from .bench import add_bench_parser
+    from .export import add_export_parser
     from .mining import add_mine_parser
     add_mine_parser(sub)
     add_bench_parser(sub)
+    add_export_parser(sub)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,100 @@
+"""`dbl-scale export`: a finished run's target towers as Hugging Face folders.
+
+    OUT/vision/       save_pretrained of the vision tower  (AutoModel.from_pretrained works)
+    OUT/text/         save_pretrained of the text tower, with the tokenizer
+    OUT/heads.pt      the projections to the joint space and the pooling rules, to rebuild the
+                      run's embeddings exactly (`load_exported`)
+
+Weights come from the run's final DeepSpeed checkpoint, consolidated to fp32 from the ZeRO
+shards (also after bf16 or ZeRO-3 training), or from its model.pt when it has no checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import complete_checkpoints
+from .config import load_config
+
+
+def fp32_target_state(run_dir: Path) -> dict:
+    """The target's fp32 weights: from the newest checkpoint's ZeRO shards when there is one."""
+    from .methods import branch_roles
+
+    run_cfg = load_config(run_dir / "config.yaml")
+    found = complete_checkpoints(run_dir / "checkpoints")
+    target = len(branch_roles(run_cfg.loss)) - 1
+    if found and (found[-1] / f"branch{target}").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(found[-1]), tag=f"branch{target}")
+        except (ValueError, FileNotFoundError):  # ZeRO-0 checkpoints hold plain module weights
+            pass
+    return {k: v.float() for k, v in torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True).items()}
+
+
+def export(run_dir: str | Path, out: str | Path) -> Path:
+    from .data import ensure_tokenizer
+    from .train import new_model
+
+    run_dir, out = Path(run_dir), Path(out)
+    run_cfg = load_config(run_dir / "config.yaml")
+    tokenizer = ensure_tokenizer(run_cfg.data, run_cfg.model.text)
+    model = new_model(run_cfg, tokenizer, 0)
+    model.load_state_dict(fp32_target_state(run_dir))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.vision.save_pretrained(tmp / "vision")
+    model.text.save_pretrained(tmp / "text")
+    tokenizer.save_pretrained(tmp / "text")
+    torch.save({"vision_proj": model.vision_proj.state_dict(), "text_proj": model.text_proj.state_dict(),
+                "vision_pooling": model.vision_pooling, "text_pooling": model.text_pooling},
+               tmp / "heads.pt")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def cmd_export(args) -> int:
+    out = export(args.run_dir, args.out)
+    print(f"exported {args.run_dir} to {out} (vision/, text/ with tokenizer, heads.pt)")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="a finished run's target towers as Hugging Face folders")
+    p.add_argument("--run-dir", required=True, help="the run folder (runs/<name>)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dbl_scale.export")
+    add_export_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export"] + list(argv or []))
+    return args.func(args)
+
+
+def load_exported(folder: str | Path):
+    """A DualEncoder rebuilt from an exported folder (towers via AutoModel.from_pretrained)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .models import DualEncoder
+
+    folder = Path(folder)
+    heads = torch.load(folder / "heads.pt", map_location="cpu", weights_only=True)
+    model = DualEncoder.__new__(DualEncoder)
+    torch.nn.Module.__init__(model)
+    model.vision = AutoModel.from_pretrained(folder / "vision")
+    model.text = AutoModel.from_pretrained(folder / "text")
+    model.vision_pooling, model.text_pooling = heads["vision_pooling"], heads["text_pooling"]
+    for name in ("vision_proj", "text_proj"):
+        w = heads[name]["weight"]
+        layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        layer.load_state_dict(heads[name])
+        setattr(model, name, layer)
+    model.log_logit_scale, model.heads = None, torch.nn.ModuleDict()
+    return model.eval(), AutoTokenizer.from_pretrained(folder / "text")

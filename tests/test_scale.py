@@ -1,0 +1,109 @@
+"""Issue 4 at small scale on 2 CPU ranks: every DBL scenario under every ZeRO stage trains;
+the same entry point starts under torchrun, the deepspeed launcher and accelerate launch; a
+tower pair exported after ZeRO-3 training reloads with AutoModel and embeds identically."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, TINY, free_port, torchrun
+
+FAST = ["optim.warmup_steps=0", "optim.lr=2e-3", "loss.max_violation=false", "eval.at_end=false",
+        "train.log_every=1"]
+
+
+def _losses(tmp_path, name):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("scale").experiment_id],
+                             f"tags.mlflow.runName = '{name}'")[0]
+    return [m.value for m in client.get_metric_history(run.info.run_id, "loss")], run
+
+
+def _args(shapes_root, tmp_path, name, *overrides):
+    return ["--config", TINY, f"data.root={shapes_root}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.experiment=scale", f"tracking.run_name={name}", f"train.output_dir={tmp_path / 'runs'}",
+            *FAST, *overrides]
+
+
+@pytest.fixture(scope="module")
+def anchor(shapes_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("anchor")
+    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp, "anchor", "train.steps=4")], cwd=tmp)
+    return tmp / "runs" / "anchor"
+
+
+SCENARIOS = {"momentum": ["loss.dbl.scenario=momentum", "loss.dbl.momentum=0.9"],
+             "online": ["loss.dbl.scenario=online"],
+             "offline": ["loss.dbl.scenario=offline", "loss.dbl.anchor={anchor}"]}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_scenario_trains_under_every_zero_stage(scenario, stage, shapes_root, tmp_path, anchor):
+    overrides = [o.format(anchor=anchor) for o in SCENARIOS[scenario]]
+    name = f"{scenario}-z{stage}"
+    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, name, "loss.method=dbl", "train.steps=8",
+                                               f"train.deepspeed=ds_configs/zero{stage}.json", *overrides)],
+             cwd=tmp_path)
+    losses, run = _losses(tmp_path, name)
+    assert len(losses) == 8 and run.data.tags["zero_stage"] == str(stage)
+    assert sum(losses[-2:]) < sum(losses[:2])  # the loss goes down
+
+
+def test_bf16_zero3_momentum_trains(shapes_root, tmp_path):
+    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, "bf16", "loss.method=dbl", "train.steps=8",
+                                               "train.deepspeed=ds_configs/zero3_bf16.json")], cwd=tmp_path)
+    losses, _ = _losses(tmp_path, "bf16")
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
+
+
+def _launch(cmd, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MASTER_PORT=str(free_port()))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def test_deepspeed_launcher(shapes_root, tmp_path):
+    out = _launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                   f"--master_port={free_port()}", "--module", "dbl_scale.train",
+                   *_args(shapes_root, tmp_path, "ds", "train.steps=3")], tmp_path)
+    assert "2 ranks x batch 8" in out
+    assert len(_losses(tmp_path, "ds")[0]) == 3
+
+
+def test_accelerate_launch_with_a_deepspeed_yaml(shapes_root, tmp_path):
+    out = _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(REPO / "ds_configs" / "accelerate_zero3.yaml"), f"--main_process_port={free_port()}",
+                   "-m", "dbl_scale.train", *_args(shapes_root, tmp_path, "acc", "train.steps=3")], tmp_path)
+    assert "2 ranks x batch 8" in out and "ZeRO-3" in out  # the YAML's DeepSpeed file was used
+    assert len(_losses(tmp_path, "acc")[0]) == 3
+
+
+def test_export_after_zero3_reloads_with_automodel(shapes_root, tmp_path, tokenizer):
+    from transformers import AutoModel
+
+    from dbl_scale.export import export, load_exported
+    from dbl_scale.train import load_model
+
+    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, "z3", "train.steps=3",
+                                               "train.deepspeed=ds_configs/zero3.json")], cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "z3"
+    out = export(run_dir, tmp_path / "exported")
+    assert type(AutoModel.from_pretrained(out / "vision")).__name__ == "CLIPVisionModel"
+    assert type(AutoModel.from_pretrained(out / "text")).__name__ == "BertModel"
+    exported, exported_tok = load_exported(out)
+    trained = load_model(run_dir, tokenizer).eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    enc = exported_tok(["a red circle", "two blue squares", "a star", "x"], padding="max_length",
+                       max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        a = exported(pixels, enc["input_ids"], enc["attention_mask"])
+        b = trained(pixels, enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(a.img, b.img, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.txt, b.txt, rtol=0, atol=1e-6)
