@@ -31,6 +31,7 @@ class VisionConfig:
     heads: int = 4
     mlp_ratio: int = 4
     pooling: Literal["cls", "mean"] = "cls"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TextConfig:
     mlp_ratio: int = 4
     max_length: int = 32
     pooling: Literal["cls", "mean"] = "mean"
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -171,8 +173,12 @@ class OptimConfig:
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 50
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"  # after the linear warm-up
+    step_milestones: tuple = ()  # "step": the LR is multiplied by step_gamma at each of these steps
+    step_gamma: float = 0.1
     grad_clip: float = 2.0  # 0 turns clipping off
+    backbone_lr_mult: float = 1.0  # LR of the vision and text towers relative to the heads
+    freeze_towers_steps: int = 0  # towers get LR 0 for this many steps (the heads train alone)
 
 
 @dataclass

@@ -79,26 +79,48 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and other 1-D parameters."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """Four groups: towers and heads (projections, logit scale, method heads), each with and
+    without weight decay (none on biases, norms and other 1-D parameters). Towers run at
+    `backbone_lr_mult` times the LR; the group order is what `lr_lambdas` follows."""
+    groups = {(tower, decay): [] for tower in (True, False) for decay in (True, False)}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups[(name.startswith(("vision.", "text.")), p.dim() >= 2)].append(p)
+    out = []
+    for (tower, decay), params in groups.items():
+        if not params:
+            continue
+        group = {"params": params, "weight_decay": cfg.optim.weight_decay if decay else 0.0, "tower": tower}
+        if tower:
+            group["lr"] = cfg.optim.lr * cfg.optim.backbone_lr_mult
+        out.append(group)
+    return out
 
 
-def lr_lambda(cfg: Config):
-    warmup, total = cfg.optim.warmup_steps, cfg.train.steps
+def lr_factor(cfg: Config, step: int) -> float:
+    """Linear warm-up, then cosine decay to 0, step decay, or constant."""
+    o, total = cfg.optim, cfg.train.steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "step":
+        return o.step_gamma ** sum(step >= m for m in o.step_milestones)
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if cfg.optim.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
+
+def lr_lambdas(cfg: Config, groups: list[dict]) -> list:
+    """One LR multiplier per parameter group; towers are held at 0 for `freeze_towers_steps`
+    (frozen: Adam's update is lr-scaled, so they do not move while the heads train)."""
+    def for_group(tower: bool):
+        def factor(step: int) -> float:
+            if tower and step < cfg.optim.freeze_towers_steps:
+                return 0.0
+            return lr_factor(cfg, step)
+        return factor
+    return [for_group(g["tower"]) for g in groups]
 
 
 def momentum_at(step: int, total: int, m0: float) -> float:
@@ -134,8 +156,12 @@ def new_model(cfg: Config, tokenizer, index: int, teacher_dims=None) -> DualEnco
     different between branches."""
     torch.manual_seed(cfg.train.seed + 1000 * index)
     temperature = cfg.loss.infonce.temperature if cfg.loss.method == "infonce" else None
-    return DualEncoder(cfg.model, tokenizer, temperature, cfg.loss.infonce.max_logit_scale,
-                       heads=method_heads(cfg, teacher_dims))
+    model = DualEncoder(cfg.model, tokenizer, temperature, cfg.loss.infonce.max_logit_scale,
+                        heads=method_heads(cfg, teacher_dims))
+    for tower, tower_cfg in ((model.vision, cfg.model.vision), (model.text, cfg.model.text)):
+        if tower_cfg.gradient_checkpointing:
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def load_model(run_dir: str | Path, tokenizer) -> DualEncoder:
@@ -187,10 +213,10 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
     branches = []
     for role, module in zip(roles, modules):
         if role == "trained":
+            groups = param_groups(module, cfg)
             engine, _, _, scheduler = deepspeed.initialize(
-                model=module, model_parameters=param_groups(module, cfg.optim.weight_decay),
-                config=deepspeed_config(cfg, world),
-                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+                model=module, model_parameters=groups, config=deepspeed_config(cfg, world),
+                lr_scheduler=lambda opt, g=groups: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, g)))
             branches.append(Branch(role, engine.module, engine, scheduler))
         else:
             branches.append(Branch(role, module))
@@ -357,7 +383,8 @@ class StepMeter:
         skipped = int(distributed.all_reduce_sum(torch.tensor([float(self.loader.skipped)])).item())
         elapsed = time.time() - self.t_last
         metrics = {k: totals[i].item() / self.steps for i, k in enumerate(names)}
-        metrics.update({"lr": self.scheduler.get_last_lr()[0], "epoch": step / self.loader.steps_per_epoch,
+        lrs = self.scheduler.get_last_lr()  # per group: towers first, heads last (param_groups)
+        metrics.update({"lr": lrs[-1], "lr/towers": lrs[0], "epoch": step / self.loader.steps_per_epoch,
                         "samples_per_s": self.steps * self.world * cfg.data.batch_size / elapsed,
                         "data/skipped": skipped})
         if self.has_ema:

@@ -1,0 +1,45 @@
+"""Parameter groups and LR schedules: tower LR multiplier, frozen towers, warm-up + cosine or step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dbl_scale.config import load_config
+from dbl_scale.train import lr_lambdas, new_model, param_groups
+from conftest import TINY
+
+
+def _setup(tokenizer, *overrides):
+    cfg = load_config(TINY, ["optim.lr=1.0", *overrides])
+    model = new_model(cfg, tokenizer, 0)
+    groups = param_groups(model, cfg)
+    return cfg, model, groups
+
+
+def test_groups_split_towers_heads_and_decay(tokenizer):
+    cfg, model, groups = _setup(tokenizer, "optim.backbone_lr_mult=0.1", "optim.weight_decay=0.3")
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    towers = {id(p) for n, p in model.named_parameters() if n.startswith(("vision.", "text."))}
+    for g in groups:
+        assert all((id(p) in towers) == g["tower"] for p in g["params"])
+        assert g.get("lr", 1.0) == (0.1 if g["tower"] else 1.0)
+        assert g["weight_decay"] in (0.0, 0.3) and all((p.dim() >= 2) == (g["weight_decay"] == 0.3) for p in g["params"])
+
+
+def test_frozen_towers_and_step_schedule(tokenizer):
+    cfg, model, groups = _setup(tokenizer, "optim.freeze_towers_steps=3", "optim.warmup_steps=2",
+                                "optim.schedule=step", "optim.step_milestones=[5, 8]", "optim.step_gamma=0.5")
+    opt = torch.optim.SGD(groups, lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, groups))
+    tower_lr, head_lr = [], []
+    for _ in range(10):
+        tower_lr.append(opt.param_groups[0]["lr"]), head_lr.append(opt.param_groups[-1]["lr"])
+        opt.step(), sched.step()
+    assert head_lr == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25])
+    assert tower_lr == pytest.approx([0.0, 0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25])
+
+
+def test_cosine_reaches_zero(tokenizer):
+    cfg, _, groups = _setup(tokenizer, "optim.warmup_steps=0", "train.steps=10")
+    f = lr_lambdas(cfg, groups)[-1]
+    assert f(0) == pytest.approx(1.0) and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
