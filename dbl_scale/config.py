@@ -185,6 +185,10 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 600
     init_from: Optional[str] = None  # run folder: trained branches start from its target's weights
+    # micro-batches per optimizer step. Each micro-batch is its own contrastive batch (its
+    # negatives are gathered across ranks, not across micro-batches); the gradient is the
+    # mean of the micro-batches' gradients. `steps` counts optimizer steps.
+    grad_accum: int = 1
     deepspeed: str = "ds_configs/zero2.json"
     seed: int = 0
     log_every: int = 10
@@ -347,7 +351,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express."""
     positive = {
-        "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
+        "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
         "model.embed_dim": cfg.model.embed_dim, "model.vision.image_size": cfg.model.vision.image_size,
         "model.text.max_length": cfg.model.text.max_length, "train.log_every": cfg.train.log_every,
         "eval.batch_size": cfg.eval.batch_size, "tracking.flush_every": cfg.tracking.flush_every,

@@ -60,12 +60,14 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     ds = json.loads(resolve_ds_config(path).read_text())
     fills = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "train_batch_size": cfg.data.batch_size * world * ds.get("gradient_accumulation_steps", 1),
+        "gradient_accumulation_steps": cfg.train.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
     }
     for key, value in fills.items():
         if ds.get(key) == "auto":
             ds[key] = value
+    if ds.get("train_batch_size") == "auto":
+        ds["train_batch_size"] = cfg.data.batch_size * world * ds["gradient_accumulation_steps"]
     params = ds.get("optimizer", {}).get("params", {})
     opt_fills = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                  "weight_decay": cfg.optim.weight_decay,
@@ -289,8 +291,9 @@ def ema_momentum(cfg: Config, step: int) -> float:
 
 
 def train_step(cfg: Config, branches: list[Branch], batch: dict, step: int,
-               queues: Optional[KeyQueues] = None) -> dict[str, torch.Tensor]:
-    """Forward every branch, take each trained branch's loss, backward and step its engine."""
+               queues: Optional[KeyQueues] = None, boundary: bool = True) -> dict[str, torch.Tensor]:
+    """Forward every branch, take each trained branch's loss, backward and step its engine
+    (DeepSpeed applies the update at the last micro-batch of an accumulation, `boundary`)."""
     target = branches[-1]
     dev = target.engine.device
     pixels = batch["pixel_values"].to(dev, _dtype(target.module), non_blocking=True)
@@ -315,7 +318,7 @@ def train_step(cfg: Config, branches: list[Branch], batch: dict, step: int,
         if br.engine is not None:
             br.engine.step()
     for br in branches:
-        if br.role == "ema":
+        if br.role == "ema" and boundary:
             ema_update(br.module, target.module, ema_momentum(cfg, step + 1))
     if queues is not None:  # enqueue this step's keys of all ranks
         keys = outs[0]
@@ -485,17 +488,22 @@ def train(cfg: Config) -> dict:
     try:
         step = start_step
         t_start = time.time()
-        spe = loader.steps_per_epoch
+        spe, gas = loader.steps_per_epoch, cfg.train.grad_accum
+        micro = step * gas  # loader batches consumed so far
         # a resumed stream starts at its epoch and skips the batches already trained on
-        batches = itertools.islice(loader.batches(start_epoch=step // spe), step % spe, None)
+        batches = itertools.islice(loader.batches(start_epoch=micro // spe), micro % spe, None)
         for batch in batches:
             if step >= cfg.train.steps:
                 break
             if offline is not None:
-                if step and cfg.loss.aoq.refresh_epochs and step % (spe * cfg.loss.aoq.refresh_epochs) == 0:
+                if micro and cfg.loss.aoq.refresh_epochs and micro % (spe * cfg.loss.aoq.refresh_epochs) == 0:
                     offline.refresh(engine.module)
                 batch = offline.extend(batch)
-            meter.add(train_step(cfg, branches, batch, step, queues))
+            micro += 1
+            boundary = micro % gas == 0
+            meter.add(train_step(cfg, branches, batch, step, queues, boundary))
+            if not boundary:
+                continue
             step += 1
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 meter.log(step, t_start, start_step)

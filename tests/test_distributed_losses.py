@@ -52,3 +52,23 @@ def test_two_ranks_equal_one_process(variant, two_rank_results, shapes_root):
             assert diff <= 1e-5 * p.grad.norm().item() + floor, (k, name, diff, p.grad.norm().item())
             n_nonzero += int(p.grad.norm() > 1e-3)
         assert n_nonzero > len(list(model.parameters())) // 2  # the comparison is not between zeros
+
+
+def test_gradient_accumulation_averages_micro_batches(two_rank_results, shapes_root):
+    """2 ranks x 2 pairs x 2 accumulated micro-batches = the mean of two single-process losses
+    over 4 pairs each: negatives come from the micro-batch, gradients are averaged."""
+    cfg, _, models, tokenizer = models_for("triplet", str(shapes_root / "tokenizer"))
+    batch = make_batch(tokenizer)
+    losses = []
+    for mb in range(2):
+        rows = slice(mb * 4, mb * 4 + 4)
+        out = models[0](batch["pixel_values"][rows], batch["input_ids"][rows], batch["attention_mask"][rows])
+        losses.append(compute_losses(cfg, [out], batch["image_ids"][rows])[0]["loss"])
+    loss = (losses[0] + losses[1]) / 2
+    loss.backward()
+    got = two_rank_results["triplet_grad_accum"][0]
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    floor = 1e-7 * torch.cat([p.grad.flatten() for p in models[0].parameters()]).norm().item()
+    for name, p in models[0].named_parameters():
+        diff = (got["grads"][name] - p.grad).norm().item()
+        assert diff <= 1e-5 * p.grad.norm().item() + floor, (name, diff)

@@ -43,5 +43,25 @@ for name in VARIANTS:
         grads = {n: safe_get_full_grad(p).clone() for n, p in e.module.named_parameters()}
         results[name][k] = {"loss": distributed.all_reduce_sum(t["loss"].detach()).item(), "grads": grads}
         e.step()  # lr ~ 0: clears the gradients, leaves the parameters as they were
+
+# gradient accumulation: 2 micro-batches of 4 pairs (2 per rank), gradients averaged by DeepSpeed
+cfg, roles, models, tokenizer = models_for("triplet", tok_dir)
+gas_cfg = load_config(None, ["data.batch_size=2", "train.grad_accum=2", "optim.lr=1e-30", "optim.weight_decay=0.0",
+                             "optim.grad_clip=0.0", f"train.deepspeed=ds_configs/zero{stage}.json"])
+engine = deepspeed.initialize(model=models[0], model_parameters=list(models[0].parameters()),
+                              config=deepspeed_config(gas_cfg, world))[0]
+batch = make_batch(tokenizer)
+losses = []
+for mb in range(2):
+    lo = mb * 4 + rank * 2
+    local = {k: v[lo:lo + 2] for k, v in batch.items()}
+    emb = engine(local["pixel_values"], local["input_ids"], local["attention_mask"])
+    loss = compute_losses(cfg, [emb], local["image_ids"])[0]["loss"]
+    engine.backward(loss * world)
+    losses.append(distributed.all_reduce_sum(loss.detach()).item())
+    if mb == 1:
+        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+    engine.step()
+results["triplet_grad_accum"] = {0: {"loss": sum(losses) / 2, "grads": grads}}
 if rank == 0:
     torch.save(results, out)
