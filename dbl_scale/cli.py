@@ -16,24 +16,9 @@ import shutil
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
-from .config import ConfigError, load_config
-
-PRESETS = resources.files("dbl_scale") / "presets"
-
-
-def resolve_config(name: str | None) -> str | None:
-    """A YAML path, or the name of a packaged preset (`demo`, `tiny`)."""
-    if name is None or Path(name).exists():
-        return name
-    preset = PRESETS / f"{name}.yaml"
-    if preset.is_file():
-        return str(preset)
-    names = sorted(p.name[:-5] for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
-    raise ConfigError(f"config '{name}' is neither a file nor a preset; presets: {', '.join(names)}")
-
+from .config import ConfigError, load_config, resolve_config
 
 def torchrun_command(nproc: int, config: str | None, overrides: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

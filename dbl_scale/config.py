@@ -336,9 +336,24 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+PRESETS = Path(__file__).parent / "presets"
+
+
+def resolve_config(name: Optional[str | Path]) -> Optional[str]:
+    """A YAML path, or the name of a packaged preset (`demo`, `tiny`)."""
+    if name is None or Path(name).exists():
+        return None if name is None else str(name)
+    preset = PRESETS / f"{name}.yaml"
+    if preset.is_file():
+        return str(preset)
+    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    raise ConfigError(f"config '{name}' is neither a file nor a preset; presets: {', '.join(names)}")
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- YAML file <- dotted overrides, then validated."""
+    """Defaults <- YAML file (or preset name) <- dotted overrides, then validated."""
     data: dict = {}
+    path = resolve_config(path)
     if path is not None:
         text = Path(path).read_text()
         data = yaml.safe_load(text) or {}

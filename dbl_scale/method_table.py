@@ -13,8 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from .cli import launch_env, prepare_data, resolve_config, torchrun_command
-from .config import load_config
+from .cli import launch_env, prepare_data, torchrun_command
+from .config import load_config, resolve_config
 from .eval import chance_metrics, format_table
 
 # (row, overrides, what it starts from); "{ckpt}" is the folder of the table's triplet run
