@@ -24,9 +24,9 @@ SPLITS = ("test", "val")  # preferred evaluation split prefixes, in order
 THROUGHPUT = "samples_per_s"
 
 # column key -> header (text and markdown); CSV uses the keys
-_HEADS = {"run": "run", "method": "method", "scenario": "scenario", "steps": "steps", "train_steps": "train.steps", "batch_size": "batch",
-          "lr": "lr", "deepspeed": "deepspeed", "split": "split", "i2t_r1": "I2T R@1", "i2t_r5": "R@5",
-          "i2t_r10": "R@10", "t2i_r1": "T2I R@1", "t2i_r5": "R@5", "t2i_r10": "R@10", "rsum": "rSum",
+_HEADS = {"run": "run", "method": "method", "scenario": "scenario", "steps": "steps", "train_steps": "train.steps",
+          "batch_size": "batch", "lr": "lr", "deepspeed": "deepspeed", "split": "split", "i2t_r1": "I2T R@1",
+          "i2t_r5": "R@5", "i2t_r10": "R@10", "t2i_r1": "T2I R@1", "t2i_r5": "R@5", "t2i_r10": "R@10", "rsum": "rSum",
           "samples_per_s": "samples/s", "status": "status"}
 
 
@@ -90,8 +90,11 @@ def compare_runs(tracking_uri: str, experiment: str, sort_by: str = "test/rsum",
 
     def order(item):
         i, (v, _) = item
-        ok = isinstance(v, (int, float)) and not math.isnan(v)
-        return (0, -v, i) if ok else (1, 0, i)
+        try:  # params are strings: "0.0005" sorts as a number
+            v = float(v)
+        except (TypeError, ValueError):
+            return (1, 0, i)
+        return (1, 0, i) if math.isnan(v) else (0, -v, i)
 
     return [row for _, (_, row) in sorted(enumerate(rows), key=order)]
 

@@ -138,9 +138,10 @@ def retrieval_metrics(sims: Union[torch.Tensor, np.ndarray], captions_per_image:
                       chunk: int = 32, return_ranks: bool = False):
     """Metrics of an (N images x K*N captions) similarity matrix; caption c shows image c // K.
 
-    Equal to the published evaluation code on the same matrix, ties included. Extra memory
-    is O(threads x chunk x K*N) (torch's CPU thread count). With `return_ranks`, also returns the 0-based ranks,
-    {"i2t": N ints, "t2i": K*N ints}.
+    Equal to the published evaluation code on the same matrix, ties included (numpy's
+    `argsort(scores)[::-1]` order, run on just the queries whose positive is tied). Extra
+    memory is O(threads x chunk x K*N), threads = torch's CPU thread count. With
+    `return_ranks`, also returns the 0-based ranks {"i2t": N ints, "t2i": K*N ints}.
     """
     i2t, t2i = _ranks(sims, captions_per_image, chunk)
     out: dict[str, float] = {}

@@ -51,7 +51,8 @@ def recall_curve_png(ranks: dict, path: Union[str, Path], title: str = "Recall@K
     ax = fig.add_subplot()
     for key, label, n_cand in (("i2t", "image -> text", n_cap), ("t2i", "text -> image", n_img)):
         ks = np.arange(1, min(max_k, n_cand) + 1)
-        ax.plot(ks, recall_curve(ranks[key], len(ks)), marker="o", markersize=2.5, label=f"{label} ({len(ranks[key])} queries)")
+        ax.plot(ks, recall_curve(ranks[key], len(ks)), marker="o", markersize=2.5,
+                label=f"{label} ({len(ranks[key])} queries)")
     for k in (1, 5, 10):
         ax.axvline(k, color="0.85", linewidth=0.8, zorder=0)
     ax.set_xscale("log")  # R@1, R@5 and R@10 get room; the tail is compressed
