@@ -444,8 +444,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     b.add_argument("--quiet", action="store_true", help="no per-loss progress on stderr")
     b.set_defaults(func=cmd_bench_loss)
+    from .bench_eval import add_bench_eval_parser
     from .method_table import add_methods_parser  # `bench methods`: trains every method
     add_methods_parser(bsub)
+    add_bench_eval_parser(bsub)
     return p
 
 

@@ -6,6 +6,9 @@
   dbl-scale mine --run-dir RUN --out FILE    AOQ: offline hard negatives of the training set
   dbl-scale bench loss | methods      loss cost at scale | every method trained and tabulated
   dbl-scale export --run-dir RUN --out DIR   target towers as Hugging Face folders
+  dbl-scale eval --run-dir RUN [--data DIR --split test --protocol coco1k]   evaluate, log, report
+  dbl-scale compare --experiment NAME [--format markdown]   runs of an experiment side by side
+  dbl-scale bench eval                ranking speed against the similarity product
 """
 from __future__ import annotations
 
@@ -146,11 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     from .bench import add_bench_parser
+    from .compare import add_compare_parser
+    from .evaluate import add_eval_parser
     from .export import add_export_parser
     from .mining import add_mine_parser
     add_mine_parser(sub)
     add_bench_parser(sub)
     add_export_parser(sub)
+    add_eval_parser(sub)
+    add_compare_parser(sub)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)

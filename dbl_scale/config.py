@@ -215,7 +215,10 @@ class TrackingConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 128
-    at_end: bool = True
+    at_end: bool = True  # on data.eval_split, with recall@K plot and HTML samples as MLflow artifacts
+    every: int = 0  # validate on `val_split` every N steps; the best val rSum is kept in <run>/best/
+    val_split: str = "val"
+    protocol: Literal["standard", "coco1k"] = "standard"  # coco1k: mean over 5 folds of 1000 images
 
 
 @dataclass

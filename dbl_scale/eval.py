@@ -234,3 +234,23 @@ def format_table(rows: dict[str, dict[str, float]], keys=("i2t_r1", "i2t_r5", "i
     for name, m in rows.items():
         lines.append(name.ljust(width) + "".join(f"{m[k]:9.1f}" if k in m else f"{'-':>9}" for k in keys))
     return "\n".join(lines)
+
+
+def protocol_metrics(img: torch.Tensor, txt: torch.Tensor, protocol: str = "standard", k: int = 5,
+                     return_ranks: bool = False):
+    """Metrics of embeddings under a protocol: `standard` (all images, e.g. Flickr30K 1K test,
+    COCO 5K), or `coco1k` (COCO 1K: the mean of the metrics of 5 folds of 1000 images)."""
+    if protocol == "standard":
+        return retrieval_metrics(img @ txt.t(), captions_per_image=k, return_ranks=return_ranks)
+    if protocol != "coco1k":
+        raise ValueError(f"protocol must be 'standard' or 'coco1k', got {protocol!r}")
+    n = img.shape[0]
+    if n != 5000:
+        raise ValueError(f"coco1k needs the 5000 COCO test images (5 folds of 1000), got {n}")
+    folds = [retrieval_metrics(img[f * 1000:(f + 1) * 1000] @ txt[f * 1000 * k:(f + 1) * 1000 * k].t(),
+                               captions_per_image=k, return_ranks=True) for f in range(5)]
+    metrics = {key: float(np.mean([m[key] for m, _ in folds])) for key in METRIC_KEYS}
+    if not return_ranks:
+        return metrics
+    ranks = {d: np.concatenate([r[d] for _, r in folds]) for d in ("i2t", "t2i")}
+    return metrics, ranks

@@ -28,7 +28,7 @@ import torch
 from . import checkpoint, distributed
 from .config import Config, flatten, load_config, save_config, to_dict
 from .data import TrainLoader, ensure_tokenizer, load_eval_split
-from .eval import embed_split, format_table, retrieval_metrics
+from .eval import embed_split, format_table, protocol_metrics
 from .methods import KeyQueues, branch_roles, compute_losses, frozen_checkpoint, method_heads
 from .models import DualEncoder, FrozenEncoders
 from .tracking import Tracker
@@ -350,15 +350,45 @@ def save_model(engine, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(cfg: Config, model, tokenize, split: str) -> dict[str, float]:
-    """Standard-protocol retrieval metrics of `model` on a split, computed on all ranks."""
+def evaluate(cfg: Config, model, tokenize, split: str, report_to: Optional[tuple] = None) -> dict[str, float]:
+    """Retrieval metrics of `model` on a split (embedded on all ranks, in image-id order).
+    `report_to=(tracker, folder)`: rank 0 also writes the recall@K plot and the HTML page of
+    sample queries and logs them to the run."""
     was_training = model.training
     model.eval()
     pixels, ids, captions = load_eval_split(cfg.data.root, split, cfg.model.vision.image_size,
                                             distributed.rank(), distributed.world_size())
-    img, txt, _ = embed_split(model, pixels, captions, ids, tokenize, cfg.eval.batch_size)
+    img, txt, all_ids = embed_split(model, pixels, captions, ids, tokenize, cfg.eval.batch_size)
     model.train(was_training)
-    return retrieval_metrics(img @ txt.t(), captions_per_image=5)
+    protocol = cfg.eval.protocol if split == cfg.data.eval_split else "standard"
+    metrics, ranks = protocol_metrics(img, txt, protocol, return_ranks=True)
+    if report_to is not None and distributed.is_main():
+        from .report import log_reports
+        thumbs, caps = load_thumbnails(cfg.data.root, split, all_ids)
+        log_reports(report_to[0], report_to[1], thumbs, caps, img @ txt.t(), metrics, ranks, split=split)
+    return metrics
+
+
+def load_thumbnails(root, split: str, ids: torch.Tensor, size: int = 96):
+    """Small PIL images and the captions of a split, in the order of `ids` (for reports)."""
+    import io
+
+    from PIL import Image
+    from webdataset.tariterators import tarfile_samples
+
+    from .data import split_shards
+
+    want = {int(i): n for n, i in enumerate(ids.tolist())}
+    images, captions = [None] * len(want), [None] * len(want)
+    for url in split_shards(root, split)[0]:
+        for sample in tarfile_samples([{"url": url}]):
+            meta = json.loads(sample["json"])
+            row = want.get(int(meta["image_id"]))
+            if row is not None:
+                with Image.open(io.BytesIO(sample["jpg"])) as im:
+                    images[row] = im.convert("RGB").resize((size, size))
+                captions[row] = meta["captions"][:5]
+    return images, [c for caps in captions for c in caps]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -443,11 +473,11 @@ def train(cfg: Config) -> dict:
     run_dir = Path(cfg.train.output_dir) / run_name
     ckpt_root = run_dir / "checkpoints"
     resume_from = checkpoint.resolve(ckpt_root, cfg.checkpoint.resume) if cfg.checkpoint.resume else None
-    start_step = 0
+    start_step, resumed_best_val = 0, float("-inf")
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, enabled=rank == 0)
     if resume_from is not None:
         state, rank_state = checkpoint.load(resume_from, branches)
-        start_step = state["step"]
+        start_step, resumed_best_val = state["step"], state.get("best_val", float("-inf"))
         checkpoint.set_rng_state(rank_state["rng"])
         if queues is not None:
             queues.load_state_dict(state["queues"])
@@ -467,6 +497,8 @@ def train(cfg: Config) -> dict:
                             "branches": ",".join(br.role for br in branches)})
         tracker.log_artifact(run_dir / "config.yaml")
         tracker.log_artifact(run_dir / "ds_config.json")
+        (run_dir / "run.json").write_text(json.dumps({"mlflow_run_id": tracker.run_id,
+                                                      "tracking_uri": cfg.tracking.uri}) + "\n")
     if rank == 0:
         log.info("run %s: %d ranks x batch %d, %d steps (%d per epoch), ZeRO-%d, MLflow %s run %s",
                  run_name, world, cfg.data.batch_size, cfg.train.steps, loader.steps_per_epoch,
@@ -474,7 +506,7 @@ def train(cfg: Config) -> dict:
 
     def save_checkpoint(step: int) -> None:
         tracker.flush()  # the metric history up to this step is in MLflow before the checkpoint exists
-        state = {"step": step, "mlflow_run_id": tracker.run_id,
+        state = {"step": step, "mlflow_run_id": tracker.run_id, "best_val": best_val,
                  "queues": queues.state_dict() if queues is not None else None,
                  "aoq": offline.state_dict() if offline is not None else None}
         rank_state = {"rng": checkpoint.rng_state(),
@@ -483,6 +515,21 @@ def train(cfg: Config) -> dict:
         if rank == 0:
             log.info("checkpoint %s", path)
 
+    def validate(step: int, best: float) -> float:
+        """Validation rSum; a new best is saved to <run>/best/ (the model selected on val)."""
+        val = evaluate(cfg, engine.module, tokenize, cfg.eval.val_split)
+        tracker.log_metrics({f"val/{k}": v for k, v in val.items()}, step)
+        if val["rsum"] > best:
+            best = val["rsum"]
+            if rank == 0:
+                (run_dir / "best").mkdir(exist_ok=True)
+                save_config(cfg, run_dir / "best" / "config.yaml")
+                (run_dir / "best" / "step.txt").write_text(f"{step}\n")
+            save_model(engine, run_dir / "best" / "model.pt")
+            tracker.log_metrics({"val/best_rsum": best}, step)
+        return best
+
+    best_val = resumed_best_val
     meter = StepMeter(cfg, tracker, run_name, world, loader, scheduler, branches)
     status = "FAILED"
     try:
@@ -507,6 +554,8 @@ def train(cfg: Config) -> dict:
             step += 1
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 meter.log(step, t_start, start_step)
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                best_val = validate(step, best_val)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
                 save_checkpoint(step)
             if cfg.checkpoint.stop_at is not None and step == cfg.checkpoint.stop_at < cfg.train.steps:
@@ -523,9 +572,13 @@ def train(cfg: Config) -> dict:
         results: dict = {}
         if cfg.eval.at_end:
             t_eval = time.time()
-            results = evaluate(cfg, engine.module, tokenize, cfg.data.eval_split)
+            results = evaluate(cfg, engine.module, tokenize, cfg.data.eval_split, (tracker, run_dir / "reports"))
             split = cfg.data.eval_split
             tracker.log_metrics({f"{split}/{k}": v for k, v in results.items()}, step)
+            if (run_dir / "best" / "model.pt").exists():  # the model chosen on validation, on test
+                best_model = load_model(run_dir / "best", tokenizer).to(engine.device)
+                best = evaluate(cfg, best_model, tokenize, split)
+                tracker.log_metrics({f"best/{split}/{k}": v for k, v in best.items()}, step)
             tracker.log_metrics({"train_seconds": train_seconds, "eval_seconds": time.time() - t_eval}, step)
             if rank == 0:
                 print(f"\n[{run_name}] retrieval on the {split} split\n"

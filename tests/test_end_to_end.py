@@ -60,3 +60,46 @@ def test_demo_builds_data_trains_both_methods_and_compares(tmp_path):
     runs = mlflow.search_runs(experiment_names=["demo-test"])
     assert sorted(runs["params.loss.method"]) == ["dbl", "triplet"]
     assert (runs["status"] == "FINISHED").all()
+
+
+def test_validation_best_model_reports_and_eval_command(shapes_root, tmp_path):
+    """Validation every 4 steps keeps the best model (chosen on val, evaluated on test); the
+    final test evaluation leaves a recall plot and an HTML page in MLflow; `dbl-scale eval`
+    re-evaluates the best model, writes per-query ranks and logs to the same run."""
+    import numpy as np
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=8",
+              "eval.every=4", f"tracking.uri={uri}", "tracking.experiment=val", "tracking.run_name=v",
+              f"train.output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
+    run_dir = tmp_path / "runs" / "v"
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("val").experiment_id])[0]
+    val = client.get_metric_history(run.info.run_id, "val/rsum")
+    assert [m.step for m in val] == [4, 8]
+    best_step = int((run_dir / "best" / "step.txt").read_text())
+    assert best_step == max(val, key=lambda m: (m.value, -m.step)).step
+    assert "best/test/rsum" in run.data.metrics and "test/rsum" in run.data.metrics
+    reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert reports == {"reports/test_recall_curve.png", "reports/test_retrieval.html"}
+
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "eval", "--run-dir", str(run_dir / "best"),
+                           "--nproc", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = np.load(run_dir / "eval" / "test-standard" / "ranks.npz")
+    assert ranks["i2t"].shape == (40,) and ranks["t2i"].shape == (200,)
+    metrics = MlflowClient(uri).get_run(run.info.run_id).data.metrics
+    assert metrics["eval/test-standard/rsum"] == pytest.approx(metrics["best/test/rsum"], rel=1e-5)
+
+
+def test_compare_prints_the_runs_of_an_experiment(shapes_root, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for method in ("triplet", "infonce"):
+        torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=2",
+                  f"loss.method={method}", f"tracking.uri={uri}", "tracking.experiment=cmp",
+                  f"tracking.run_name=cmp-{method}", f"train.output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "compare", "--experiment", "cmp",
+                           "--tracking-uri", uri, "--format", "markdown"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cmp-triplet" in proc.stdout and "cmp-infonce" in proc.stdout and "|" in proc.stdout

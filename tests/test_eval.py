@@ -153,3 +153,19 @@ def test_bench_eval_tiny(capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "12 images x 60 captions" in out and "all queries timed" in out
+
+
+def test_coco1k_is_the_mean_of_five_folds():
+    import torch
+
+    from dbl_scale.eval import protocol_metrics
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5000, 16, generator=g), dim=1)
+    txt = img.repeat_interleave(5, dim=0).clone()  # every caption = its image: perfect retrieval
+    txt[:5000] = torch.nn.functional.normalize(torch.randn(5000, 16, generator=g), dim=1)  # fold 0 random
+    fold0 = retrieval_metrics(img[:1000] @ txt[:5000].t())["rsum"]
+    m = protocol_metrics(img, txt, "coco1k")
+    assert m["rsum"] == pytest.approx((fold0 + 4 * 600) / 5)
+    assert fold0 < 100
+    with pytest.raises(ValueError, match="5000 COCO test images"):
+        protocol_metrics(img[:100], txt[:500], "coco1k")
