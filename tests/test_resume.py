@@ -1,5 +1,5 @@
-"""Invariant 2: a run stopped after step k and resumed ends exactly where the uninterrupted run
-ends: every trained branch's fp32 master weights, the momentum anchor, CODER's queues (through
+"""Invariant 2 (ZeRO-2 and ZeRO-3): a run stopped after step k and resumed ends exactly where
+the uninterrupted run ends: every trained branch's fp32 master weights, the momentum anchor, CODER's queues (through
 the weights they shape), the data position, the RNG and the LR schedule; and the MLflow run
 is the same run with one continuous metric history."""
 from __future__ import annotations
@@ -37,6 +37,7 @@ SCENARIOS = [
     ("online", ["loss.method=dbl", "loss.dbl.scenario=online"], [0, 1], 2),
     ("offline", ["loss.method=dbl", "loss.dbl.scenario=offline", "loss.dbl.anchor={teacher}"], [1], 2),
     ("coder", ["loss.method=coder", "loss.coder.queue_size=40", "loss.coder.concepts=8"], [0, 1], 2),
+    ("momentum", ["loss.method=dbl", "loss.dbl.scenario=momentum", "loss.dbl.momentum=0.9"], [0, 1], 3),
     ("online", ["loss.method=dbl", "loss.dbl.scenario=online"], [0, 1], 3),
     ("offline", ["loss.method=dbl", "loss.dbl.scenario=offline", "loss.dbl.anchor={teacher}"], [1], 3),
 ]
