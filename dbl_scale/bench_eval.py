@@ -249,14 +249,3 @@ def add_bench_eval_parser(bench_subparsers) -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
     b.set_defaults(func=cmd_bench_eval)
     return b
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dbl_scale.bench_eval")
-    add_bench_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval"] + list(sys.argv[1:] if argv is None else argv))
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -71,13 +71,6 @@ def add_export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dbl_scale.export")
-    add_export_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export"] + list(argv or []))
-    return args.func(args)
-
-
 def load_exported(folder: str | Path):
     """A DualEncoder rebuilt from an exported folder (towers via AutoModel.from_pretrained)."""
     from transformers import AutoModel, AutoTokenizer
