@@ -10,7 +10,6 @@ shards (also after bf16 or ZeRO-3 training), or from its model.pt when it has no
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
