@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, free_port, torchrun
 
-FAST = ["optim.warmup_steps=0", "optim.lr=2e-3", "loss.max_violation=false", "eval.at_end=false",
-        "train.log_every=1"]
+FAST = ["optim.warmup_steps=0", "optim.lr=5e-4", "optim.schedule=constant", "loss.max_violation=false",
+        "eval.at_end=false", "train.log_every=1"]
 
 
 def _losses(tmp_path, name):
@@ -47,19 +47,20 @@ SCENARIOS = {"momentum": ["loss.dbl.scenario=momentum", "loss.dbl.momentum=0.9"]
 def test_scenario_trains_under_every_zero_stage(scenario, stage, shapes_root, tmp_path, anchor):
     overrides = [o.format(anchor=anchor) for o in SCENARIOS[scenario]]
     name = f"{scenario}-z{stage}"
-    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, name, "loss.method=dbl", "train.steps=8",
-                                               f"train.deepspeed=ds_configs/zero{stage}.json", *overrides)],
-             cwd=tmp_path)
+    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, name, "loss.method=dbl", "train.steps=16",
+                                               "train.log_every=8", f"train.deepspeed=ds_configs/zero{stage}.json",
+                                               *overrides)], cwd=tmp_path)
     losses, run = _losses(tmp_path, name)
-    assert len(losses) == 8 and run.data.tags["zero_stage"] == str(stage)
-    assert sum(losses[-2:]) < sum(losses[:2])  # the loss goes down
+    assert len(losses) == 2 and run.data.tags["zero_stage"] == str(stage)
+    assert losses[1] < losses[0]  # the mean loss of steps 9-16 is below that of steps 1-8
 
 
 def test_bf16_zero3_momentum_trains(shapes_root, tmp_path):
-    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, "bf16", "loss.method=dbl", "train.steps=8",
-                                               "train.deepspeed=ds_configs/zero3_bf16.json")], cwd=tmp_path)
+    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, "bf16", "loss.method=dbl", "train.steps=16",
+                                               "train.log_every=8", "train.deepspeed=ds_configs/zero3_bf16.json")],
+             cwd=tmp_path)
     losses, _ = _losses(tmp_path, "bf16")
-    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
+    assert len(losses) == 2 and losses[1] < losses[0]
 
 
 def _launch(cmd, tmp_path):
