@@ -148,7 +148,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     Yields dicts: pixel_values, captions (one drawn per sample), image_ids, caption_index (which
     of the image's captions was drawn), skipped.
-    Tokenisation happens in `collate` (main process), so workers stay tokenizer-free.
+    Tokenisation happens in `TrainLoader.batches` (main process), so workers stay tokenizer-free.
     """
 
     def __init__(self, spec: StreamSpec):
