@@ -45,14 +45,16 @@ class Scores:
 
     @staticmethod
     def gathered(img: torch.Tensor, txt: torch.Tensor, image_ids: Optional[torch.Tensor] = None,
-                 with_grad: bool = True) -> "Scores":
+                 with_grad: bool = True, all_ids: Optional[torch.Tensor] = None) -> "Scores":
         """Local embeddings (B x d) against the embeddings of all ranks (W*B x d).
 
         `with_grad=False` for an anchor or teacher branch: gathered without a backward path.
+        `all_ids`: the already gathered image ids, when several branches share them.
         """
         gather = distributed.gather_with_grad if with_grad else distributed.gather_no_grad
         all_img, all_txt = gather(img), gather(txt)
-        all_ids = distributed.gather_no_grad(image_ids) if image_ids is not None else None
+        if image_ids is not None and all_ids is None:
+            all_ids = distributed.gather_no_grad(image_ids)
         offset = distributed.rank() * img.shape[0]
         return Scores.local(img, txt, all_img, all_txt, offset, image_ids, all_ids)
 

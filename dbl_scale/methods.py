@@ -72,6 +72,16 @@ class KeyQueues:
         self.txt = torch.zeros(size, dim, device=device, dtype=dtype)
         self.filled, self.ptr = 0, 0
 
+    def stage(self, img: torch.Tensor, txt: torch.Tensor) -> None:
+        """Keep this step's gathered keys; `commit` enqueues them once backward no longer needs
+        the queue as it was (the loss's queue scores keep a view of it for the gradient)."""
+        self._staged = (img.detach(), txt.detach())
+
+    def commit(self) -> None:
+        staged, self._staged = getattr(self, "_staged", None), None
+        if staged is not None:
+            self.push(*staged)
+
     @torch.no_grad()
     def push(self, img: torch.Tensor, txt: torch.Tensor) -> None:
         size = self.img.shape[0]
@@ -104,10 +114,11 @@ def compute_losses(cfg: Config, outs: list[Embeddings], image_ids: torch.Tensor,
     if lc.method == "aoq":
         return [aoq_losses(cfg, outs[0], ids)]
     cache: dict[int, Scores] = {}
+    all_ids = distributed.gather_no_grad(ids) if ids is not None else None  # once for every branch
 
     def scores(k: int) -> Scores:  # branch k's cross-modal scores, built once, only when a loss uses them
         if k not in cache:
-            cache[k] = Scores.gathered(outs[k].img, outs[k].txt, ids, with_grad=roles[k] == "trained")
+            cache[k] = Scores.gathered(outs[k].img, outs[k].txt, ids, roles[k] == "trained", all_ids)
         return cache[k]
 
     max_violation = lc.max_violation and step >= lc.sum_warmup_steps
@@ -155,8 +166,8 @@ def compute_losses(cfg: Config, outs: list[Embeddings], image_ids: torch.Tensor,
         t = {"loss/raw": raw(1),
              "loss/structure": structure_distillation(outs[1].img, outs[1].txt, teacher.img, teacher.txt,
                                                       h["lam"], h["tau"], sc.mode),
-             "loss/repr_image": info_nce(Scores.gathered(h["proj_img"], teacher.img, ids), rep_scale),
-             "loss/repr_text": info_nce(Scores.gathered(h["proj_txt"], teacher.txt, ids), rep_scale)}
+             "loss/repr_image": info_nce(Scores.gathered(h["proj_img"], teacher.img, ids, all_ids=all_ids), rep_scale),
+             "loss/repr_text": info_nce(Scores.gathered(h["proj_txt"], teacher.txt, ids, all_ids=all_ids), rep_scale)}
         t["loss"] = (t["loss/raw"] + sc.weight * t["loss/structure"] + sc.repr_weight_image * t["loss/repr_image"]
                      + sc.repr_weight_text * t["loss/repr_text"])
         terms[1] = t
@@ -189,8 +200,10 @@ def coder_losses(cfg: Config, query: Embeddings, key: Embeddings, ids: Optional[
     if queues is not None and queues.filled:
         queue_i2t = query.img @ queues.txt[:queues.filled].t()
         queue_t2i = query.txt @ queues.img[:queues.filled].t()
+    if queues is not None:
+        queues.stage(all_k_img, all_k_txt)
     h = query.heads
-    concept = Scores.gathered(h["concept_img"], h["concept_txt"], ids)
+    concept = Scores.gathered(h["concept_img"], h["concept_txt"], ids, all_ids=all_ids)
     with torch.no_grad():
         keys = F.normalize(key.img + key.txt, dim=-1)
         labels = sinkhorn(keys @ h["prototypes"].detach().t(), c.sinkhorn_epsilon, c.sinkhorn_iterations).argmax(1)

@@ -320,9 +320,8 @@ def train_step(cfg: Config, branches: list[Branch], batch: dict, step: int,
     for br in branches:
         if br.role == "ema" and boundary:
             ema_update(br.module, target.module, ema_momentum(cfg, step + 1))
-    if queues is not None:  # enqueue this step's keys of all ranks
-        keys = outs[0]
-        queues.push(distributed.gather_no_grad(keys.img), distributed.gather_no_grad(keys.txt))
+    if queues is not None:  # enqueue this step's keys of all ranks (gathered by the loss)
+        queues.commit()
     logged = {}
     for k, t in enumerate(terms):
         if t is not None:  # the target's terms as they are, other trained branches' with a prefix
