@@ -426,7 +426,7 @@ def cmd_bench_loss(args) -> int:
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `bench` (sub-commands `loss` and `methods`) on an argparse sub-parser set."""
+    """Register `bench` (sub-commands `loss`, `methods`, `eval` and `memory`) on an argparse sub-parser set."""
     p = subparsers.add_parser("bench", help="micro-benchmarks", description="micro-benchmarks")
     bsub = p.add_subparsers(dest="bench_command", required=True)
     b = bsub.add_parser("loss", help="time and peak memory of every loss, forward + backward, as one rank",
@@ -445,9 +445,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no per-loss progress on stderr")
     b.set_defaults(func=cmd_bench_loss)
     from .bench_eval import add_bench_eval_parser
+    from .bench_memory import add_bench_memory_parser
     from .method_table import add_methods_parser  # `bench methods`: trains every method
     add_methods_parser(bsub)
     add_bench_eval_parser(bsub)
+    add_bench_memory_parser(bsub)
     return p
 
 

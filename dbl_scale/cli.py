@@ -9,6 +9,7 @@
   dbl-scale eval --run-dir RUN [--data DIR --split test --protocol coco1k]   evaluate, log, report
   dbl-scale compare --experiment NAME [--format markdown]   runs of an experiment side by side
   dbl-scale bench eval                ranking speed against the similarity product
+  dbl-scale bench memory              per-rank bytes of ZeRO 0-3, step time of each DBL scenario
 """
 from __future__ import annotations
 

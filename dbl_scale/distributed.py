@@ -57,6 +57,14 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
+def shutdown() -> None:
+    """End of a successful run: every rank leaves together and the process group is torn down,
+    so no communication thread is still running while the interpreter exits."""
+    if is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()

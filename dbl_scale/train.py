@@ -7,7 +7,7 @@ Launch on one machine with 2 CPU ranks:
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import faulthandler
 import itertools
 import json
@@ -137,6 +137,8 @@ def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float) -> No
     for a, t in zip(anchor.parameters(), target.parameters()):
         if hasattr(a, "ds_tensor"):
             a.ds_tensor.mul_(m).add_(t.ds_tensor.to(a.ds_tensor.dtype), alpha=1.0 - m)
+            if getattr(a, "ds_persist", False):  # small parameters ZeRO-3 keeps whole on every rank
+                a.data.mul_(m).add_(t.data.to(a.dtype), alpha=1.0 - m)
         else:
             a.mul_(m).add_(t.detach().to(a.dtype), alpha=1.0 - m)
 
@@ -153,34 +155,91 @@ class Branch:
     partitioner: Any = None  # ZeRO-3 EMA anchor: the optimizer-less engine that shards `module`
 
 
-def new_model(cfg: Config, tokenizer, index: int, teacher_dims=None) -> DualEncoder:
+def is_zero3(ds: Optional[dict]) -> bool:
+    return bool(ds) and ds.get("zero_optimization", {}).get("stage") == 3
+
+
+@contextlib.contextmanager
+def partitioned(ds: Optional[dict]):
+    """Under ZeRO-3, modules built inside are partitioned over the ranks as they are built:
+    each layer is created, broadcast from rank 0 and cut into shards before the next one
+    exists, so a model larger than one rank's memory can be built. transformers sees the
+    same config (`HfDeepSpeedConfig`) and initialises its towers layer by layer (gathering
+    one module at a time); `from_pretrained` loads straight into the shards. Elsewhere a no-op."""
+    if not is_zero3(ds):
+        yield
+        return
+    import deepspeed
+    import torch._dynamo  # noqa: F401  imported lazily by transformers; its import fails under zero.Init's patches
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_config = HfDeepSpeedConfig(ds)  # transformers holds a weak reference: ZeRO-3 while it lives
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            yield
+    finally:
+        del hf_config
+
+
+@torch.no_grad()
+def load_weights(module: torch.nn.Module, state: dict, strict: bool = True):
+    """`module.load_state_dict(state)`, also for a module partitioned by `partitioned`: there
+    each parameter is gathered on its own, written on rank 0 and re-sharded, so no rank ever
+    holds more than one full parameter. Returns (missing, unexpected) keys."""
+    params = dict(module.named_parameters())
+    if not any(hasattr(p, "ds_id") for p in params.values()):
+        result = module.load_state_dict(state, strict=strict)
+        return result.missing_keys, result.unexpected_keys
+    import deepspeed
+
+    own = set(module.state_dict().keys())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"load_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, p in params.items():
+        if name in state:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if distributed.rank() == 0:
+                    p.copy_(state[name])
+    for name, b in module.named_buffers():
+        if name in state:
+            b.copy_(state[name])
+    return missing, unexpected
+
+
+def new_model(cfg: Config, tokenizer, index: int, teacher_dims=None, ds: Optional[dict] = None) -> DualEncoder:
     """Branch `index`'s initial towers (and the method's heads): the same on every rank,
-    different between branches."""
+    different between branches. With a ZeRO-3 `ds` config the model is built partitioned."""
     torch.manual_seed(cfg.train.seed + 1000 * index)
     temperature = cfg.loss.infonce.temperature if cfg.loss.method == "infonce" else None
-    model = DualEncoder(cfg.model, tokenizer, temperature, cfg.loss.infonce.max_logit_scale,
-                        heads=method_heads(cfg, teacher_dims))
+    with partitioned(ds):
+        model = DualEncoder(cfg.model, tokenizer, temperature, cfg.loss.infonce.max_logit_scale,
+                            heads=method_heads(cfg, teacher_dims))
     for tower, tower_cfg in ((model.vision, cfg.model.vision), (model.text, cfg.model.text)):
         if tower_cfg.gradient_checkpointing:
             tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def load_model(run_dir: str | Path, tokenizer) -> DualEncoder:
-    """The target towers a finished run saved (its config.yaml and model.pt)."""
+def load_model(run_dir: str | Path, tokenizer, ds: Optional[dict] = None) -> DualEncoder:
+    """The target towers a finished run saved (its config.yaml and model.pt); partitioned
+    under a ZeRO-3 `ds` config (the file is memory-mapped, not read into memory)."""
     run_dir = Path(run_dir)
     for name in ("config.yaml", "model.pt"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} not found: expected the folder of a finished run")
     run_cfg = load_config(run_dir / "config.yaml")
-    model = new_model(run_cfg, tokenizer, 0)
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    model = new_model(run_cfg, tokenizer, 0, ds=ds)
+    load_weights(model, torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True, mmap=True))
     return model
 
 
 def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
+    """One Branch per role of the method (methods.branch_roles), the target last. Under ZeRO-3
+    every DualEncoder is built partitioned (`partitioned`), the trained ones and the anchors."""
     import deepspeed
 
+    ds = deepspeed_config(cfg, world)
     roles = branch_roles(cfg.loss)
     frozen, teacher_dims = None, None
     sc = cfg.loss.structure
@@ -188,36 +247,35 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
         frozen = FrozenEncoders(sc.teacher_vision, sc.teacher_text)
         teacher_dims = frozen.dims
     elif "frozen" in roles:
-        frozen = load_model(frozen_checkpoint(cfg.loss), tokenizer)
+        frozen = load_model(frozen_checkpoint(cfg.loss), tokenizer, ds)
         teacher_dims = (frozen.vision_proj.out_features, frozen.text_proj.out_features)
     modules = []
     for k, role in enumerate(roles):
         if role == "frozen":
             modules.append(frozen)
-        elif role == "ema":
-            modules.append(None)  # filled below: the EMA starts equal to the target
-        elif cfg.loss.method == "dbl" and cfg.loss.dbl.scenario == "offline":
-            modules.append(copy.deepcopy(frozen))  # the target starts from the anchor's checkpoint
-        else:
-            modules.append(new_model(cfg, tokenizer, k if "ema" not in roles else 0, teacher_dims))
+        elif cfg.loss.method == "dbl" and cfg.loss.dbl.scenario == "offline" and role == "trained":
+            modules.append(load_model(frozen_checkpoint(cfg.loss), tokenizer, ds))  # the target starts from the anchor
+        else:  # an EMA is built as the target (index 0) and set equal to it below
+            modules.append(new_model(cfg, tokenizer, k if "ema" not in roles else 0, teacher_dims, ds))
     if cfg.train.init_from:  # e.g. continue a baseline from the checkpoint an offline anchor uses
-        start = load_model(cfg.train.init_from, tokenizer).state_dict()
+        run = Path(cfg.train.init_from)
+        for name in ("config.yaml", "model.pt"):
+            if not (run / name).is_file():
+                raise FileNotFoundError(f"train.init_from: {run / name} not found: expected the folder of a finished run")
+        start = torch.load(run / "model.pt", map_location="cpu", weights_only=True, mmap=True)
         for role, module in zip(roles, modules):
             if role == "trained":  # towers must match; a method's own heads keep their init
-                result = module.load_state_dict(start, strict=False)
-                towers = [k for k in result.missing_keys + result.unexpected_keys
-                          if not k.startswith(("heads.", "log_logit_scale"))]
+                missing, unexpected = load_weights(module, start, strict=False)
+                towers = [k for k in missing + unexpected if not k.startswith(("heads.", "log_logit_scale"))]
                 if towers:
                     raise ValueError(f"train.init_from {cfg.train.init_from}: towers differ: {towers[:5]}")
-    if "ema" in roles:
-        modules[roles.index("ema")] = copy.deepcopy(modules[roles.index("trained")])
 
     branches = []
     for role, module in zip(roles, modules):
         if role == "trained":
             groups = param_groups(module, cfg)
             engine, _, _, scheduler = deepspeed.initialize(
-                model=module, model_parameters=groups, config=deepspeed_config(cfg, world),
+                model=module, model_parameters=groups, config=ds,
                 lr_scheduler=lambda opt, g=groups: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, g)))
             branches.append(Branch(role, engine.module, engine, scheduler))
         else:
@@ -227,13 +285,16 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
         if br.engine is not None:
             continue
         br.module.eval().requires_grad_(False)
-        if br.role == "ema" and target.zero_optimization_stage() == 3:
-            # partitioned exactly as the target, so the EMA runs shard by shard
-            ds = {k: v for k, v in deepspeed_config(cfg, world).items() if k not in ("optimizer", "scheduler")}
-            br.partitioner = deepspeed.initialize(model=br.module, config=ds)[0]
+        if is_zero3(ds) and isinstance(br.module, DualEncoder):
+            # an optimizer-less engine runs its partitioned forward (gathering layer by layer);
+            # an EMA is partitioned exactly as the target, so its update runs shard by shard
+            no_opt = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
+            br.partitioner = deepspeed.initialize(model=br.module, config=no_opt)[0]
             br.module = br.partitioner.module
         else:
             br.module.to(target.device, dtype=_dtype(target.module))
+        if br.role == "ema":
+            ema_update(br.module, target.module, 0.0)  # the EMA starts equal to the target
     return branches
 
 
@@ -605,6 +666,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)  # validated before any process group starts
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(cfg)
+    distributed.shutdown()
     return 0
 
 
