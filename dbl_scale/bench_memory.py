@@ -100,9 +100,16 @@ def grad_storages(engine, exclude: dict[int, int]) -> dict[int, int]:
 
 
 def optimizer_storages(engine, exclude: dict[int, int]) -> dict[int, int]:
+    """The torch optimizer's state and parameters, plus the ZeRO optimizer's fp32 master
+    copies (attributes named "fp32": ZeRO-3 empties the torch optimizer's parameter lists
+    between steps), less storages counted elsewhere."""
     opt = _inner_optimizer(engine)
     tensors = [t for state in opt.state.values() for t in _tensors(state)]
-    tensors += [p for group in opt.param_groups for p in group["params"]]  # master weights
+    tensors += [p for group in opt.param_groups for p in group["params"]]
+    if not isinstance(engine.optimizer, torch.optim.Optimizer):
+        for name, value in vars(engine.optimizer).items():
+            if "fp32" in name.lower():
+                tensors.extend(_tensors(value))
     return {k: v for k, v in _storages(tensors).items() if k not in exclude}
 
 

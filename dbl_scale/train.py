@@ -132,15 +132,23 @@ def momentum_at(step: int, total: int, m0: float) -> float:
 
 @torch.no_grad()
 def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float) -> None:
-    """anchor <- m * anchor + (1 - m) * target. Under ZeRO-3 both modules are partitioned the
-    same way, so each rank updates its own shards (`ds_tensor`) and nothing is gathered."""
+    """anchor <- m * anchor + (1 - m) * target, as two fused multi-tensor ops. Under ZeRO-3 both
+    modules are partitioned the same way, so each rank updates its own shards (`ds_tensor`)
+    and nothing is gathered."""
+    anchors, targets = [], []
     for a, t in zip(anchor.parameters(), target.parameters()):
         if hasattr(a, "ds_tensor"):
-            a.ds_tensor.mul_(m).add_(t.ds_tensor.to(a.ds_tensor.dtype), alpha=1.0 - m)
+            anchors.append(a.ds_tensor)
+            targets.append(t.ds_tensor)
             if getattr(a, "ds_persist", False):  # small parameters ZeRO-3 keeps whole on every rank
-                a.data.mul_(m).add_(t.data.to(a.dtype), alpha=1.0 - m)
+                anchors.append(a.data)
+                targets.append(t.data)
         else:
-            a.mul_(m).add_(t.detach().to(a.dtype), alpha=1.0 - m)
+            anchors.append(a.data)
+            targets.append(t.detach())
+    targets = [t if t.dtype == a.dtype else t.to(a.dtype) for a, t in zip(anchors, targets)]
+    torch._foreach_mul_(anchors, m)
+    torch._foreach_add_(anchors, targets, alpha=1.0 - m)
 
 
 # ----------------------------------------------------------------------------- branches

@@ -43,3 +43,20 @@ def test_cosine_reaches_zero(tokenizer):
     cfg, _, groups = _setup(tokenizer, "optim.warmup_steps=0", "train.steps=10")
     f = lr_lambdas(cfg, groups)[-1]
     assert f(0) == pytest.approx(1.0) and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0)
+
+
+def test_ema_update_is_the_momentum_average(tokenizer):
+    """anchor <- m * anchor + (1 - m) * target for every parameter, also a bf16 anchor of an
+    fp32 target; m = 0 copies the target (how the EMA anchor starts)."""
+    from dbl_scale.train import ema_update
+
+    cfg = load_config(TINY, [])
+    target, anchor = new_model(cfg, tokenizer, 0), new_model(cfg, tokenizer, 1)
+    before = {n: p.detach().clone() for n, p in anchor.named_parameters()}
+    ema_update(anchor, target, 0.9)
+    for (n, a), t in zip(anchor.named_parameters(), target.parameters()):
+        torch.testing.assert_close(a, 0.9 * before[n] + 0.1 * t.detach(), rtol=0, atol=1e-6)
+    low = new_model(cfg, tokenizer, 2).to(torch.bfloat16)
+    ema_update(low, target, 0.0)
+    for a, t in zip(low.parameters(), target.parameters()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, t.detach().to(torch.bfloat16))
