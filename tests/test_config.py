@@ -48,8 +48,13 @@ def test_section_given_a_value_and_malformed_override():
 
 
 def test_presets_are_valid():
-    for name in ("demo", "tiny"):
-        load_config(REPO / "dbl_scale" / "presets" / f"{name}.yaml")
+    names = sorted(f.stem for f in (REPO / "dbl_scale" / "presets").glob("*.yaml"))
+    assert {"demo", "tiny", "vitb16_bertbase"} <= set(names)
+    for name in names:
+        load_config(name)
+    big = load_config("vitb16_bertbase")
+    assert (big.model.vision.hidden, big.model.vision.layers, big.model.vision.patch_size) == (768, 12, 16)
+    assert (big.model.text.hidden, big.model.text.layers) == (768, 12)
     load_config(TINY)
 
 
