@@ -55,11 +55,17 @@ def test_scenario_trains_under_every_zero_stage(scenario, stage, shapes_root, tm
     assert losses[1] < losses[0]  # the mean loss of steps 9-16 is below that of steps 1-8
 
 
-def test_bf16_zero3_momentum_trains(shapes_root, tmp_path):
-    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, "bf16", "loss.method=dbl", "train.steps=16",
-                                               "train.log_every=8", "train.deepspeed=ds_configs/zero3_bf16.json")],
-             cwd=tmp_path)
-    losses, _ = _losses(tmp_path, "bf16")
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_scenario_trains_in_bf16(scenario, stage, shapes_root, tmp_path, anchor):
+    """bf16 weights: the momentum anchor averages bf16 shards, the offline anchor is cast."""
+    overrides = [o.format(anchor=anchor) for o in SCENARIOS[scenario]]
+    name = f"{scenario}-bf16-z{stage}"
+    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, name, "loss.method=dbl", "train.steps=16",
+                                               "train.log_every=8", f"train.deepspeed=ds_configs/zero{stage}_bf16.json",
+                                               *overrides)], cwd=tmp_path)
+    losses, run = _losses(tmp_path, name)
+    assert run.data.tags["zero_stage"] == str(stage)
     assert len(losses) == 2 and losses[1] < losses[0]
 
 
