@@ -244,7 +244,8 @@ def load_model(run_dir: str | Path, tokenizer, ds: Optional[dict] = None) -> Dua
 
 def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
     """One Branch per role of the method (methods.branch_roles), the target last. Under ZeRO-3
-    every DualEncoder is built partitioned (`partitioned`), the trained ones and the anchors."""
+    every branch is built partitioned (`partitioned`): the trained ones, the anchors and
+    the teachers."""
     import deepspeed
 
     ds = deepspeed_config(cfg, world)
@@ -252,7 +253,8 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
     frozen, teacher_dims = None, None
     sc = cfg.loss.structure
     if "frozen" in roles and cfg.loss.method == "structure" and not sc.teacher:
-        frozen = FrozenEncoders(sc.teacher_vision, sc.teacher_text)
+        with partitioned(ds):  # the HF folders load straight into ZeRO-3 shards
+            frozen = FrozenEncoders(sc.teacher_vision, sc.teacher_text)
         teacher_dims = frozen.dims
     elif "frozen" in roles:
         frozen = load_model(frozen_checkpoint(cfg.loss), tokenizer, ds)
@@ -293,7 +295,7 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
         if br.engine is not None:
             continue
         br.module.eval().requires_grad_(False)
-        if is_zero3(ds) and isinstance(br.module, DualEncoder):
+        if is_zero3(ds):
             # an optimizer-less engine runs its partitioned forward (gathering layer by layer);
             # an EMA is partitioned exactly as the target, so its update runs shard by shard
             no_opt = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}

@@ -61,8 +61,10 @@ def test_structure_aware_distillation_from_a_finished_run(shapes_root, tmp_path,
         assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, key)), key
 
 
-def test_structure_with_frozen_single_modal_encoders(shapes_root, tmp_path, tokenizer):
-    """The teacher is a local ViT folder and a local BERT folder with its own tokenizer."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_structure_with_frozen_single_modal_encoders(stage, shapes_root, tmp_path, tokenizer):
+    """The teacher is a local ViT folder and a local BERT folder with its own tokenizer
+    (under ZeRO-3 loaded into shards and run through its own partitioned forward)."""
     from transformers import BertConfig, BertModel, ViTConfig, ViTModel
     ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
                        image_size=48, patch_size=16)).save_pretrained(tmp_path / "vit")
@@ -71,7 +73,8 @@ def test_structure_with_frozen_single_modal_encoders(shapes_root, tmp_path, toke
     tokenizer.save_pretrained(tmp_path / "bert")
     client, run = _run(shapes_root, tmp_path, "structure-hf", "loss.method=structure",
                        f"loss.structure.teacher_vision={tmp_path / 'vit'}",
-                       f"loss.structure.teacher_text={tmp_path / 'bert'}", steps=3)
+                       f"loss.structure.teacher_text={tmp_path / 'bert'}",
+                       f"train.deepspeed=ds_configs/zero{stage}.json", steps=3)
     assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "loss/repr_text"))
 
 
