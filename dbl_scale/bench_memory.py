@@ -39,8 +39,10 @@ from pathlib import Path
 
 import torch
 
+from .bench_eval import MIB
+from .config import load_config, resolve_config, save_config
+
 MOMENTUM_TARGET = 1.4
-MIB = 2 ** 20
 SCENARIOS = {  # name -> overrides on top of the bench config
     "triplet (baseline)": ["loss.method=triplet"],
     "dbl momentum": ["loss.method=dbl", "loss.dbl.scenario=momentum"],
@@ -139,11 +141,6 @@ def _ds_file(stage: int, bf16: bool, folder: Path) -> str:
     return str(out)
 
 
-def _load(config, overrides):
-    from .config import load_config
-    return load_config(config, overrides)
-
-
 def release(branches) -> None:
     """Free a set of branches before building the next (engines hold hooks and cycles)."""
     import gc
@@ -167,7 +164,7 @@ def zero_memory(args, tokenizer, rank: int, world: int, folder: Path) -> list[di
     rows = []
     for stage in (0, 1, 2, 3):
         ds = _ds_file(stage, args.bf16, folder)
-        cfg = _load(args.config, [*args.overrides, "loss.method=triplet", f"train.deepspeed={ds}"])
+        cfg = load_config(args.config, [*args.overrides, "loss.method=triplet", f"train.deepspeed={ds}"])
         branches = build_branches(cfg, tokenizer, world)
         engine = branches[-1].engine
         train_step(cfg, branches, _batch(cfg, len(tokenizer), rank, 0), 0)
@@ -207,11 +204,10 @@ def step_times(args, tokenizer, rank: int, world: int, folder: Path, anchor_dir:
             distributed.barrier()
             save_model(built["triplet (baseline)"][1][-1].engine, anchor_dir / "model.pt")
             if rank == 0:
-                from .config import save_config
                 save_config(cfg0, anchor_dir / "config.yaml")
             distributed.barrier()
             extra = extra + [f"loss.dbl.anchor={anchor_dir}"]
-        cfg = _load(args.config, common + extra)
+        cfg = load_config(args.config, common + extra)
         built[name] = (cfg, build_branches(cfg, tokenizer, world))
     times = {name: [] for name in built}
     dev = built["triplet (baseline)"][1][-1].engine.device
@@ -247,18 +243,15 @@ def worker(args) -> int:
     distributed.init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    cfg = _load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
     result = {"world": world, "stage": args.stage, "bf16": args.bf16}
-    folder = Path(args.out).parent / f"rank{rank}"  # this rank's DeepSpeed files; the anchor: rank 0's
+    folder = Path(args.out).parent / f"rank{rank}"  # this rank's DeepSpeed files (one machine: the launcher's)
     folder.mkdir(exist_ok=True)
-    shared = [str(folder)]  # where the offline anchor is saved: rank 0's folder
-    if world > 1:
-        torch.distributed.broadcast_object_list(shared, src=0)
     if not args.skip_memory:
         result["memory"] = zero_memory(args, tokenizer, rank, world, folder)
-    if not args.skip_time:
-        result["time"] = step_times(args, tokenizer, rank, world, folder, Path(shared[0]) / "anchor")
+    if not args.skip_time:  # the offline anchor is written once, by rank 0
+        result["time"] = step_times(args, tokenizer, rank, world, folder, Path(args.out).parent / "rank0" / "anchor")
     distributed.barrier()
     if rank == 0:
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -292,12 +285,11 @@ def format_times(times: dict) -> str:
 
 def cmd_bench_memory(args) -> int:
     from .bench import machine_line
-    from .cli import launch_env, prepare_data
-    from .config import resolve_config
+    from .cli import launch_env, prepare_data, torchrun_command
 
     overrides = STEADY + (DEFAULT_MODEL if args.config is None else []) + list(args.overrides)
     args.config = resolve_config(args.config or "demo")
-    cfg = _load(args.config, overrides)  # a bad key fails here, before any process starts
+    cfg = load_config(args.config, overrides)  # a bad key fails here, before any process starts
     prepare_data(cfg)  # the tokenizer comes from the dataset's captions
     print(machine_line(torch.device("cuda" if torch.cuda.is_available() else "cpu")), flush=True)
     print(f"bench memory: {args.nproc} ranks, model {args.config} + {' '.join(overrides)}, "
@@ -305,12 +297,11 @@ def cmd_bench_memory(args) -> int:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "dbl_scale.bench_memory", "--worker", "--out", str(out), "--config", args.config,
-               "--stage", str(args.stage), "--rounds", str(args.rounds), "--warmup", str(args.warmup),
-               "--scenarios", *args.scenarios]
-        cmd += ["--bf16"] * args.bf16 + ["--skip-memory"] * args.skip_memory + ["--skip-time"] * args.skip_time
-        rc = subprocess.call(cmd + ["--"] + overrides, env=launch_env(args.nproc))
+        flags = ["--out", str(out), "--stage", str(args.stage), "--rounds", str(args.rounds),
+                 "--warmup", str(args.warmup), "--scenarios", *args.scenarios]
+        flags += ["--bf16"] * args.bf16 + ["--skip-memory"] * args.skip_memory + ["--skip-time"] * args.skip_time
+        cmd = torchrun_command(args.nproc, args.config, ["--", *overrides], "dbl_scale.bench_memory", flags)
+        rc = subprocess.call(cmd, env=launch_env(args.nproc))
         if rc != 0:
             print(f"bench memory: the ranks failed (exit {rc})", file=sys.stderr)
             return rc
@@ -361,7 +352,6 @@ def add_bench_memory_parser(subparsers) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dbl_scale.bench_memory")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", required=True)
     _add_arguments(parser)
     parser.add_argument("overrides", nargs="*")

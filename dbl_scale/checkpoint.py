@@ -35,15 +35,50 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _full_parameters(module, modifier_rank=None):
-    """The module's full parameters for the block: a no-op unless ZeRO-3 partitioned them."""
-    import contextlib
+def _partitioned(module: torch.nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
-    params = [p for p in module.parameters() if hasattr(p, "ds_tensor")]
-    if not params:
-        return contextlib.nullcontext()
+
+@torch.no_grad()
+def full_state_dict(module: torch.nn.Module) -> Optional[dict]:
+    """The module's state dict on CPU, on rank 0 (None elsewhere). A module ZeRO-3 partitioned
+    is gathered one parameter at a time (collective: every rank calls it), so no rank ever
+    holds more than one full parameter on its device."""
+    if not _partitioned(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()} if distributed.is_main() else None
     import deepspeed
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}  # parameters: empty shards here
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            if distributed.is_main():
+                state[name] = p.detach().cpu().clone()
+    return state if distributed.is_main() else None
+
+
+@torch.no_grad()
+def load_weights(module: torch.nn.Module, state: dict, strict: bool = True) -> tuple[list, list]:
+    """`module.load_state_dict(state)`, also for a module ZeRO-3 partitioned: there each
+    parameter is gathered on its own, written from rank 0's `state` and re-sharded.
+    Returns (missing, unexpected) keys."""
+    if not _partitioned(module):
+        result = module.load_state_dict(state, strict=strict)
+        return result.missing_keys, result.unexpected_keys
+    import deepspeed
+
+    own = set(module.state_dict().keys())
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"load_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, p in module.named_parameters():
+        if name in state:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if distributed.is_main():
+                    p.copy_(state[name])
+    for name, b in module.named_buffers():
+        if name in state:
+            b.copy_(state[name])
+    return missing, unexpected
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -80,9 +115,9 @@ def save(root: Path, step: int, branches, state: dict, rank_state: dict, keep: i
         if br.engine is not None:
             br.engine.save_checkpoint(str(tmp), tag=f"branch{k}", save_latest=False)
         elif br.role == "ema":
-            with _full_parameters(br.module):
-                if distributed.is_main():
-                    torch.save(br.module.state_dict(), tmp / f"branch{k}_ema.pt")
+            state_k = full_state_dict(br.module)
+            if distributed.is_main():
+                torch.save(state_k, tmp / f"branch{k}_ema.pt")
     torch.save(rank_state, tmp / f"rank{distributed.rank():05d}.pt")
     if distributed.is_main():
         torch.save(state, tmp / "state.pt")
@@ -105,9 +140,8 @@ def load(path: Path, branches) -> tuple[dict, dict]:
             if loaded is None:
                 raise RuntimeError(f"DeepSpeed could not load branch {k} from {path}")
         elif br.role == "ema":
-            state = torch.load(path / f"branch{k}_ema.pt", map_location="cpu", weights_only=True)
-            with _full_parameters(br.module, modifier_rank=0):  # every rank loads; ZeRO-3 re-shards
-                br.module.load_state_dict(state)
+            load_weights(br.module, torch.load(path / f"branch{k}_ema.pt", map_location="cpu",
+                                               weights_only=True, mmap=True))
     rank_file = path / f"rank{distributed.rank():05d}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file} missing: was the checkpoint written with another number of ranks?")

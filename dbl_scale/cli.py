@@ -24,9 +24,12 @@ from pathlib import Path
 
 from .config import ConfigError, load_config, resolve_config
 
-def torchrun_command(nproc: int, config: str | None, overrides: list[str]) -> list[str]:
+def torchrun_command(nproc: int, config: str | None, overrides: list[str], module: str = "dbl_scale.train",
+                     args: tuple = ()) -> list[str]:
+    """`python -m torch.distributed.run` of `module` on `nproc` local ranks: its `args`,
+    then --config and the dotted overrides."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "dbl_scale.train"]
+           "-m", module, *args]
     if config:
         cmd += ["--config", config]
     return cmd + list(overrides)

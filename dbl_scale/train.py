@@ -189,32 +189,6 @@ def partitioned(ds: Optional[dict]):
         del hf_config
 
 
-@torch.no_grad()
-def load_weights(module: torch.nn.Module, state: dict, strict: bool = True):
-    """`module.load_state_dict(state)`, also for a module partitioned by `partitioned`: there
-    each parameter is gathered on its own, written on rank 0 and re-sharded, so no rank ever
-    holds more than one full parameter. Returns (missing, unexpected) keys."""
-    params = dict(module.named_parameters())
-    if not any(hasattr(p, "ds_id") for p in params.values()):
-        result = module.load_state_dict(state, strict=strict)
-        return result.missing_keys, result.unexpected_keys
-    import deepspeed
-
-    own = set(module.state_dict().keys())
-    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
-    if strict and (missing or unexpected):
-        raise RuntimeError(f"load_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, p in params.items():
-        if name in state:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if distributed.rank() == 0:
-                    p.copy_(state[name])
-    for name, b in module.named_buffers():
-        if name in state:
-            b.copy_(state[name])
-    return missing, unexpected
-
-
 def new_model(cfg: Config, tokenizer, index: int, teacher_dims=None, ds: Optional[dict] = None) -> DualEncoder:
     """Branch `index`'s initial towers (and the method's heads): the same on every rank,
     different between branches. With a ZeRO-3 `ds` config the model is built partitioned."""
@@ -229,16 +203,22 @@ def new_model(cfg: Config, tokenizer, index: int, teacher_dims=None, ds: Optiona
     return model
 
 
-def load_model(run_dir: str | Path, tokenizer, ds: Optional[dict] = None) -> DualEncoder:
-    """The target towers a finished run saved (its config.yaml and model.pt); partitioned
-    under a ZeRO-3 `ds` config (the file is memory-mapped, not read into memory)."""
+def read_run(run_dir: str | Path, what: str = "") -> tuple[Config, dict]:
+    """A finished run's config and target weights (memory-mapped, not read into memory)."""
     run_dir = Path(run_dir)
     for name in ("config.yaml", "model.pt"):
         if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name} not found: expected the folder of a finished run")
-    run_cfg = load_config(run_dir / "config.yaml")
+            raise FileNotFoundError(f"{what}{run_dir / name} not found: expected the folder of a finished run")
+    return (load_config(run_dir / "config.yaml"),
+            torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True, mmap=True))
+
+
+def load_model(run_dir: str | Path, tokenizer, ds: Optional[dict] = None) -> DualEncoder:
+    """The target towers a finished run saved (its config.yaml and model.pt); partitioned
+    under a ZeRO-3 `ds` config."""
+    run_cfg, state = read_run(run_dir)
     model = new_model(run_cfg, tokenizer, 0, ds=ds)
-    load_weights(model, torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True, mmap=True))
+    checkpoint.load_weights(model, state)
     return model
 
 
@@ -268,14 +248,10 @@ def build_branches(cfg: Config, tokenizer, world: int) -> list[Branch]:
         else:  # an EMA is built as the target (index 0) and set equal to it below
             modules.append(new_model(cfg, tokenizer, k if "ema" not in roles else 0, teacher_dims, ds))
     if cfg.train.init_from:  # e.g. continue a baseline from the checkpoint an offline anchor uses
-        run = Path(cfg.train.init_from)
-        for name in ("config.yaml", "model.pt"):
-            if not (run / name).is_file():
-                raise FileNotFoundError(f"train.init_from: {run / name} not found: expected the folder of a finished run")
-        start = torch.load(run / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+        _, start = read_run(cfg.train.init_from, "train.init_from: ")
         for role, module in zip(roles, modules):
             if role == "trained":  # towers must match; a method's own heads keep their init
-                missing, unexpected = load_weights(module, start, strict=False)
+                missing, unexpected = checkpoint.load_weights(module, start, strict=False)
                 towers = [k for k in missing + unexpected if not k.startswith(("heads.", "log_logit_scale"))]
                 if towers:
                     raise ValueError(f"train.init_from {cfg.train.init_from}: towers differ: {towers[:5]}")

@@ -1,5 +1,5 @@
 """Weights loaded into a model built partitioned under ZeRO-3 are the weights of the file:
-(1) `load_model` of a finished run (train.load_weights, one parameter gathered at a time) and
+(1) `load_model` of a finished run (checkpoint.load_weights, one parameter gathered at a time) and
 (2) towers from local `from_pretrained` folders (transformers loads into the shards).
 Gathers every parameter back and writes the largest difference to OUT.rankN as JSON.
 
