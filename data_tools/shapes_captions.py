@@ -25,11 +25,13 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 GENERATOR = "shapes_captions v1"
 SPLITS = ("train", "val", "test")
@@ -474,6 +476,8 @@ def build_shapes_captions(
     os.makedirs(out_dir, exist_ok=True)
     sizes: dict = {}
     written: set[str] = set()
+    bar = tqdm(total=sum(counts.values()), desc="ShapesCaptions", unit="img", leave=False,
+               disable=not sys.stderr.isatty())  # a terminal only: logs stay clean
     for split in SPLITS:
         n = counts[split]
         samples = _iter_samples(split, n, image_size, seed, jpeg_quality)
@@ -482,9 +486,11 @@ def build_shapes_captions(
             name = f"{split}-{index:05d}.tar"
             count = min(shard_size, n - start)
             _write_shard(os.path.join(out_dir, name), (next(samples) for _ in range(count)))
+            bar.update(count)
             shards.append(name)
         written.update(shards)
         sizes[split] = {"shards": shards, "samples": n, "captions_per_image": CAPTIONS_PER_IMAGE}
+    bar.close()
     sizes.update(
         {
             "image_size": int(image_size),
@@ -591,9 +597,10 @@ def read_split_jsons(out_dir: str, split: str) -> list[dict]:
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.shapes_captions", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output folder for shards and sizes.json")
+def add_arguments(p: argparse.ArgumentParser, default_out: str | None = None) -> None:
+    """The build options, shared by this module's command line and `dbl-scale data build`."""
+    p.add_argument("--out", required=default_out is None, default=default_out,
+                   help="output folder for shards and sizes.json")
     p.add_argument("--train", type=int, default=4000)
     p.add_argument("--val", type=int, default=250)
     p.add_argument("--test", type=int, default=500)
@@ -602,7 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--oracle", action="store_true", help="also print the fact-oracle rSum of the test split")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Build with the options of `add_arguments` and print what was written."""
     t0 = time.perf_counter()
     sizes = build_shapes_captions(
         a.out,
@@ -621,6 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         line += f"; oracle test rSum={oracle_rsum(read_split_jsons(a.out, 'test'), seed=a.seed):.1f}"
     print(line)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.shapes_captions", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

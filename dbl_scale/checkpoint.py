@@ -1,6 +1,8 @@
 """Checkpoints: each trained branch's DeepSpeed state (module, optimizer, LR schedule) plus the
-run's own state (step, anchor EMA, CODER queues, AOQ candidates and sampler, RNG of every
-rank, the MLflow run id), so that a resumed run continues as if never stopped.
+run's own state (step, anchor EMA, the method's state such as CODER's queues or AOQ's
+candidates and sampler, RNG of every rank, the MLflow run id), so that a resumed run
+continues as if never stopped. Also the weights-only files: a finished run's `model.pt`
+(`save_model`), and loading weights into (ZeRO-3 partitioned) modules.
 
 A checkpoint is written into `step_NNNNNNNN.tmp/` by all ranks, marked COMPLETE by rank 0
 when every rank has finished, and only then renamed to `step_NNNNNNNN/`: a crash while
@@ -46,7 +48,7 @@ def full_state_dict(module: torch.nn.Module) -> Optional[dict]:
     holds more than one full parameter on its device."""
     if not _partitioned(module):
         return {k: v.detach().cpu() for k, v in module.state_dict().items()} if distributed.is_main() else None
-    import deepspeed
+    import deepspeed  # heavy (seconds): only ZeRO-3 partitioned modules need it
 
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}  # parameters: empty shards here
     for name, p in module.named_parameters():
@@ -64,7 +66,7 @@ def load_weights(module: torch.nn.Module, state: dict, strict: bool = True) -> t
     if not _partitioned(module):
         result = module.load_state_dict(state, strict=strict)
         return result.missing_keys, result.unexpected_keys
-    import deepspeed
+    import deepspeed  # heavy (seconds): only ZeRO-3 partitioned modules need it
 
     own = set(module.state_dict().keys())
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
@@ -79,6 +81,16 @@ def load_weights(module: torch.nn.Module, state: dict, strict: bool = True) -> t
         if name in state:
             b.copy_(state[name])
     return missing, unexpected
+
+
+def save_model(engine, path: Path) -> None:
+    """A trained branch's weights (a finished run's `model.pt`), written atomically. Under
+    ZeRO-3 the shards are gathered (collective: every rank calls this)."""
+    tmp = path.with_name(path.name + ".tmp")
+    engine.save_16bit_model(str(path.parent), tmp.name)
+    if distributed.is_main():
+        os.replace(tmp, path)
+    distributed.barrier()
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

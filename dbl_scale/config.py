@@ -395,18 +395,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.dbl.momentum': got {cfg.loss.dbl.momentum}, expected 0 <= m < 1")
     if not 0.0 <= cfg.loss.dbl.gamma <= 1.0:
         raise ConfigError(f"config key 'loss.dbl.gamma': got {cfg.loss.dbl.gamma}, expected 0 <= g <= 1")
-    lc = cfg.loss
-    if lc.method == "dbl" and lc.dbl.scenario == "offline" and not lc.dbl.anchor:
-        raise ConfigError("config key 'loss.dbl.anchor': the offline scenario needs the run folder of a "
-                          "trained anchor (it holds config.yaml and model.pt)")
-    if lc.method == "distill" and not lc.distill.teacher:
-        raise ConfigError("config key 'loss.distill.teacher': distillation needs the run folder of a "
-                          "trained teacher (it holds config.yaml and model.pt)")
-    single_modal = bool(lc.structure.teacher_vision) + bool(lc.structure.teacher_text)
-    if lc.method == "structure" and not (lc.structure.teacher or single_modal == 2):
-        raise ConfigError("config key 'loss.structure.teacher': structure-aware distillation needs the run "
-                          "folder of a trained teacher (config.yaml, model.pt), or both "
-                          "'loss.structure.teacher_vision' and 'loss.structure.teacher_text' (local HF folders)")
+    lc = cfg.loss  # settings one method needs are checked by that method (methods.Method.check)
     if not 0.0 <= lc.coder.momentum < 1.0:
         raise ConfigError(f"config key 'loss.coder.momentum': got {lc.coder.momentum}, expected 0 <= m < 1")
     if lc.coder.queue_size < 0 or lc.coder.concepts < 1:

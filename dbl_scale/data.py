@@ -21,11 +21,10 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
@@ -62,6 +61,7 @@ def split_shards(root: str | Path, split: str) -> tuple[list[str], int]:
 
 def build_tokenizer(captions: list[str], out_dir: str | Path, vocab_size: int = 2000):
     """Train a small WordPiece tokenizer on the captions (offline) and save it as a HF folder."""
+    # heavy (seconds): only a data set without a tokenizer needs them
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -95,29 +95,85 @@ def tokenizer_path(data_cfg, text_cfg) -> Path:
 
 def ensure_tokenizer(data_cfg, text_cfg):
     """Load the tokenizer; build it from the training captions when the default one is missing."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: imported when a tokenizer is needed
 
     path = tokenizer_path(data_cfg, text_cfg)
     if not path.exists():
         if data_cfg.tokenizer or text_cfg.pretrained:
             raise DataError(f"tokenizer folder {path} does not exist")
         urls, _ = split_shards(data_cfg.root, data_cfg.train_split)
-        captions = [c for url in urls for s in tarfile_samples([{"url": url}], handler=_SkipCounter())
-                    if "json" in s for c in json.loads(s["json"])["captions"]]
+        captions = [c for s in read_samples(urls) for c in json.loads(s["json"])["captions"]]
         build_tokenizer(captions, path)
     return AutoTokenizer.from_pretrained(str(path))
 
 
+class Tokenize:
+    """Captions -> padded token tensors, as every path of the project encodes text: training
+    batches, evaluation, mining and AOQ's offline negatives."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, captions: list[str]) -> dict:
+        enc = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# ----------------------------------------------------------------------------- samples
+
+class SkipCounter:
+    """tarfile handler: a truncated or unreadable tar member is skipped and counted, never fatal."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, exc) -> bool:
+        log.warning("skipping unreadable tar content: %s", exc)
+        self.count += 1
+        return True
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+def read_samples(urls: Iterable[str], errors: Optional[SkipCounter] = None) -> Iterator[dict]:
+    """The samples of these shards, in order: raw dicts with a `jpg` and a `json` entry (members
+    of other samples are left out). Unreadable tar content is skipped and counted in `errors`.
+    Every reader of shards goes through here."""
+    errors = errors if errors is not None else SkipCounter()
+    for url in urls:
+        for sample in tarfile_samples([{"url": url}], handler=errors):
+            if "jpg" in sample and "json" in sample:
+                yield sample
+
+
 # ----------------------------------------------------------------------------- transforms
 
-def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    """PIL image -> normalised float tensor (3, S, S). No flips or crops: in ShapesCaptions
-    (and in captions generally) left/right and positions are part of the meaning."""
+def decode_image(jpg: bytes, image_size: int) -> np.ndarray:
+    """Encoded image -> uint8 (3, S, S) RGB. No flips or crops: in ShapesCaptions (and in
+    captions generally) left/right and positions are part of the meaning."""
+    with Image.open(io.BytesIO(jpg)) as img:
+        return to_uint8(img, image_size)
+
+
+def to_uint8(img: Image.Image, image_size: int) -> np.ndarray:
     img = img.convert("RGB")
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BICUBIC)
-    arr = (np.asarray(img, dtype=np.float32) / 255.0 - MEAN) / STD
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def normalize(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (..., 3, S, S) -> float32 tensor, scaled to [0, 1] and normalised per channel."""
+    arr = (pixels.astype(np.float32) / 255.0 - MEAN[:, None, None]) / STD[:, None, None]
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
+    """PIL image -> normalised float tensor (3, S, S)."""
+    return normalize(to_uint8(img, image_size))
 
 
 def decode_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, list[str], int]:
@@ -125,9 +181,7 @@ def decode_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, list[str
     captions = [c for c in meta["captions"] if isinstance(c, str) and c.strip()]
     if not captions:
         raise ValueError("sample has no caption")
-    with Image.open(io.BytesIO(sample["jpg"])) as img:
-        pixels = image_to_tensor(img, image_size)
-    return pixels, captions, int(meta["image_id"])
+    return normalize(decode_image(sample["jpg"], image_size)), captions, int(meta["image_id"])
 
 
 # ----------------------------------------------------------------------------- training stream
@@ -173,9 +227,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 
         shards = itertools.islice(self._shard_passes(), spec.rank, None, spec.world)  # node split
         shards = itertools.islice(shards, worker, None, workers)  # worker split
-        skipped, tar_errors = 0, _SkipCounter()
+        skipped, tar_errors = 0, SkipCounter()
         batch: list = []
-        for sample in _shuffle_within_pass(_samples(shards, tar_errors), spec.shuffle_buffer, pass_rng):
+        for sample in _shuffle_within_pass(_tagged(shards, tar_errors), spec.shuffle_buffer, pass_rng):
             try:
                 pixels, captions, image_id = decode_sample(sample, spec.image_size)
             except Exception as exc:  # a corrupt image or json: skip it, count it
@@ -195,28 +249,12 @@ class TrainStream(torch.utils.data.IterableDataset):
                 batch, skipped = [], 0
 
 
-class _SkipCounter:
-    """tarfile handler: a truncated or unreadable tar member is skipped and counted, never fatal."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, exc) -> bool:
-        log.warning("skipping unreadable tar content: %s", exc)
-        self.count += 1
-        return True
-
-    def take(self) -> int:
-        n, self.count = self.count, 0
-        return n
-
-
-def _samples(shards: Iterator[tuple[int, str]], handler: _SkipCounter) -> Iterator[dict]:
+def _tagged(shards: Iterator[tuple[int, str]], errors: SkipCounter) -> Iterator[dict]:
+    """The samples of (pass, url) shards, each tagged with its pass."""
     for pass_no, url in shards:
-        for sample in tarfile_samples([{"url": url}], handler=handler):
-            if "jpg" in sample and "json" in sample:
-                sample["__pass__"] = pass_no
-                yield sample
+        for sample in read_samples([url], errors):
+            sample["__pass__"] = pass_no
+            yield sample
 
 
 def _shuffle_within_pass(src: Iterator[dict], bufsize: int, pass_rng) -> Iterator[dict]:
@@ -266,7 +304,7 @@ class TrainLoader:
         self.stream = TrainStream(StreamSpec(urls, rank, world, data_cfg.batch_size, image_size,
                                              data_cfg.shuffle_buffer, seed))
         self.workers = workers
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenize = Tokenize(tokenizer, max_length)
         self.skipped = 0
 
     def batches(self, start_epoch: int = 0) -> Iterator[dict]:
@@ -282,10 +320,11 @@ class TrainLoader:
             batch.update(self.tokenize(batch["captions"]))
             yield batch
 
-    def tokenize(self, captions: list[str]) -> dict:
-        enc = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    def batches_from(self, consumed: int) -> Iterator[dict]:
+        """The stream after its first `consumed` batches: a resumed run starts at the epoch it
+        stopped in and skips the batches it already trained on."""
+        spe = self.steps_per_epoch
+        return itertools.islice(self.batches(start_epoch=consumed // spe), consumed % spe, None)
 
 
 # ----------------------------------------------------------------------------- evaluation data
@@ -295,13 +334,27 @@ def load_eval_split(root: str | Path, split: str, image_size: int, rank: int = 0
     (pixels N x 3 x S x S, image_ids N, captions: list of N lists). Bad samples are skipped."""
     urls, _ = split_shards(root, split)
     pixels, ids, captions = [], [], []
-    for _, url in enumerate(urls[rank::world]):
-        for sample in tarfile_samples([{"url": url}], handler=_SkipCounter()):
-            try:
-                p, caps, image_id = decode_sample(sample, image_size)
-            except Exception as exc:
-                log.warning("skipping eval sample %s: %s", sample.get("__key__"), exc)
-                continue
-            pixels.append(p), ids.append(image_id), captions.append(caps)
+    for sample in read_samples(urls[rank::world]):
+        try:
+            p, caps, image_id = decode_sample(sample, image_size)
+        except Exception as exc:
+            log.warning("skipping eval sample %s: %s", sample.get("__key__"), exc)
+            continue
+        pixels.append(p), ids.append(image_id), captions.append(caps)
     empty = torch.empty(0, 3, image_size, image_size)
     return (torch.stack(pixels) if pixels else empty), torch.tensor(ids, dtype=torch.long), captions
+
+
+def read_thumbnails(root: str | Path, split: str, ids: torch.Tensor, size: int = 96):
+    """Small PIL images and the first 5 captions of each image of a split, in the order of
+    `ids` (for the HTML retrieval report)."""
+    want = {int(i): n for n, i in enumerate(ids.tolist())}
+    images, captions = [None] * len(want), [None] * len(want)
+    for sample in read_samples(split_shards(root, split)[0]):
+        meta = json.loads(sample["json"])
+        row = want.get(int(meta["image_id"]))
+        if row is not None:
+            with Image.open(io.BytesIO(sample["jpg"])) as im:
+                images[row] = im.convert("RGB").resize((size, size))
+            captions[row] = meta["captions"][:5]
+    return images, [c for caps in captions for c in caps]

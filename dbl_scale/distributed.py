@@ -5,11 +5,15 @@ state), so torchrun, the deepspeed launcher, accelerate and srun behave the same
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 def is_initialized() -> bool:
@@ -38,9 +42,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     On CPU the backend is gloo, and DeepSpeed's shared-memory all-reduce op is not built:
     it JIT-compiles C++ for a minute on a cold machine and gloo does not need it.
     """
-    import importlib
-
-    import deepspeed
+    import deepspeed  # heavy (seconds): imported by the processes that train, not by every command
 
     # (`import deepspeed.comm.torch as m` would bind the real torch: deepspeed.comm re-exports it)
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
@@ -68,6 +70,25 @@ def shutdown() -> None:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the body first (e.g. builds a missing tokenizer once); the others run it
+    after rank 0 has finished, and then find the result in place."""
+    if rank() != 0:
+        barrier()
+    yield
+    if rank() == 0:
+        barrier()
+
+
+def progress(work, desc: str):
+    """A tqdm bar over `work` (an iterable, or a count to `update` by hand) for long work,
+    drawn by rank 0 only and only on a terminal."""
+    iterable, total = (None, work) if isinstance(work, int) else (work, None)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=rank() != 0 or not sys.stderr.isatty())
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -112,6 +133,16 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def gather(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """`gather_with_grad` or `gather_no_grad`: the form losses take as their `gather` argument."""
+    return gather_with_grad(x) if with_grad else gather_no_grad(x)
+
+
+def all_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
+    """A copy of `x` reduced over ranks, `op` "sum" or "max": the form losses take."""
+    return {"sum": all_reduce_sum, "max": all_reduce_max}[op](x)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`dbl-scale export`: a finished run's target towers as Hugging Face folders.
+"""Export: a finished run's target towers as Hugging Face folders (`dbl-scale export`).
 
     OUT/vision/       save_pretrained of the vision tower  (AutoModel.from_pretrained works)
     OUT/text/         save_pretrained of the text tower, with the tokenizer
@@ -15,18 +15,21 @@ from pathlib import Path
 
 import torch
 
+from .branches import new_model
 from .checkpoint import complete_checkpoints
 from .config import load_config
+from .data import ensure_tokenizer
+from .methods import build_method
+from .models import DualEncoder
 
 
 def fp32_target_state(run_dir: Path) -> dict:
     """The target's fp32 weights: from the newest checkpoint's ZeRO shards when there is one."""
-    from .methods import branch_roles
-
     run_cfg = load_config(run_dir / "config.yaml")
     found = complete_checkpoints(run_dir / "checkpoints")
-    target = len(branch_roles(run_cfg.loss)) - 1
+    target = len(build_method(run_cfg).roles) - 1
     if found and (found[-1] / f"branch{target}").is_dir():
+        # heavy (seconds): only runs with a DeepSpeed checkpoint need it
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         try:
             return get_fp32_state_dict_from_zero_checkpoint(str(found[-1]), tag=f"branch{target}")
@@ -36,9 +39,7 @@ def fp32_target_state(run_dir: Path) -> dict:
 
 
 def export(run_dir: str | Path, out: str | Path) -> Path:
-    from .data import ensure_tokenizer
-    from .train import new_model
-
+    """Write OUT/vision, OUT/text (with the tokenizer) and OUT/heads.pt; returns OUT."""
     run_dir, out = Path(run_dir), Path(out)
     run_cfg = load_config(run_dir / "config.yaml")
     tokenizer = ensure_tokenizer(run_cfg.data, run_cfg.model.text)
@@ -57,24 +58,9 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def cmd_export(args) -> int:
-    out = export(args.run_dir, args.out)
-    print(f"exported {args.run_dir} to {out} (vision/, text/ with tokenizer, heads.pt)")
-    return 0
-
-
-def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="a finished run's target towers as Hugging Face folders")
-    p.add_argument("--run-dir", required=True, help="the run folder (runs/<name>)")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export)
-
-
 def load_exported(folder: str | Path):
     """A DualEncoder rebuilt from an exported folder (towers via AutoModel.from_pretrained)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from .models import DualEncoder
+    from transformers import AutoModel, AutoTokenizer  # heavy (seconds): imported when used
 
     folder = Path(folder)
     heads = torch.load(folder / "heads.pt", map_location="cpu", weights_only=True)

@@ -1,23 +1,25 @@
-"""Matching losses of LOSSES.md, on one score matrix or on negatives gathered from all ranks.
+"""Matching losses (docs/methods.md), on one score matrix or on negatives gathered from all ranks.
 
 Every loss reads a `Scores`: the rows of a score matrix that this process owns, in both
 directions. One process with a square matrix `S` (rows images, columns captions, positives
 on the diagonal) owns all rows: `Scores.square(S)`. On W ranks, each rank owns its B local
-queries and scores them against the W*B gathered candidates: `Scores.gathered(img, txt)`.
+queries and scores them against the W*B candidates the method gathered: `Scores.local`.
 A loss is a sum over the queries it is given (soft losses divide by the global count), so
 the sum over ranks of the per-rank values equals the single-process value, and
 `backward(W * loss)` under data-parallel gradient averaging gives the single-process
 gradients (`train.py` does that). The public functions also take a plain square tensor.
+
+Pure functions: nothing here starts a collective. The two losses whose definition spans
+the global batch beyond a score matrix (Sinkhorn's balancing, structure distillation's
+relations) take the cross-rank reduction or gather as an argument, the identity by default.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-
-from . import distributed
 
 
 @dataclass
@@ -42,21 +44,6 @@ class Scores:
         positive = torch.arange(n, device=scores.device)
         neg = _negatives(positive, n, image_ids, image_ids)
         return Scores(scores, scores.t(), positive, neg, neg.t())
-
-    @staticmethod
-    def gathered(img: torch.Tensor, txt: torch.Tensor, image_ids: Optional[torch.Tensor] = None,
-                 with_grad: bool = True, all_ids: Optional[torch.Tensor] = None) -> "Scores":
-        """Local embeddings (B x d) against the embeddings of all ranks (W*B x d).
-
-        `with_grad=False` for an anchor or teacher branch: gathered without a backward path.
-        `all_ids`: the already gathered image ids, when several branches share them.
-        """
-        gather = distributed.gather_with_grad if with_grad else distributed.gather_no_grad
-        all_img, all_txt = gather(img), gather(txt)
-        if image_ids is not None and all_ids is None:
-            all_ids = distributed.gather_no_grad(image_ids)
-        offset = distributed.rank() * img.shape[0]
-        return Scores.local(img, txt, all_img, all_txt, offset, image_ids, all_ids)
 
     @staticmethod
     def local(img, txt, all_img, all_txt, offset: int, image_ids=None, all_ids=None) -> "Scores":
@@ -166,7 +153,7 @@ def boost_absolute(scores: ScoresLike, anchor_scores: ScoresLike, margin: float 
                    max_violation: bool = True, soft_adapt: bool = False) -> torch.Tensor:
     """DBL absolute boosting: positives must score gamma*margin*beta above the anchor's, each
     negative (1-gamma)*margin*beta below the anchor's. The positive term is counted once per
-    direction, which is the `2 * sum_i` of LOSSES.md. `soft_adapt`: positive margins follow
+    direction, which is the `2 * sum_i` of docs/methods.md. `soft_adapt`: positive margins follow
     m_sup (bound 1) of the target's positive score, negative margins m_inf (bound 1) of the
     target's negative score."""
     t, a = _as_scores(scores, image_ids), _as_scores(anchor_scores, image_ids).detach()
@@ -315,37 +302,49 @@ def diversity_contrastive(scores: ScoresLike, temperature: float = 0.07, beta: f
     return total / (2 * n)
 
 
+def _no_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
+    return x
+
+
 @torch.no_grad()
-def sinkhorn(logits: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+def sinkhorn(logits: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
+             all_reduce: Callable[[torch.Tensor, str], torch.Tensor] = _no_reduce) -> torch.Tensor:
     """Balanced soft assignment of this rank's rows to C prototypes (Sinkhorn-Knopp, as SwAV),
-    with the sums over rows taken across all ranks: every prototype gets an equal share of the
-    global batch. Returns (B x C) assignments whose rows sum to 1."""
+    with the sums over rows taken across all ranks through `all_reduce(x, "sum" | "max")`:
+    every prototype gets an equal share of the global batch. Returns (B x C) assignments
+    whose rows sum to 1."""
     q = logits.float() / epsilon
-    q = torch.exp(q - distributed.all_reduce_max(q.max()))
-    n_rows = distributed.all_reduce_sum(torch.tensor(float(q.shape[0]), device=q.device))
+    q = torch.exp(q - all_reduce(q.max(), "max"))
+    n_rows = all_reduce(torch.tensor(float(q.shape[0]), device=q.device), "sum")
     n_protos = q.shape[1]
-    q = q / distributed.all_reduce_sum(q.sum())
+    q = q / all_reduce(q.sum(), "sum")
     for _ in range(iterations):
-        q = q / distributed.all_reduce_sum(q.sum(dim=0, keepdim=True)) / n_protos  # prototypes equal
+        q = q / all_reduce(q.sum(dim=0, keepdim=True), "sum") / n_protos  # prototypes equal
         q = q / q.sum(dim=1, keepdim=True) / n_rows  # each row a distribution
     return (q * n_rows).to(logits.dtype)
 
 
 # ----------------------------------------------------------------------------- structure-aware distillation
 
+def _own_rows(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    return x
+
+
 def structure_distillation(img: torch.Tensor, txt: torch.Tensor, teacher_img: torch.Tensor,
-                           teacher_txt: torch.Tensor, lam, tau, mode: str = "per_modality") -> torch.Tensor:
+                           teacher_txt: torch.Tensor, lam, tau, mode: str = "per_modality",
+                           gather: Callable[[torch.Tensor, bool], torch.Tensor] = _own_rows,
+                           offset: int = 0) -> torch.Tensor:
     """`L_sd = mean_{i != j} |R_S - R_T|` over the (gathered) batch, with the teacher relation
     `R_T = lam * T^T^T/tau + (1 - lam) * I^I^T/tau` of L2-normalised teacher features and the
     student relation `R_S = F F^T / tau`. `per_modality`: F is each modality's embeddings in
     turn (two terms, added); `pair_mean`: F is the normalised mean of each pair's embeddings.
-    Takes this rank's rows; gathers the columns from all ranks."""
+    Takes this rank's rows (at row `offset` of the global batch); the columns are
+    `gather(rows, with_grad)`, all ranks' rows (one process: the rows themselves)."""
     t_img = F.normalize(teacher_img.detach(), dim=-1)
     t_txt = F.normalize(teacher_txt.detach(), dim=-1)
-    all_t_img, all_t_txt = distributed.gather_no_grad(t_img), distributed.gather_no_grad(t_txt)
+    all_t_img, all_t_txt = gather(t_img, False), gather(t_txt, False)
     r_t = (lam * (t_txt @ all_t_txt.t()) + (1 - lam) * (t_img @ all_t_img.t())) / tau
     b, n = img.shape[0], all_t_img.shape[0]
-    offset = distributed.rank() * b
     off_diag = torch.ones(b, n, dtype=torch.bool, device=img.device)
     off_diag[torch.arange(b, device=img.device), torch.arange(offset, offset + b, device=img.device)] = False
     if mode == "per_modality":
@@ -356,6 +355,6 @@ def structure_distillation(img: torch.Tensor, txt: torch.Tensor, teacher_img: to
         raise ValueError(f"mode must be 'per_modality' or 'pair_mean', got {mode!r}")
     total = 0.0
     for f in students:
-        r_s = f @ distributed.gather_with_grad(f).t() / tau
+        r_s = f @ gather(f, True).t() / tau
         total = total + (r_s - r_t).abs().masked_fill(~off_diag, 0.0).sum()
     return total / (n * (n - 1))

@@ -1,12 +1,10 @@
 """AOQ offline hard negatives: mine them from a whole split, sample them for a batch.
 
-Mining (`mine`, or `torchrun ... -m dbl_scale.mining --run-dir RUN --out FILE`): every rank
+Mining (`mine`; from the command line `dbl-scale mine --run-dir RUN --out FILE`): every rank
 embeds its share of the split (`embed_split` returns all ranks' embeddings in image-id
 order), then takes a contiguous block of query rows of each direction and runs an exact,
 chunked top-k over inner products; the blocks are gathered so every rank holds the whole
-`Candidates`. (Under torchrun spell the run option `--run-dir`: torchrun's own parser rejects
-`--run` as an ambiguous abbreviation of its --run-path; `python -m dbl_scale.mining` and
-`dbl-scale mine` accept both.)
+`Candidates`.
 
 - `caption_candidates[r]`: the `kc` captions most similar to image row r, best first, never
   one of image r's own K captions (caption index c = row * K + j: caption j of image row);
@@ -19,7 +17,8 @@ Search backend: chunked `torch.topk`. Measured on the 2-core CPU dev machine (N 
 the cores, torch 3.0-4.0 s against FAISS 4.4-8.0 s. Torch won every run, so FAISS is not a
 dependency. On a GPU rank the same code runs on the GPU.
 
-Sampling (`OfflineNegatives`): for a training pair (I, T = caption `caption_index` of I)
+Sampling (`OfflineNegatives`), and the loader side of AOQ training (`OfflineHardNegatives`,
+which mines at start, refreshes, and extends each batch): for a training pair (I, T = caption `caption_index` of I)
 draw n ~ U[0, min(n_max, kc)); T- = the n-th caption candidate of I, I- = the (n // K)-th
 image candidate of T, T_{I-} = a uniformly drawn caption of I-, I_{T-} = the image of T-.
 
@@ -33,24 +32,21 @@ Memory per rank (everything is held by every rank):
 """
 from __future__ import annotations
 
-import argparse
-import faulthandler
-import io
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from . import distributed
+from .config import Config
+from .data import DataError, decode_image, load_eval_split, normalize, read_samples, split_shards
+from .evaluation.embed import embed_split
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +158,13 @@ def _rows_per_chunk(n_keys: int, k: int, chunk: Optional[int], memory_mb: float)
 
 
 def _chunked_topk(queries: torch.Tensor, keys: torch.Tensor, lo: int, hi: int, k: int,
-                  own_cols: Callable[[torch.Tensor], torch.Tensor], rows: int) -> torch.Tensor:
+                  own_cols: Callable[[torch.Tensor], torch.Tensor], rows: int, what: str) -> torch.Tensor:
     """Top-k key indices (int32, CPU) of query rows [lo, hi), own pairs masked to -inf first."""
     out = torch.empty(hi - lo, k, dtype=torch.int32)
     if k == 0 or hi <= lo:
         return out
     keys_t = keys.t()
-    for start in range(lo, hi, rows):
+    for start in distributed.progress(range(lo, hi, rows), f"top-{k} {what}"):
         stop = min(start + rows, hi)
         scores = queries[start:stop] @ keys_t
         qrows = torch.arange(start, stop, device=scores.device)
@@ -202,10 +198,10 @@ def top_candidates(img: torch.Tensor, txt: torch.Tensor, k_captions: int, k_imag
 
     lo, hi = shard_rows(n, rank, world)
     caption_cands = _chunked_topk(img, txt, lo, hi, kc, lambda r: r[:, None] * k + own_k[None, :],
-                                  _rows_per_chunk(k * n, kc, chunk, memory_mb))
+                                  _rows_per_chunk(k * n, kc, chunk, memory_mb), "captions per image")
     lo, hi = shard_rows(k * n, rank, world)
     image_cands = _chunked_topk(txt, img, lo, hi, ki, lambda c: (c // k)[:, None],
-                                _rows_per_chunk(n, ki, chunk, memory_mb))
+                                _rows_per_chunk(n, ki, chunk, memory_mb), "images per caption")
     return caption_cands, image_cands
 
 
@@ -226,14 +222,6 @@ def mine_distributed(img: torch.Tensor, txt: torch.Tensor, k_captions: int, k_im
 
 # ----------------------------------------------------------------------------- mining
 
-def make_tokenize(tokenizer, max_length: int) -> Callable[[list[str]], dict]:
-    """The training loader's tokenisation (padded to max_length), for `embed_split`."""
-    def tokenize(texts: list[str]) -> dict:
-        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    return tokenize
-
-
 def mine(model, data_root: str | Path, split: str, image_size: int, tokenize, batch_size: int,
          k_captions: int = 2000, k_images: int = 400, captions_per_image: int = 5,
          chunk: Optional[int] = None, memory_mb: float = 256.0, run: Optional[str] = None) -> Candidates:
@@ -241,9 +229,6 @@ def mine(model, data_root: str | Path, split: str, image_size: int, tokenize, ba
     group is initialised; without one it runs alone as world 1). Returns them on every rank.
     `model` must sit on `distributed.device()` (where `embed_split` sends the inputs); it is
     put in eval mode for the embedding and back afterwards. Rows follow ascending image id."""
-    from .data import DataError, load_eval_split
-    from .eval import embed_split
-
     rank, world = distributed.rank(), distributed.world_size()
     was_training = model.training
     model.eval()
@@ -278,10 +263,6 @@ class OfflineNegatives:
 
     def __init__(self, candidates: Candidates, data_root: str | Path, split: str, image_size: int,
                  n_max: int = 300):
-        from webdataset.tariterators import tarfile_samples
-
-        from .data import DataError, _SkipCounter, split_shards
-
         c = candidates
         if c.k_captions < 1 or c.k_images < 1:
             raise ValueError("the candidates are empty (kc or ki is 0): nothing to sample")
@@ -295,30 +276,26 @@ class OfflineNegatives:
         self.captions: list[str] = [""] * (k * n)
         filled = torch.zeros(n, dtype=torch.bool)
         row_of = {image_id: row for row, image_id in enumerate(c.image_ids.tolist())}
-        urls, _ = split_shards(data_root, split)
-        for url in urls:
-            for sample in tarfile_samples([{"url": url}], handler=_SkipCounter()):
-                if "jpg" not in sample or "json" not in sample:
-                    continue
-                try:
-                    meta = json.loads(sample["json"])
-                    image_id = int(meta["image_id"])
-                except Exception as exc:
-                    log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
-                    continue
-                row = row_of.get(image_id)
-                if row is None:
-                    continue  # not mined (it did not decode then)
-                # the caption filter of data.decode_sample, so caption j means the same here
-                caps = [t for t in meta["captions"] if isinstance(t, str) and t.strip()]
-                if len(caps) < k:
-                    raise DataError(f"image {image_id} has {len(caps)} captions, the candidates assume {k}")
-                try:
-                    self.pixels[row] = torch.from_numpy(_decode_uint8(sample["jpg"], s))
-                except Exception as exc:
-                    raise DataError(f"image {image_id} was mined but does not decode now: {exc}") from exc
-                self.captions[row * k:(row + 1) * k] = caps[:k]
-                filled[row] = True
+        for sample in read_samples(split_shards(data_root, split)[0]):
+            try:
+                meta = json.loads(sample["json"])
+                image_id = int(meta["image_id"])
+            except Exception as exc:
+                log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
+                continue
+            row = row_of.get(image_id)
+            if row is None:
+                continue  # not mined (it did not decode then)
+            # the caption filter of data.decode_sample, so caption j means the same here
+            caps = [t for t in meta["captions"] if isinstance(t, str) and t.strip()]
+            if len(caps) < k:
+                raise DataError(f"image {image_id} has {len(caps)} captions, the candidates assume {k}")
+            try:
+                self.pixels[row] = torch.from_numpy(decode_image(sample["jpg"], s))
+            except Exception as exc:
+                raise DataError(f"image {image_id} was mined but does not decode now: {exc}") from exc
+            self.captions[row * k:(row + 1) * k] = caps[:k]
+            filled[row] = True
         if not bool(filled.all()):
             missing = c.image_ids[~filled][:10].tolist()
             raise DataError(f"{int((~filled).sum())} mined image(s) are not in split '{split}' of {data_root} "
@@ -347,12 +324,8 @@ class OfflineNegatives:
                 + 8 * c.image_ids.numel())
 
     def normalised(self, rows: torch.Tensor) -> torch.Tensor:
-        """Float pixels of image rows, normalised exactly (bit for bit) as `image_to_tensor` does."""
-        from .data import MEAN, STD
-
-        arr = self.pixels[rows].numpy().astype(np.float32)
-        arr = (arr / 255.0 - MEAN[:, None, None]) / STD[:, None, None]
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        """Float pixels of image rows, normalised as the training loader normalises them."""
+        return normalize(self.pixels[rows].numpy())
 
     def sample(self, image_ids: torch.Tensor, caption_index: torch.Tensor, generator: torch.Generator) -> dict:
         """The offline negatives of B pairs (I = image_ids[b], T = its caption caption_index[b]).
@@ -380,108 +353,44 @@ class OfflineNegatives:
                 "n": n, "tneg": tneg, "ineg": ineg, "tineg": tineg, "itneg": itneg}
 
 
-def _decode_uint8(jpg: bytes, image_size: int) -> np.ndarray:
-    """JPEG -> uint8 (3, S, S): the RGB conversion and resize of `data.image_to_tensor`."""
-    with Image.open(io.BytesIO(jpg)) as img:
-        img = img.convert("RGB")
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BICUBIC)
-        arr = np.asarray(img, dtype=np.uint8)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+# ----------------------------------------------------------------------------- AOQ training
 
+class OfflineHardNegatives:
+    """AOQ's loader side: mined candidates of the training split (from `loss.aoq.candidates`,
+    or mined at start with the starting towers), refreshed with the current target on
+    request; `extend` appends each pair's offline negatives to a batch."""
 
-# ----------------------------------------------------------------------------- entry points
+    def __init__(self, cfg: Config, model, tokenize, rank: int):
+        self.cfg, self.tokenize = cfg, tokenize
+        a = cfg.loss.aoq
+        candidates = Candidates.load(a.candidates) if a.candidates else self._mine(model)
+        self.sampler = OfflineNegatives(candidates, cfg.data.root, cfg.data.train_split,
+                                        cfg.model.vision.image_size, a.n_max)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
 
-def _add_options(p: argparse.ArgumentParser) -> None:
-    # --run-dir first: under torchrun only that spelling passes, since torchrun's own parser
-    # rejects `--run` as an ambiguous abbreviation of its --run-path
-    p.add_argument("--run-dir", "--run", dest="run", required=True,
-                   help="folder of a finished run (config.yaml, model.pt)")
-    p.add_argument("--data", default=None, help="shard folder (default: the run's data.root)")
-    p.add_argument("--split", default=None, help="split to mine (default: the run's data.train_split)")
-    p.add_argument("--out", required=True, help="file to write the candidates to")
-    p.add_argument("--k-captions", type=int, default=2000, help="caption candidates per image")
-    p.add_argument("--k-images", type=int, default=400, help="image candidates per caption")
-    p.add_argument("--batch-size", type=int, default=128, help="embedding batch per rank")
-    p.add_argument("--memory-mb", type=float, default=256.0, help="score memory of one top-k chunk")
+    def _mine(self, model) -> Candidates:
+        a = self.cfg.loss.aoq
+        return mine(model, self.cfg.data.root, self.cfg.data.train_split, self.cfg.model.vision.image_size,
+                    self.tokenize, self.cfg.eval.batch_size, a.k_captions, a.k_images)
 
+    def refresh(self, model) -> None:
+        t0 = time.time()
+        self.sampler.update(self._mine(model))
+        log.info("AOQ candidates re-mined with the current target in %.1fs", time.time() - t0)
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .config import load_config
-    from .data import ensure_tokenizer
-    from .train import load_model
+    def state_dict(self) -> dict:
+        return {"candidates": self.sampler.candidates}
 
-    parser = argparse.ArgumentParser(prog="python -m dbl_scale.mining",
-                                     description="Mine AOQ offline hard negatives with a finished run "
-                                                 "(start it with torchrun; every rank takes part).")
-    _add_options(parser)
-    args = parser.parse_args(argv)
-    faulthandler.enable()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = load_config(Path(args.run) / "config.yaml")
-    if args.data:
-        cfg.data.root = str(args.data)
-    split = args.split or cfg.data.train_split
-    t0 = time.time()
-    distributed.init_distributed()
-    rank, world = distributed.rank(), distributed.world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    if rank == 0:
-        tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)  # builds it once when missing
-    distributed.barrier()
-    if rank != 0:
-        tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
-    model = load_model(args.run, tokenizer).to(distributed.device())
-    t_mine = time.time()
-    cands = mine(model, cfg.data.root, split, cfg.model.vision.image_size,
-                 make_tokenize(tokenizer, cfg.model.text.max_length), args.batch_size,
-                 k_captions=args.k_captions, k_images=args.k_images, memory_mb=args.memory_mb,
-                 run=str(Path(args.run).resolve()))
-    mine_seconds = time.time() - t_mine
-    if rank == 0:
-        cands.save(args.out)
-        print(f"mined '{split}' of {cfg.data.root} with {args.run} on {world} rank(s): "
-              f"{cands.n_images} images x {cands.captions_per_image} captions, "
-              f"{cands.k_captions} caption candidates per image, {cands.k_images} image candidates per "
-              f"caption -> {args.out} ({mine_seconds:.1f}s mining, {time.time() - t0:.1f}s in all)", flush=True)
-    distributed.barrier()
-    if distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
+    def load_state_dict(self, state: dict, generator_state: torch.Tensor) -> None:
+        self.sampler.update(state["candidates"])
+        self.generator.set_state(generator_state)
 
-
-def mine_command(nproc: int, options: Sequence[str]) -> list[str]:
-    """The torchrun command line that runs `main` on `nproc` local ranks."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "dbl_scale.mining", *options]
-
-
-def _forwarded(args: argparse.Namespace) -> list[str]:
-    out = ["--run-dir", str(args.run), "--out", str(args.out), "--k-captions", str(args.k_captions),
-           "--k-images", str(args.k_images), "--batch-size", str(args.batch_size),
-           "--memory-mb", str(args.memory_mb)]
-    if args.data:
-        out += ["--data", str(args.data)]
-    if args.split:
-        out += ["--split", str(args.split)]
-    return out
-
-
-def cmd_mine(args: argparse.Namespace) -> int:
-    from .cli import launch_env  # imported here: cli imports this module
-
-    return subprocess.call(mine_command(args.nproc, _forwarded(args)), env=launch_env(args.nproc))
-
-
-def add_mine_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `dbl-scale mine`: the options of `python -m dbl_scale.mining` plus --nproc."""
-    p = subparsers.add_parser("mine", help="mine AOQ offline hard negatives with a finished run (torchrun)")
-    _add_options(p)
-    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine")
-    p.set_defaults(func=cmd_mine)
-    return p
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def extend(self, batch: dict) -> dict:
+        """Images become [I, I-, I_{T-}], captions [T, T-, T_{I-}] (3B each); ids stay B."""
+        neg = self.sampler.sample(batch["image_ids"], batch["caption_index"], self.generator)
+        t_neg, t_ineg = self.tokenize(neg["captions_tneg"]), self.tokenize(neg["captions_tineg"])
+        out = dict(batch)
+        out["pixel_values"] = torch.cat([batch["pixel_values"], neg["pixels_ineg"], neg["pixels_itneg"]])
+        for key in ("input_ids", "attention_mask"):
+            out[key] = torch.cat([batch[key], t_neg[key], t_ineg[key]])
+        return out

@@ -12,13 +12,13 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoModel, AutoTokenizer, BertConfig, CLIPTextConfig, CLIPVisionConfig, RobertaConfig,
-                          ViTConfig)
 
 from .config import ModelConfig, TextConfig, VisionConfig
 
 
 def build_vision_backbone(cfg: VisionConfig) -> tuple[nn.Module, int]:
+    from transformers import AutoModel, CLIPVisionConfig, ViTConfig  # heavy (seconds): when a model is built
+
     if cfg.pretrained:
         model = AutoModel.from_pretrained(cfg.pretrained)
         model = getattr(model, "vision_model", model)  # a full CLIP checkpoint: keep its vision half
@@ -33,6 +33,8 @@ def build_vision_backbone(cfg: VisionConfig) -> tuple[nn.Module, int]:
 
 
 def build_text_backbone(cfg: TextConfig, tokenizer) -> tuple[nn.Module, int]:
+    from transformers import AutoModel, BertConfig, CLIPTextConfig, RobertaConfig  # heavy (seconds): as above
+
     if cfg.pretrained:
         model = AutoModel.from_pretrained(cfg.pretrained)
         model = getattr(model, "text_model", model)
@@ -156,6 +158,8 @@ class FrozenEncoders(nn.Module):
     (normalised as the student's are)."""
 
     def __init__(self, vision_path: str, text_path: str, max_length: int = 64):
+        from transformers import AutoModel, AutoTokenizer  # heavy (seconds): when a teacher is built
+
         super().__init__()
         vision = AutoModel.from_pretrained(vision_path)
         self.vision = getattr(vision, "vision_model", vision)

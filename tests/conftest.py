@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from dbl_scale.cli.launch import launch_env, torchrun_command
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,10 +44,11 @@ def free_port() -> int:
 
 
 def torchrun(args: list[str], nproc: int = 2, cwd=None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m torch.distributed.run` with `nproc` CPU ranks; fail the test with its output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}"] + args
+    """Run `args` (`["-m", module, ...]` or `[script.py, ...]`) on `nproc` CPU ranks through the
+    project's own torchrun command line; fail the test with its output."""
+    env = dict(launch_env(nproc), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    target = args[1] if args[0] == "-m" else args[0]
+    cmd = torchrun_command(nproc, target, args[2:] if args[0] == "-m" else args[1:])
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dbl_scale import distributed
-from dbl_scale.bench import BOOST_TERMS, LOSSES, add_bench_parser, bench_losses, format_bench
+from dbl_scale.cli.bench import add_parser as add_bench_parser
+from dbl_scale.cli.bench.loss import BOOST_TERMS, LOSSES, bench_losses, format_bench
 
 
 @pytest.fixture(scope="module")

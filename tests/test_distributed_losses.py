@@ -1,6 +1,6 @@
 """Invariant 1: on 2 ranks x batch B (DeepSpeed ZeRO-2, gloo) every method's losses have the
 same value and every trained branch the same parameter gradients as 1 process x batch 2B,
-through the training code (dbl_scale.methods.compute_losses)."""
+through the training code (each method's `losses`, dbl_scale.methods)."""
 from __future__ import annotations
 
 import sys
@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from conftest import REPO, torchrun
-from dbl_scale.methods import compute_losses
 
 WORKERS = Path(__file__).parent / "workers"
 sys.path.insert(0, str(WORKERS))
-from parity_common import VARIANTS, make_batch, make_queues, models_for  # noqa: E402
+from parity_common import VARIANTS, compute_losses, make_batch, make_queues, models_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")

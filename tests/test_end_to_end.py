@@ -15,7 +15,7 @@ from conftest import REPO, TINY, free_port, torchrun
 
 def test_two_rank_run_logs_to_mlflow(shapes_root, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", "loss.method=dbl",
+    proc = torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "loss.method=dbl",
                      "train.steps=6", "train.log_every=2", f"tracking.uri={uri}", "tracking.experiment=e2e",
                      "tracking.run_name=e2e-dbl", f"train.output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
     assert "step 6/6" in proc.stdout and "rSum" in proc.stdout
@@ -68,7 +68,7 @@ def test_validation_best_model_reports_and_eval_command(shapes_root, tmp_path):
     re-evaluates the best model, writes per-query ranks and logs to the same run."""
     import numpy as np
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=8",
+    torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=8",
               "eval.every=4", f"tracking.uri={uri}", "tracking.experiment=val", "tracking.run_name=v",
               f"train.output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
     run_dir = tmp_path / "runs" / "v"
@@ -95,7 +95,7 @@ def test_validation_best_model_reports_and_eval_command(shapes_root, tmp_path):
 def test_compare_prints_the_runs_of_an_experiment(shapes_root, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for method in ("triplet", "infonce"):
-        torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=2",
+        torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=2",
                   f"loss.method={method}", f"tracking.uri={uri}", "tracking.experiment=cmp",
                   f"tracking.run_name=cmp-{method}", f"train.output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
     proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "compare", "--experiment", "cmp",

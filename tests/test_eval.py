@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dbl_scale.eval import METRIC_KEYS, chance_metrics, retrieval_metrics
+from dbl_scale.evaluation import METRIC_KEYS, chance_metrics, retrieval_metrics
 
 
 def naive_ranks(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +136,7 @@ def test_chance_level_matches_random_rankings():
 def test_bench_eval_tiny(capsys):
     import argparse
 
-    from dbl_scale.bench_eval import add_bench_eval_parser, bench_eval, format_bench_eval
+    from dbl_scale.cli.bench.eval import add_parser as add_bench_eval_parser, bench_eval, format_bench_eval
 
     r = bench_eval(n_images=40, k=5, dim=16, repeats=1, naive_images=10, chunk=8)
     assert r["naive_agrees"] and r["naive_extrapolated"] and r["naive_queries"] == [10, 50]
@@ -158,7 +158,7 @@ def test_bench_eval_tiny(capsys):
 def test_coco1k_is_the_mean_of_five_folds():
     import torch
 
-    from dbl_scale.eval import protocol_metrics
+    from dbl_scale.evaluation import protocol_metrics
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(5000, 16, generator=g), dim=1)
     txt = img.repeat_interleave(5, dim=0).clone()  # every caption = its image: perfect retrieval

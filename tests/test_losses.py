@@ -1,4 +1,4 @@
-"""Each loss against a plain reference written as loops over queries (LOSSES.md), and the
+"""Each loss against a plain reference written as loops over queries (docs/methods.md), and the
 local-block form (what one rank computes) against the square matrix."""
 from __future__ import annotations
 

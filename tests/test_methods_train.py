@@ -10,7 +10,7 @@ from conftest import TINY, torchrun
 
 def _run(shapes_root, tmp_path, name, *overrides, steps=4):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", f"train.steps={steps}",
+    proc = torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", f"train.steps={steps}",
               "train.log_every=1", "eval.at_end=false", f"tracking.uri={uri}", "tracking.experiment=methods",
               f"tracking.run_name={name}", f"train.output_dir={tmp_path / 'runs'}", *overrides], cwd=tmp_path)
     client = MlflowClient(uri)
@@ -103,7 +103,7 @@ def test_distillation_from_a_finished_run(shapes_root, tmp_path, teacher):
 
 
 def test_missing_checkpoint_is_a_clear_error(shapes_root, tmp_path):
-    from dbl_scale.train import load_model
+    from dbl_scale.branches import load_model
     with pytest.raises(FileNotFoundError, match="model.pt not found: expected the folder of a finished run"):
         (tmp_path / "config.yaml").write_text("{}")
         load_model(tmp_path, None)

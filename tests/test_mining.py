@@ -10,8 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dbl_scale.mining import (Candidates, OfflineNegatives, _forwarded, add_mine_parser, make_tokenize, mine,
-                              mine_command, shard_rows, top_candidates)
+from dbl_scale.cli.launch import torchrun_command
+from dbl_scale.cli.mine import MODULE as MINE_MODULE
+from dbl_scale.cli.mine import add_parser as add_mine_parser
+from dbl_scale.cli.mine import forwarded
+from dbl_scale.data import Tokenize
+from dbl_scale.mining import Candidates, OfflineNegatives, mine, shard_rows, top_candidates
 
 from conftest import TINY, torchrun
 
@@ -103,9 +107,9 @@ def test_mine_sub_command_builds_the_torchrun_line():
     add_mine_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["mine", "--run", "runs/a", "--data", "d", "--out", "c.pt", "--nproc", "3",
                               "--k-images", "50"])
-    cmd = mine_command(args.nproc, _forwarded(args))
+    cmd = torchrun_command(args.nproc, MINE_MODULE, forwarded(args))
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
-    assert cmd[6] == "dbl_scale.mining"
+    assert cmd[6] == "dbl_scale.cli.mine"
     tail = cmd[7:]
     assert tail[tail.index("--run-dir") + 1] == "runs/a" and tail[tail.index("--k-images") + 1] == "50"
     assert tail[tail.index("--data") + 1] == "d" and "--split" not in tail
@@ -117,7 +121,7 @@ def test_mine_sub_command_builds_the_torchrun_line():
 def tiny_run(shapes_root, tokenizer, tmp_path_factory):
     """A "finished run" folder with untrained tiny towers."""
     from dbl_scale.config import load_config, save_config
-    from dbl_scale.train import new_model
+    from dbl_scale.branches import new_model
 
     run = tmp_path_factory.mktemp("mining") / "run"
     run.mkdir()
@@ -129,18 +133,18 @@ def tiny_run(shapes_root, tokenizer, tmp_path_factory):
 
 def test_two_rank_mining_matches_one_process(shapes_root, tokenizer, tiny_run):
     from dbl_scale.data import load_eval_split
-    from dbl_scale.eval import embed_split
-    from dbl_scale.train import load_model
+    from dbl_scale.evaluation import embed_split
+    from dbl_scale.branches import load_model
 
     run, cfg = tiny_run
     out = run.parent / "cands.pt"
-    proc = torchrun(["-m", "dbl_scale.mining", "--run-dir", str(run), "--data", str(shapes_root), "--out", str(out),
+    proc = torchrun(["-m", "dbl_scale.cli.mine", "--run-dir", str(run), "--data", str(shapes_root), "--out", str(out),
                      "--k-captions", "1000", "--k-images", "30", "--batch-size", "16"], nproc=2, timeout=300)
     assert "128 images" in proc.stdout
     two = Candidates.load(out)
 
     model = load_model(run, tokenizer)
-    tokenize = make_tokenize(tokenizer, cfg.model.text.max_length)
+    tokenize = Tokenize(tokenizer, cfg.model.text.max_length)
     one = mine(model, shapes_root, "train", 32, tokenize, 16, k_captions=1000, k_images=30)
 
     n, k = 128, 5

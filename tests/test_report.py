@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dbl_scale.eval import retrieval_metrics
-from dbl_scale.report import log_reports, recall_curve, recall_curve_png, retrieval_html
+from dbl_scale.evaluation import retrieval_metrics
+from dbl_scale.evaluation.report import log_reports, recall_curve, recall_curve_png, retrieval_html
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (240, 220, 20),
            "black": (0, 0, 0), "white": (255, 255, 255)}
@@ -158,7 +158,7 @@ def test_compare_lists_runs_best_first_in_every_format(tmp_path, monkeypatch, ca
 
     from mlflow.tracking import MlflowClient
 
-    from dbl_scale.compare import add_compare_parser, compare_runs
+    from dbl_scale.cli.compare import add_parser as add_compare_parser, compare_runs
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -13,7 +13,7 @@ from conftest import TINY, torchrun
 
 def _train(shapes_root, tmp_path, name, overrides, extra=()):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    torchrun(["-m", "dbl_scale.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=12",
+    torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=12",
               "train.log_every=1", "eval.at_end=false", f"tracking.uri={uri}", "tracking.experiment=resume",
               f"tracking.run_name={name}", f"train.output_dir={tmp_path / 'runs'}", *overrides, *extra],
              cwd=tmp_path)

@@ -33,7 +33,7 @@ def _args(shapes_root, tmp_path, name, *overrides):
 @pytest.fixture(scope="module")
 def anchor(shapes_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("anchor")
-    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp, "anchor", "train.steps=4")], cwd=tmp)
+    torchrun(["-m", "dbl_scale.cli.train", *_args(shapes_root, tmp, "anchor", "train.steps=4")], cwd=tmp)
     return tmp / "runs" / "anchor"
 
 
@@ -49,7 +49,7 @@ def test_scenario_trains_under_every_zero_stage(scenario, ds, shapes_root, tmp_p
     shards, the offline anchor is cast to bf16)."""
     overrides = [o.format(anchor=anchor) for o in SCENARIOS[scenario]]
     name = f"{scenario}-{ds}"
-    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, name, "loss.method=dbl", "train.steps=16",
+    torchrun(["-m", "dbl_scale.cli.train", *_args(shapes_root, tmp_path, name, "loss.method=dbl", "train.steps=16",
                                                "train.log_every=8", f"train.deepspeed=ds_configs/{ds}.json",
                                                *overrides)], cwd=tmp_path)
     losses, run = _losses(tmp_path, name)
@@ -66,7 +66,7 @@ def _launch(cmd, tmp_path):
 
 def test_deepspeed_launcher(shapes_root, tmp_path):
     out = _launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                   f"--master_port={free_port()}", "--module", "dbl_scale.train",
+                   f"--master_port={free_port()}", "--module", "dbl_scale.cli.train",
                    *_args(shapes_root, tmp_path, "ds", "train.steps=3")], tmp_path)
     assert "2 ranks x batch 8" in out
     assert len(_losses(tmp_path, "ds")[0]) == 3
@@ -75,7 +75,7 @@ def test_deepspeed_launcher(shapes_root, tmp_path):
 def test_accelerate_launch_with_a_deepspeed_yaml(shapes_root, tmp_path):
     out = _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(REPO / "ds_configs" / "accelerate_zero3.yaml"), f"--main_process_port={free_port()}",
-                   "-m", "dbl_scale.train", *_args(shapes_root, tmp_path, "acc", "train.steps=3")], tmp_path)
+                   "-m", "dbl_scale.cli.train", *_args(shapes_root, tmp_path, "acc", "train.steps=3")], tmp_path)
     assert "2 ranks x batch 8" in out and "ZeRO-3" in out  # the YAML's DeepSpeed file was used
     assert len(_losses(tmp_path, "acc")[0]) == 3
 
@@ -84,9 +84,9 @@ def test_export_after_zero3_reloads_with_automodel(shapes_root, tmp_path, tokeni
     from transformers import AutoModel
 
     from dbl_scale.export import export, load_exported
-    from dbl_scale.train import load_model
+    from dbl_scale.branches import load_model
 
-    torchrun(["-m", "dbl_scale.train", *_args(shapes_root, tmp_path, "z3", "train.steps=3",
+    torchrun(["-m", "dbl_scale.cli.train", *_args(shapes_root, tmp_path, "z3", "train.steps=3",
                                                "train.deepspeed=ds_configs/zero3.json")], cwd=tmp_path)
     run_dir = tmp_path / "runs" / "z3"
     out = export(run_dir, tmp_path / "exported")

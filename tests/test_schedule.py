@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dbl_scale.config import load_config
-from dbl_scale.train import lr_lambdas, new_model, param_groups
+from dbl_scale.branches import new_model
+from dbl_scale.optim import lr_lambdas, param_groups
 from conftest import TINY
 
 
@@ -48,7 +49,7 @@ def test_cosine_reaches_zero(tokenizer):
 def test_ema_update_is_the_momentum_average(tokenizer):
     """anchor <- m * anchor + (1 - m) * target for every parameter, also a bf16 anchor of an
     fp32 target; m = 0 copies the target (how the EMA anchor starts)."""
-    from dbl_scale.train import ema_update
+    from dbl_scale.branches import ema_update
 
     cfg = load_config(TINY, [])
     target, anchor = new_model(cfg, tokenizer, 0), new_model(cfg, tokenizer, 1)

@@ -23,7 +23,8 @@ import torch
 
 from dbl_scale import distributed
 from dbl_scale.config import load_config
-from dbl_scale.train import deepspeed_config, new_model
+from dbl_scale.branches import new_model
+from dbl_scale.optim import deepspeed_config
 
 FRACTION = 0.65  # of the full model; a rank holds 1/2 of it, plus one layer while it is built
 OVERRIDES = ["model.vision.hidden=512", "model.vision.layers=8", "model.vision.heads=8",

@@ -11,9 +11,8 @@ from deepspeed.utils import safe_get_full_grad
 
 from dbl_scale import distributed
 from dbl_scale.config import load_config
-from dbl_scale.methods import compute_losses
-from dbl_scale.train import deepspeed_config
-from parity_common import VARIANTS, local_slice, make_batch, make_queues, models_for
+from dbl_scale.optim import deepspeed_config
+from parity_common import VARIANTS, compute_losses, local_slice, make_batch, make_queues, models_for
 
 out, tok_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
 distributed.init_distributed()

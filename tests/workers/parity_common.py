@@ -3,7 +3,7 @@ import torch
 from transformers import AutoTokenizer
 
 from dbl_scale.config import load_config
-from dbl_scale.methods import KeyQueues, branch_roles, method_heads
+from dbl_scale.methods import KeyQueues, build_method
 from dbl_scale.models import DualEncoder
 
 GLOBAL_BATCH = 8
@@ -37,14 +37,21 @@ def models_for(name, tok_dir):
     """The variant's config, branch roles, and branch k's towers from seed k (with the method's
     heads): the first branches differ from the last (the target)."""
     cfg = load_config(None, MODEL + VARIANTS[name])
-    roles = branch_roles(cfg.loss)
+    method = build_method(cfg)
+    roles = method.roles
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     models = []
     for k in range(len(roles)):
         torch.manual_seed(k)
-        models.append(DualEncoder(cfg.model, tokenizer, 0.07 if cfg.loss.method == "infonce" else None,
-                                  heads=method_heads(cfg)))
+        models.append(DualEncoder(cfg.model, tokenizer, method.logit_temperature(), heads=method.heads()))
     return cfg, roles, models, tokenizer
+
+
+def compute_losses(cfg, outs, image_ids, queues=None):
+    """The training code's loss terms: the run's method object, with CODER's queues set."""
+    method = build_method(cfg)
+    method.queues = queues
+    return method.losses(outs, image_ids)
 
 
 def make_queues(cfg):

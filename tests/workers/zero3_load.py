@@ -16,7 +16,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from dbl_scale import distributed
 from dbl_scale.config import load_config
-from dbl_scale.train import deepspeed_config, load_model, new_model
+from dbl_scale.branches import load_model, new_model
+from dbl_scale.optim import deepspeed_config
 
 
 def max_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor], prefix: str = "") -> tuple[float, int]:

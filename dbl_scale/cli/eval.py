@@ -2,35 +2,38 @@
 
     dbl-scale eval --run-dir runs/r1/best --data data/coco --split test --protocol coco1k
 
-The split is embedded on all ranks; rank 0 computes the metrics (`standard`: every image of
-the split, e.g. Flickr30K 1K test or COCO 5K; `coco1k`: mean over 5 folds of 1000 images),
-writes the per-query ranks (`ranks.npz`) and `metrics.json`, the recall@K plot and the HTML
-sample page, and logs everything to the MLflow run that trained the model, or to a nested
-run under it with `--nested`.
+The split is embedded on all ranks (`evaluation.evaluate`, as training evaluates); rank 0
+writes the per-query ranks (`ranks.npz`) and `metrics.json` (`standard`: every image of the
+split, e.g. Flickr30K 1K test or COCO 5K; `coco1k`: mean over 5 folds of 1000 images), the
+recall@K plot and the HTML sample page, and logs everything to the MLflow run that trained
+the model, or to a nested run under it with `--nested`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
+from ..branches import load_model
+from ..config import load_config
+from ..data import Tokenize, ensure_tokenizer
+from ..evaluation import evaluate, format_table, report
+from ..tracking import Tracker
+from .launch import run_ranks
+
+MODULE = "dbl_scale.cli.eval"
+OPTIONS = ("run_dir", "data", "split", "protocol", "batch_size", "out", "tracking_uri")
+
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dbl_scale.evaluate")
+    """Rank side: every rank embeds its share; rank 0 writes and logs."""
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     _add_options(p)
     args = p.parse_args(argv)
-
-    from . import distributed
-    from .config import load_config
-    from .data import ensure_tokenizer, load_eval_split
-    from .eval import embed_split, format_table, protocol_metrics
-    from .report import log_reports
-    from .tracking import Tracker
-    from .train import load_model, load_thumbnails
 
     distributed.init_distributed()
     model_dir = Path(args.run_dir)
@@ -38,40 +41,30 @@ def main(argv=None) -> int:
     cfg = load_config(model_dir / "config.yaml", [f"data.root={args.data}"] if args.data else [])
     tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
     model = load_model(model_dir, tokenizer).to(distributed.device()).eval()
-    pixels, ids, captions = load_eval_split(cfg.data.root, args.split, cfg.model.vision.image_size,
-                                            distributed.rank(), distributed.world_size())
-
-    def tokenize(texts):
-        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=cfg.model.text.max_length,
-                        return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    img, txt, all_ids = embed_split(model, pixels, captions, ids, tokenize, args.batch_size)
+    ev = evaluate(model, cfg.data.root, args.split, cfg.model.vision.image_size,
+                  Tokenize(tokenizer, cfg.model.text.max_length), args.batch_size, args.protocol)
     if distributed.is_main():
-        metrics, ranks = protocol_metrics(img, txt, args.protocol, return_ranks=True)
         out = Path(args.out or run_dir / "eval" / f"{args.split}-{args.protocol}")
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / "ranks.npz", i2t=ranks["i2t"], t2i=ranks["t2i"], image_ids=all_ids.numpy())
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(f"{model_dir} on {cfg.data.root} / {args.split} ({args.protocol}, {len(all_ids)} images)\n"
-              + format_table({"model": metrics}), flush=True)
+        np.savez(out / "ranks.npz", i2t=ev.ranks["i2t"], t2i=ev.ranks["t2i"], image_ids=ev.image_ids.numpy())
+        (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2))
+        print(f"{model_dir} on {cfg.data.root} / {args.split} ({args.protocol}, {len(ev.image_ids)} images)\n"
+              + format_table({"model": ev.metrics}), flush=True)
         run_file = run_dir / "run.json"
         tracker = Tracker(args.tracking_uri or cfg.tracking.uri, cfg.tracking.experiment)
         parent = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.exists() else None
-        prefix = f"eval/{args.split}-{args.protocol}/"
+        prefix = f"eval/{args.split}-{args.protocol}"
         if parent and not args.nested:
             tracker.resume(parent)
         else:
             tags = {"mlflow.parentRunId": parent} if parent else {}
             tracker.start(f"eval-{run_dir.name}-{args.split}", {"model_dir": str(model_dir), "data": cfg.data.root,
                                                                 "split": args.split, "protocol": args.protocol}, tags)
-        tracker.log_metrics({prefix + k: v for k, v in metrics.items()}, 0)
-        tracker.log_artifact(out / "ranks.npz", prefix.rstrip("/"))
-        tracker.log_artifact(out / "metrics.json", prefix.rstrip("/"))
+        tracker.log_metrics({f"{prefix}/{k}": v for k, v in ev.metrics.items()}, 0)
+        tracker.log_artifact(out / "ranks.npz", prefix)
+        tracker.log_artifact(out / "metrics.json", prefix)
         if args.protocol == "standard":
-            thumbs, caps = load_thumbnails(cfg.data.root, args.split, all_ids)
-            log_reports(tracker, out, thumbs, caps, img @ txt.t(), metrics, ranks, split=args.split,
-                        artifact_path=prefix.rstrip("/"))
+            report(ev, tracker, out, cfg.data.root, args.split, artifact_path=prefix)
         tracker.finish("FINISHED")
         print(f"ranks, metrics and reports in {out}; logged to MLflow run {tracker.run_id}")
     distributed.barrier()
@@ -90,20 +83,17 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .cli import launch_env
     forwarded = []
-    for key in ("run_dir", "data", "split", "protocol", "batch_size", "out", "tracking_uri"):
+    for key in OPTIONS:
         value = getattr(args, key)
         if value is not None:
             forwarded += [f"--{key.replace('_', '-')}", str(value)]
     if args.nested:
         forwarded.append("--nested")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "dbl_scale.evaluate", *forwarded]
-    return subprocess.call(cmd, env=launch_env(args.nproc))
+    return run_ranks(args.nproc, MODULE, forwarded)
 
 
-def add_eval_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a finished run on a shard set (standard or COCO 1K protocol)")
     _add_options(p)
     p.add_argument("--nproc", type=int, default=2, help="ranks that embed the split")

@@ -9,13 +9,14 @@ the same table; their rows say so, since that checkpoint's steps come on top.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
-from .cli import launch_env, prepare_data, torchrun_command
-from .config import load_config, resolve_config
-from .eval import chance_metrics, format_table
+from ...config import load_config, resolve_config
+from ...evaluation import RECALL_KEYS, chance_metrics, format_table
+from ..data import prepare_data
+from ..launch import config_args, run_ranks
+from ..train import MODULE as TRAIN
 
 # (row, overrides, what it starts from); "{ckpt}" is the folder of the table's triplet run
 METHODS = [
@@ -50,7 +51,7 @@ def run_table(config: str, nproc: int, tracking_uri: str, experiment: str, overr
         run_overrides = common + [o.format(ckpt=ckpt) for o in method_overrides] + [f"tracking.run_name={run_name}"]
         print(f"\n=== {row}: {cfg.train.steps} steps, {nproc} ranks x batch {cfg.data.batch_size} ===", flush=True)
         t0 = time.time()
-        rc = subprocess.call(torchrun_command(nproc, resolve_config(config), run_overrides), env=launch_env(nproc))
+        rc = run_ranks(nproc, TRAIN, config_args(resolve_config(config), run_overrides))
         if rc != 0:
             raise RuntimeError(f"{row} failed with exit code {rc}")
         run_dir = Path(cfg.train.output_dir) / run_name
@@ -65,11 +66,10 @@ def run_table(config: str, nproc: int, tracking_uri: str, experiment: str, overr
 
 
 def markdown(results: dict[str, dict]) -> str:
-    keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
     lines = ["| method | starts from | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | rSum | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row, m in results.items():
-        cells = " | ".join(f"{m[k]:.1f}" for k in keys)
+        cells = " | ".join(f"{m[k]:.1f}" for k in RECALL_KEYS)
         lines.append(f"| {row} | {m['start']} | {cells} | {m['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -83,7 +83,7 @@ def cmd_bench_methods(args) -> int:
     return 0
 
 
-def add_methods_parser(bench_sub) -> None:
+def add_parser(bench_sub) -> None:
     p = bench_sub.add_parser("methods", help="train every method on the same data, steps and towers; tabulate")
     p.add_argument("--config", default="demo")
     p.add_argument("--nproc", type=int, default=2)

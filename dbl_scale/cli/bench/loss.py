@@ -14,24 +14,21 @@ to the VSE++ hinge triplet ("triplet") measured in the same run at the same size
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from . import distributed
-from .losses import (OfflineScores, Scores, aoq_quintuplet, boost_absolute, boost_relative, distillation,
+from ...losses import (OfflineScores, Scores, aoq_quintuplet, boost_absolute, boost_relative, distillation,
                      diversity_contrastive, hinge_triplet, info_nce, mutual_learning, structure_distillation)
+from .common import cpu_count, machine_line, torch_cpu_peak_bytes
 
 LOSSES = ("triplet", "triplet_sum", "dbl_relative", "dbl_absolute", "dbl_relative_soft", "dbl_total",
           "infonce", "distillation", "mutual_learning", "dcl", "aoq", "structure")
@@ -116,33 +113,18 @@ def _make_inputs(b: int, n: int, dim: int, seed: int, device, dtype) -> _Inputs:
     )
 
 
-@contextlib.contextmanager
-def _simulated_gathers(x: _Inputs) -> Iterator[None]:
-    """Inside: `distributed`'s gathers append the other ranks' rows and this process is rank 0,
-    for a loss that gathers internally (structure_distillation). With-grad gathers take the
-    student image rows, then the caption rows; no-grad gathers the teacher's, in the same order."""
-    with_grad = [x.other_img, x.other_txt]
-    no_grad = [x.teacher_other_img, x.teacher_other_txt]
-    calls = {"with": 0, "no": 0}
+def _simulated_gather(x: _Inputs):
+    """The `gather` a structure-distillation step is given: this rank's rows followed by the
+    other ranks' (student rows with gradient: images, then captions; teacher rows without,
+    in the same order), as `distributed.gather` would return them on rank 0."""
+    others = {True: [x.other_img, x.other_txt], False: [x.teacher_other_img, x.teacher_other_txt]}
+    calls = {True: 0, False: 0}
 
-    def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-        other = with_grad[calls["with"] % 2]
-        calls["with"] += 1
+    def gather(t: torch.Tensor, with_grad: bool) -> torch.Tensor:
+        other = others[with_grad][calls[with_grad] % 2]
+        calls[with_grad] += 1
         return torch.cat([t, other.to(t.dtype)])
-
-    @torch.no_grad()
-    def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
-        other = no_grad[calls["no"] % 2]
-        calls["no"] += 1
-        return torch.cat([t, other.to(t.dtype)])
-
-    saved = distributed.gather_with_grad, distributed.gather_no_grad, distributed.rank
-    distributed.gather_with_grad, distributed.gather_no_grad = gather_with_grad, gather_no_grad
-    distributed.rank = lambda: 0
-    try:
-        yield
-    finally:
-        distributed.gather_with_grad, distributed.gather_no_grad, distributed.rank = saved
+    return gather
 
 
 # ----------------------------------------------------------------------------- the timed steps
@@ -169,8 +151,8 @@ def _offline(x: _Inputs) -> OfflineScores:
 
 
 def _structure(x: _Inputs) -> torch.Tensor:
-    with _simulated_gathers(x):
-        return structure_distillation(x.img, x.txt, x.teacher_img, x.teacher_txt, lam=0.5, tau=0.1)
+    return structure_distillation(x.img, x.txt, x.teacher_img, x.teacher_txt, lam=0.5, tau=0.1,
+                                  gather=_simulated_gather(x))
 
 
 def _dcl(x: _Inputs) -> torch.Tensor:
@@ -228,41 +210,6 @@ def _time_ms(fn, x: _Inputs, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _allocation_events(prof) -> Optional[list[tuple[int, int]]]:
-    """(time ns, bytes; negative for a free) of every allocator event the profiler saw, or None
-    where this torch does not expose its event tree."""
-    try:
-        from torch._C._profiler import _EventType
-        roots = prof.profiler.kineto_results.experimental_event_tree()
-    except Exception:  # noqa: BLE001 - a private API: fall back below
-        return None
-    out, stack = [], list(roots)
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            out.append((e.start_time_ns, int(e.extra_fields.alloc_size)))
-        stack.extend(e.children)
-    return out
-
-
-def _peak_bytes_cpu(run: Callable[[], object]) -> int:
-    """Peak of torch's CPU allocations over `run`, above what was allocated before it: the
-    running sum of the profiler's allocation and free events, in time order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = _allocation_events(prof)
-    if events is None:  # public API: each op's own net allocations, at its start (coarser)
-        events = [(int(e.time_range.start * 1000), int(e.self_cpu_memory_usage)) for e in prof.events()
-                  if e.self_cpu_memory_usage]
-    total = peak = 0
-    for _, size in sorted(events):
-        total += size
-        peak = max(peak, total)
-    return peak
-
-
 def _peak_bytes(run: Callable[[], object], device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -271,7 +218,7 @@ def _peak_bytes(run: Callable[[], object], device: torch.device) -> int:
         run()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    return _peak_bytes_cpu(run)
+    return torch_cpu_peak_bytes(run)
 
 
 def default_device() -> torch.device:
@@ -373,34 +320,11 @@ def format_bench(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def machine_line(device: torch.device) -> str:
-    dev = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f"cpu ({_cpu_model()})")
-    return (f"machine: {_cpu_count()} CPUs usable ({os.cpu_count()} total), torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, device {dev}")
-
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cmd_bench_loss(args) -> int:
-    torch.set_num_threads(args.threads or _cpu_count())
+    torch.set_num_threads(args.threads or cpu_count())
     device = default_device()
     dtype = _DTYPES[args.dtype]
     print(machine_line(device), flush=True)
@@ -425,12 +349,9 @@ def cmd_bench_loss(args) -> int:
     return 0
 
 
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `bench` (sub-commands `loss`, `methods`, `eval` and `memory`) on an argparse sub-parser set."""
-    p = subparsers.add_parser("bench", help="micro-benchmarks", description="micro-benchmarks")
-    bsub = p.add_subparsers(dest="bench_command", required=True)
-    b = bsub.add_parser("loss", help="time and peak memory of every loss, forward + backward, as one rank",
-                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_parser(bench_sub) -> None:
+    b = bench_sub.add_parser("loss", help="time and peak memory of every loss, forward + backward, as one rank",
+                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--local", dest="local_batches", type=int, nargs="+", default=[256, 1024],
                    help="local batch sizes B (queries of this rank)")
     b.add_argument("--global", dest="global_batches", type=int, nargs="+", default=[2048, 8192],
@@ -444,21 +365,3 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     b.add_argument("--quiet", action="store_true", help="no per-loss progress on stderr")
     b.set_defaults(func=cmd_bench_loss)
-    from .bench_eval import add_bench_eval_parser
-    from .bench_memory import add_bench_memory_parser
-    from .method_table import add_methods_parser  # `bench methods`: trains every method
-    add_methods_parser(bsub)
-    add_bench_eval_parser(bsub)
-    add_bench_memory_parser(bsub)
-    return p
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dbl_scale.bench")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench"] + list(sys.argv[1:] if argv is None else argv))
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

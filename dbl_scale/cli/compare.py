@@ -17,7 +17,8 @@ import math
 import sys
 from typing import Iterable, Optional, Sequence
 
-RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+from ..evaluation import RECALL_HEADS, RECALL_KEYS
+
 PARAMS = {"scenario": "loss.dbl.scenario", "train_steps": "train.steps", "batch_size": "data.batch_size",
           "lr": "optim.lr", "deepspeed": "train.deepspeed"}
 SPLITS = ("test", "val")  # preferred evaluation split prefixes, in order
@@ -25,8 +26,7 @@ THROUGHPUT = "samples_per_s"
 
 # column key -> header (text and markdown); CSV uses the keys
 _HEADS = {"run": "run", "method": "method", "scenario": "scenario", "steps": "steps", "train_steps": "train.steps",
-          "batch_size": "batch", "lr": "lr", "deepspeed": "deepspeed", "split": "split", "i2t_r1": "I2T R@1",
-          "i2t_r5": "R@5", "i2t_r10": "R@10", "t2i_r1": "T2I R@1", "t2i_r5": "R@5", "t2i_r10": "R@10", "rsum": "rSum",
+          "batch_size": "batch", "lr": "lr", "deepspeed": "deepspeed", "split": "split", **RECALL_HEADS,
           "samples_per_s": "samples/s", "status": "status"}
 
 
@@ -59,7 +59,7 @@ def compare_runs(tracking_uri: str, experiment: str, sort_by: str = "test/rsum",
     (`rsum`: of whichever split the run reports, `steps`, ...). `metrics`: the evaluation
     metrics to read, without split prefix (default: R@1/5/10 both ways and rSum).
     """
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # heavy (seconds): imported when used
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -160,7 +160,7 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `compare` on an argparse sub-parser set."""
     p = subparsers.add_parser("compare", help="the runs of an MLflow experiment side by side",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,19 +28,32 @@ round, medians over the rounds; each as a ratio to the baseline. Target: momentu
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from .bench_eval import MIB
-from .config import load_config, resolve_config, save_config
+from ... import distributed
+from ...branches import build_branches
+from ...checkpoint import save_model
+from ...config import load_config, resolve_config, save_config
+from ...data import ensure_tokenizer
+from ...methods import build_method
+from ...optim import resolve_ds_config
+from ...train import train_step
+from ..data import prepare_data
+from ..launch import run_ranks
+from .common import MIB, machine_line
+
+MODULE = "dbl_scale.cli.bench.memory"
 
 MOMENTUM_TARGET = 1.4
 SCENARIOS = {  # name -> overrides on top of the bench config
@@ -129,8 +142,6 @@ def _batch(cfg, vocab: int, rank: int, step: int) -> dict:
 
 def _ds_file(stage: int, bf16: bool, folder: Path) -> str:
     """ds_configs/zero{stage}.json, with bf16 switched on for --bf16 (written into `folder`)."""
-    from .train import resolve_ds_config
-
     path = resolve_ds_config(f"ds_configs/zero{stage}.json")
     if not bf16:
         return str(path)
@@ -143,10 +154,6 @@ def _ds_file(stage: int, bf16: bool, folder: Path) -> str:
 
 def release(branches) -> None:
     """Free a set of branches before building the next (engines hold hooks and cycles)."""
-    import gc
-
-    from . import distributed
-
     for br in branches:
         for engine in (br.engine, br.partitioner):
             if engine is not None:
@@ -157,22 +164,19 @@ def release(branches) -> None:
 
 
 def zero_memory(args, tokenizer, rank: int, world: int, folder: Path) -> list[dict]:
-    from . import distributed
-    from .methods import compute_losses
-    from .train import build_branches, train_step
-
     rows = []
     for stage in (0, 1, 2, 3):
         ds = _ds_file(stage, args.bf16, folder)
         cfg = load_config(args.config, [*args.overrides, "loss.method=triplet", f"train.deepspeed={ds}"])
-        branches = build_branches(cfg, tokenizer, world)
+        method = build_method(cfg)
+        branches = build_branches(cfg, method, tokenizer, world)
         engine = branches[-1].engine
-        train_step(cfg, branches, _batch(cfg, len(tokenizer), rank, 0), 0)
+        train_step(method, branches, _batch(cfg, len(tokenizer), rank, 0), 0)
         batch = _batch(cfg, len(tokenizer), rank, 1)
         dtype = next(engine.module.parameters()).dtype
         dev = engine.device
         out = engine(batch["pixel_values"].to(dev, dtype), batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-        loss = compute_losses(cfg, [out], batch["image_ids"].to(dev), 1)[0]["loss"]
+        loss = method.losses([out], batch["image_ids"].to(dev), 1)[0]["loss"]
         engine.backward(loss * world)
         params = param_storages(engine.module)
         grads = grad_storages(engine, params)
@@ -188,9 +192,6 @@ def zero_memory(args, tokenizer, rank: int, world: int, folder: Path) -> list[di
 
 
 def step_times(args, tokenizer, rank: int, world: int, folder: Path, anchor_dir: Path) -> dict:
-    from . import distributed
-    from .train import build_branches, save_model, train_step
-
     ds = _ds_file(args.stage, args.bf16, folder)
     common = [*args.overrides, f"train.deepspeed={ds}", f"train.steps={args.rounds + args.warmup + 1}"]
     built = {}
@@ -198,7 +199,7 @@ def step_times(args, tokenizer, rank: int, world: int, folder: Path, anchor_dir:
         if name.split()[-1] not in args.scenarios and name != "triplet (baseline)":
             continue
         if name == "dbl offline":  # the anchor: the baseline's towers, saved as a finished run
-            cfg0 = built["triplet (baseline)"][0]
+            cfg0 = built["triplet (baseline)"][0].cfg
             if rank == 0:
                 anchor_dir.mkdir()
             distributed.barrier()
@@ -207,18 +208,18 @@ def step_times(args, tokenizer, rank: int, world: int, folder: Path, anchor_dir:
                 save_config(cfg0, anchor_dir / "config.yaml")
             distributed.barrier()
             extra = extra + [f"loss.dbl.anchor={anchor_dir}"]
-        cfg = load_config(args.config, common + extra)
-        built[name] = (cfg, build_branches(cfg, tokenizer, world))
+        method = build_method(load_config(args.config, common + extra))
+        built[name] = (method, build_branches(method.cfg, method, tokenizer, world))
     times = {name: [] for name in built}
     dev = built["triplet (baseline)"][1][-1].engine.device
     for step in range(args.warmup + args.rounds):
-        batch = _batch(built["triplet (baseline)"][0], len(tokenizer), rank, step)
-        for name, (cfg, branches) in built.items():
+        batch = _batch(built["triplet (baseline)"][0].cfg, len(tokenizer), rank, step)
+        for name, (method, branches) in built.items():
             distributed.barrier()
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
-            terms = train_step(cfg, branches, batch, step)
+            terms = train_step(method, branches, batch, step)
             float(terms["loss"])  # waits for the step
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -232,12 +233,6 @@ def step_times(args, tokenizer, rank: int, world: int, folder: Path, anchor_dir:
 
 
 def worker(args) -> int:
-    import faulthandler
-    import warnings
-
-    from . import distributed
-    from .data import ensure_tokenizer
-
     faulthandler.enable()  # a native crash prints the Python stack of every thread
     warnings.filterwarnings("ignore", category=FutureWarning)
     distributed.init_distributed()
@@ -284,9 +279,6 @@ def format_times(times: dict) -> str:
 
 
 def cmd_bench_memory(args) -> int:
-    from .bench import machine_line
-    from .cli import launch_env, prepare_data, torchrun_command
-
     overrides = STEADY + (DEFAULT_MODEL if args.config is None else []) + list(args.overrides)
     args.config = resolve_config(args.config or "demo")
     cfg = load_config(args.config, overrides)  # a bad key fails here, before any process starts
@@ -300,8 +292,7 @@ def cmd_bench_memory(args) -> int:
         flags = ["--out", str(out), "--stage", str(args.stage), "--rounds", str(args.rounds),
                  "--warmup", str(args.warmup), "--scenarios", *args.scenarios]
         flags += ["--bf16"] * args.bf16 + ["--skip-memory"] * args.skip_memory + ["--skip-time"] * args.skip_time
-        cmd = torchrun_command(args.nproc, args.config, ["--", *overrides], "dbl_scale.bench_memory", flags)
-        rc = subprocess.call(cmd, env=launch_env(args.nproc))
+        rc = run_ranks(args.nproc, MODULE, [*flags, "--config", args.config, "--", *overrides])
         if rc != 0:
             print(f"bench memory: the ranks failed (exit {rc})", file=sys.stderr)
             return rc
@@ -340,7 +331,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-time", action="store_true", help="only the ZeRO memory table")
 
 
-def add_bench_memory_parser(subparsers) -> None:
+def add_parser(subparsers) -> None:
     p = subparsers.add_parser("memory", help="per-rank bytes of ZeRO 0-3 and the step time of each DBL scenario",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
@@ -351,7 +342,8 @@ def add_bench_memory_parser(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dbl_scale.bench_memory")
+    """Rank side: measure on this rank; rank 0 writes the result file."""
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     parser.add_argument("--out", required=True)
     _add_arguments(parser)
     parser.add_argument("overrides", nargs="*")

@@ -1,6 +1,6 @@
 """Evaluation reports a person looks at: a recall@K curve (PNG) and a page of sample queries (HTML).
 
-Both come from the same similarity matrix and 0-based ranks as `eval.retrieval_metrics`; the
+Both come from the same similarity matrix and 0-based ranks as `metrics.retrieval_metrics`; the
 HTML page lists each sampled query's top results in the reference's own order
 (`argsort(scores)[::-1]`, ties included), so what it shows agrees with the reported numbers.
 The page is self-contained (thumbnails are inline data URIs) and can be logged to MLflow
@@ -16,8 +16,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .eval import METRIC_KEYS, retrieval_metrics
+from .metrics import METRIC_KEYS, retrieval_metrics
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -42,7 +43,7 @@ def recall_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
 
 def recall_curve_png(ranks: dict, path: Union[str, Path], title: str = "Recall@K", max_k: int = 50) -> Path:
     """Recall@K for K = 1..max_k (capped at the number of candidates), both directions, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (seconds): when a plot is drawn
     from matplotlib.figure import Figure
 
     n_img, n_cap = len(ranks["i2t"]), len(ranks["t2i"])
@@ -73,8 +74,6 @@ def recall_curve_png(ranks: dict, path: Union[str, Path], title: str = "Recall@K
 
 def _thumb_uri(image, px: int = THUMB_PX) -> str:
     """A PIL image or uint8 array (H x W, H x W x C or C x H x W) as a base64 PNG data URI."""
-    from PIL import Image
-
     if not isinstance(image, Image.Image):
         arr = _numpy(image)
         if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):

@@ -1,4 +1,4 @@
-"""Retrieval evaluation: the standard image-text protocol, computed by counting.
+"""Retrieval metrics: the standard image-text protocol, computed by counting.
 
 `retrieval_metrics` equals the published VSE evaluation code (VSE++ `evaluation.py`, which
 ranks a query's candidates with `numpy.argsort(scores)[::-1]`) on the same similarity matrix,
@@ -23,10 +23,11 @@ from typing import Union
 import numpy as np
 import torch
 
-from . import distributed
 
-METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
-               "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr")
+RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")  # what tables show
+METRIC_KEYS = RECALL_KEYS + ("i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr")
+RECALL_HEADS = {"i2t_r1": "I2T R@1", "i2t_r5": "R@5", "i2t_r10": "R@10", "t2i_r1": "T2I R@1",
+                "t2i_r5": "R@5", "t2i_r10": "R@10", "rsum": "rSum"}  # table column headers
 
 
 class _Scores:
@@ -171,64 +172,9 @@ def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, floa
     return out
 
 
-@torch.no_grad()
-def embed_split(model, pixels: torch.Tensor, captions: list[list[str]], image_ids: torch.Tensor,
-                tokenize, batch_size: int, captions_per_image: int = 5):
-    """Embed this rank's images and captions, then gather all ranks' in image-id order.
-
-    Every rank runs the same number of forward calls (padding with a dummy batch), so
-    sharded (ZeRO-3) towers never wait on a rank that has finished. Returns
-    (image embeddings N x d, caption embeddings K*N x d, image ids N), the same on all ranks.
-    """
-    dev = distributed.device()
-    k = captions_per_image
-    if any(len(c) < k for c in captions):
-        raise ValueError(f"every evaluation image needs {k} captions")
-    texts = [c for caps in captions for c in caps[:k]]
-
-    def run(n_items, fn, dummy):
-        steps = distributed.all_reduce_max_int(math.ceil(n_items / batch_size))
-        out = []
-        for i in range(steps):
-            lo = i * batch_size
-            if lo < n_items:
-                out.append(fn(lo, min(lo + batch_size, n_items)).float().cpu())
-            else:  # this rank has run out: keep step with the others
-                dummy()
-        return torch.cat(out) if out else None
-
-    def img_fn(lo, hi):
-        return model.encode_image(pixels[lo:hi].to(dev, _param_dtype(model)))
-
-    def encode_texts(batch: list[str]):
-        enc = tokenize(batch)
-        return model.encode_text(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
-
-    img = run(len(pixels), img_fn, lambda: model.encode_image(
-        torch.zeros(1, *pixels.shape[1:], device=dev, dtype=_param_dtype(model))))
-    txt = run(len(texts), lambda lo, hi: encode_texts(texts[lo:hi]), lambda: encode_texts([""]))
-    local = (image_ids.numpy(), None if img is None else img.numpy(), None if txt is None else txt.numpy())
-    parts = [local]
-    if distributed.world_size() > 1:
-        parts = [None] * distributed.world_size()
-        torch.distributed.all_gather_object(parts, local)
-    ids = np.concatenate([p[0] for p in parts if p[1] is not None])
-    img_all = np.concatenate([p[1] for p in parts if p[1] is not None])
-    txt_all = np.concatenate([p[2].reshape(-1, k, p[2].shape[-1]) for p in parts if p[1] is not None])
-    order = np.argsort(ids, kind="stable")
-    return (torch.from_numpy(img_all[order]), torch.from_numpy(txt_all[order].reshape(-1, txt_all.shape[-1])),
-            torch.from_numpy(ids[order]))
-
-
-def _param_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def format_table(rows: dict[str, dict[str, float]], keys=("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5",
-                                                              "t2i_r10", "rsum")) -> str:
+def format_table(rows: dict[str, dict[str, float]], keys=RECALL_KEYS) -> str:
     """Rows of metrics as an aligned text table."""
-    heads = {"i2t_r1": "I2T R@1", "i2t_r5": "R@5", "i2t_r10": "R@10", "t2i_r1": "T2I R@1",
-             "t2i_r5": "R@5", "t2i_r10": "R@10", "rsum": "rSum"}
+    heads = RECALL_HEADS
     width = max(len(name) for name in rows) + 2
     lines = ["".ljust(width) + "".join(f"{heads.get(k, k):>9}" for k in keys)]
     for name, m in rows.items():

@@ -3,7 +3,7 @@
 From random L2-normalised float32 embeddings (default: 5,000 images x 25,000 captions, d =
 1024, COCO 5K size) it times
   (a) the similarity matrix product alone, img @ txt.T;
-  (b) all metrics via `eval.retrieval_metrics`, the product included;
+  (b) all metrics via `evaluation.retrieval_metrics`, the product included;
   (c) the published code's ranking, per query `argsort(scores)[::-1]` then `where(inds == i)`,
       on the same matrix, plus the product (a) once. Sorting 30,000 queries takes long, so the
       ranking is timed on an evenly spaced subset of the queries of each direction and
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .eval import retrieval_metrics
+from ...evaluation import retrieval_metrics
+from .common import MIB, machine_line, torch_cpu_peak_bytes
 
 TARGET_PRODUCT_RATIO = 1.5  # (b)/(a): metrics add at most half a product
 TARGET_SPEEDUP = 3.0  # (c)/(b): counting beats the per-query sort by this much
-MIB = 2 ** 20
 
 
 def _embeddings(n_images: int, k: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,20 +79,6 @@ def published_code(img: np.ndarray, txt: np.ndarray, k: int, images: np.ndarray,
         for i in range(len(d)):
             inds = np.argsort(d[i])[::-1]
             np.where(inds == index)[0][0]
-
-
-def _torch_peak_bytes(run: Callable[[], object]) -> int:
-    """Peak of torch's CPU allocations during `run` above those before it (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    total = peak = 0
-    for _, size in events:
-        total += size
-        peak = max(peak, total)
-    return peak
 
 
 def _numpy_peak_bytes(run: Callable[[], object]) -> int:
@@ -156,7 +142,7 @@ def bench_eval(n_images: int = 5000, k: int = 5, dim: int = 1024, repeats: int =
     del captions_x_images, sims, sims_t
 
     say("peak memory")
-    product_bytes = _torch_peak_bytes(product)
+    product_bytes = torch_cpu_peak_bytes(product)
     held = product()
     metrics_bytes = _numpy_peak_bytes(lambda: retrieval_metrics(held, captions_per_image=k, chunk=chunk))
     held_np = held.numpy()
@@ -216,8 +202,6 @@ def format_bench_eval(r: dict) -> str:
 def cmd_bench_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .bench import machine_line
-
     print(machine_line(torch.device("cpu")), flush=True)
     t0 = time.time()
     r = bench_eval(args.images, args.captions_per_image, args.dim, args.repeats, args.seed,
@@ -231,7 +215,7 @@ def cmd_bench_eval(args) -> int:
     return 0
 
 
-def add_bench_eval_parser(bench_subparsers) -> argparse.ArgumentParser:
+def add_parser(bench_subparsers) -> argparse.ArgumentParser:
     """Register `eval` on the `bench` sub-parser set."""
     b = bench_subparsers.add_parser("eval", help="retrieval evaluation cost: counting vs the product vs argsort",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

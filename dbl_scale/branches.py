@@ -1,0 +1,183 @@
+"""Branches: building the models a method trains or consults, and keeping them in step.
+
+One `Branch` per role of the method (`methods.Method.roles`), the target last. A trained
+branch is a DeepSpeed engine; an "ema" or "frozen" branch is a module without gradient.
+Under ZeRO-3 every branch is built partitioned (`partitioned`), and weights from finished
+runs or `from_pretrained` folders are loaded straight into the shards.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from . import checkpoint
+from .config import Config, load_config
+from .methods import Method, build_method
+from .models import DualEncoder, FrozenEncoders
+from .optim import deepspeed_config, is_zero3, lr_lambdas, param_groups
+
+
+@dataclass
+class Branch:
+    """One branch: a DeepSpeed engine when it trains, else a plain module without gradient."""
+    role: str  # "trained", "ema" or "frozen" (methods.Method.roles)
+    module: torch.nn.Module
+    engine: Any = None
+    scheduler: Any = None
+    partitioner: Any = None  # ZeRO-3 EMA anchor: the optimizer-less engine that shards `module`
+
+
+@contextlib.contextmanager
+def partitioned(ds: Optional[dict]):
+    """Under ZeRO-3, modules built inside are partitioned over the ranks as they are built:
+    each layer is created, broadcast from rank 0 and cut into shards before the next one
+    exists, so a model larger than one rank's memory can be built. transformers sees the
+    same config (`HfDeepSpeedConfig`) and initialises its towers layer by layer (gathering
+    one module at a time); `from_pretrained` loads straight into the shards. Elsewhere a no-op."""
+    if not is_zero3(ds):
+        yield
+        return
+    import deepspeed  # heavy (seconds): imported by the processes that build models
+    import torch._dynamo  # noqa: F401  imported lazily by transformers; its import fails under zero.Init's patches
+    from transformers.integrations import HfDeepSpeedConfig  # heavy, as deepspeed
+
+    hf_config = HfDeepSpeedConfig(ds)  # transformers holds a weak reference: ZeRO-3 while it lives
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            yield
+    finally:
+        del hf_config
+
+
+def new_model(cfg: Config, tokenizer, index: int, teacher_dims=None, ds: Optional[dict] = None) -> DualEncoder:
+    """Branch `index`'s initial towers (and the method's heads): the same on every rank,
+    different between branches. With a ZeRO-3 `ds` config the model is built partitioned."""
+    method = build_method(cfg)
+    torch.manual_seed(cfg.train.seed + 1000 * index)
+    with partitioned(ds):
+        heads = method.heads(teacher_dims)  # drawn before the towers: part of the seeded sequence
+        model = DualEncoder(cfg.model, tokenizer, method.logit_temperature(), cfg.loss.infonce.max_logit_scale,
+                            heads=heads)
+    for tower, tower_cfg in ((model.vision, cfg.model.vision), (model.text, cfg.model.text)):
+        if tower_cfg.gradient_checkpointing:
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def read_run(run_dir: str | Path, what: str = "") -> tuple[Config, dict]:
+    """A finished run's config and target weights (memory-mapped, not read into memory)."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "model.pt"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{what}{run_dir / name} not found: expected the folder of a finished run")
+    return (load_config(run_dir / "config.yaml"),
+            torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True, mmap=True))
+
+
+def load_model(run_dir: str | Path, tokenizer, ds: Optional[dict] = None) -> DualEncoder:
+    """The target towers a finished run saved (its config.yaml and model.pt); partitioned
+    under a ZeRO-3 `ds` config."""
+    run_cfg, state = read_run(run_dir)
+    model = new_model(run_cfg, tokenizer, 0, ds=ds)
+    checkpoint.load_weights(model, state)
+    return model
+
+
+def _frozen(method: Method, tokenizer, ds: dict) -> tuple[torch.nn.Module, tuple[int, int]]:
+    """The method's frozen branch and its feature widths (vision, text)."""
+    folders = method.teacher_folders()
+    if folders:
+        with partitioned(ds):  # the HF folders load straight into ZeRO-3 shards
+            frozen = FrozenEncoders(*folders)
+        return frozen, frozen.dims
+    frozen = load_model(method.frozen_source(), tokenizer, ds)
+    return frozen, (frozen.vision_proj.out_features, frozen.text_proj.out_features)
+
+
+def _init_from(run_dir: str, roles: list[str], modules: list[torch.nn.Module]) -> None:
+    """Trained branches start from a finished run's target (towers must match; a method's own
+    heads keep their init)."""
+    _, start = read_run(run_dir, "train.init_from: ")
+    for role, module in zip(roles, modules):
+        if role == "trained":
+            missing, unexpected = checkpoint.load_weights(module, start, strict=False)
+            towers = [k for k in missing + unexpected if not k.startswith(("heads.", "log_logit_scale"))]
+            if towers:
+                raise ValueError(f"train.init_from {run_dir}: towers differ: {towers[:5]}")
+
+
+def build_branches(cfg: Config, method: Method, tokenizer, world: int) -> list[Branch]:
+    """One Branch per role of the method, the target last. Under ZeRO-3 every branch is built
+    partitioned: the trained ones, the anchors and the teachers."""
+    import deepspeed  # heavy (seconds): imported by the processes that train
+
+    ds = deepspeed_config(cfg, world)
+    roles = method.roles
+    frozen, teacher_dims = _frozen(method, tokenizer, ds) if "frozen" in roles else (None, None)
+    modules = []
+    for k, role in enumerate(roles):
+        if role == "frozen":
+            modules.append(frozen)
+        elif role == "trained" and method.target_starts_from_frozen:
+            modules.append(load_model(method.frozen_source(), tokenizer, ds))
+        else:  # an EMA is built as the target (index 0) and set equal to it below
+            modules.append(new_model(cfg, tokenizer, k if "ema" not in roles else 0, teacher_dims, ds))
+    if cfg.train.init_from:  # e.g. continue a baseline from the checkpoint an offline anchor uses
+        _init_from(cfg.train.init_from, roles, modules)
+
+    branches = []
+    for role, module in zip(roles, modules):
+        if role == "trained":
+            groups = param_groups(module, cfg)
+            engine, _, _, scheduler = deepspeed.initialize(
+                model=module, model_parameters=groups, config=ds,
+                lr_scheduler=lambda opt, g=groups: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambdas(cfg, g)))
+            branches.append(Branch(role, engine.module, engine, scheduler))
+        else:
+            branches.append(Branch(role, module))
+    target = branches[-1].engine
+    for br in branches:
+        if br.engine is not None:
+            continue
+        br.module.eval().requires_grad_(False)
+        if is_zero3(ds):
+            # an optimizer-less engine runs its partitioned forward (gathering layer by layer);
+            # an EMA is partitioned exactly as the target, so its update runs shard by shard
+            no_opt = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
+            br.partitioner = deepspeed.initialize(model=br.module, config=no_opt)[0]
+            br.module = br.partitioner.module
+        else:
+            br.module.to(target.device, dtype=param_dtype(target.module))
+        if br.role == "ema":
+            ema_update(br.module, target.module, 0.0)  # the EMA starts equal to the target
+    return branches
+
+
+@torch.no_grad()
+def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float) -> None:
+    """anchor <- m * anchor + (1 - m) * target, as two fused multi-tensor ops. Under ZeRO-3 both
+    modules are partitioned the same way, so each rank updates its own shards (`ds_tensor`)
+    and nothing is gathered."""
+    anchors, targets = [], []
+    for a, t in zip(anchor.parameters(), target.parameters()):
+        if hasattr(a, "ds_tensor"):
+            anchors.append(a.ds_tensor)
+            targets.append(t.ds_tensor)
+            if getattr(a, "ds_persist", False):  # small parameters ZeRO-3 keeps whole on every rank
+                anchors.append(a.data)
+                targets.append(t.data)
+        else:
+            anchors.append(a.data)
+            targets.append(t.detach())
+    targets = [t if t.dtype == a.dtype else t.to(a.dtype) for a, t in zip(anchors, targets)]
+    torch._foreach_mul_(anchors, m)
+    torch._foreach_add_(anchors, targets, alpha=1.0 - m)
+
+
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+

@@ -1,0 +1,23 @@
+"""`dbl-scale bench ...`: benchmarks that print their figures (BENCHMARKS.md records them).
+
+  loss     time and peak memory of every loss at scale, against the triplet
+  methods  every method trained on ShapesCaptions with the same budget, tabulated
+  eval     the evaluation's cost against the similarity product and the published code
+  memory   per-rank bytes of ZeRO 0-3, and the step time of each DBL scenario
+"""
+from __future__ import annotations
+
+import argparse
+
+from . import eval as bench_eval
+from . import loss, memory, methods
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `bench` and its sub-commands on an argparse sub-parser set."""
+    p = subparsers.add_parser("bench", help="benchmarks", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    for module in (loss, methods, bench_eval, memory):
+        module.add_parser(bsub)
+    return p

@@ -1,0 +1,64 @@
+"""`dbl-scale train`: one run on this machine's ranks under torchrun; and the rank-side entry
+point every launcher starts:
+
+    torchrun --standalone --nproc_per_node 2 -m dbl_scale.cli.train --config demo loss.method=dbl
+    deepspeed --num_gpus 2 --module dbl_scale.cli.train --config demo
+    accelerate launch --config_file ds_configs/accelerate_zero2.yaml -m dbl_scale.cli.train --config demo
+"""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import os
+import sys
+import warnings
+
+from .. import distributed
+from ..config import load_config, resolve_config
+from ..methods import build_method
+from ..train import train
+from .data import prepare_data
+from .launch import config_args, run_ranks
+
+MODULE = "dbl_scale.cli.train"
+
+
+def cmd_train(args) -> int:
+    config = resolve_config(args.config)
+    cfg = load_config(config, args.overrides)  # fail here, before any process starts
+    build_method(cfg)  # and on what the method itself needs
+    if args.build_data:
+        prepare_data(cfg)
+    return run_ranks(args.nproc, MODULE, config_args(config, args.overrides))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="one training run under torchrun")
+    p.add_argument("--config", default=None, help="preset name or YAML path")
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine")
+    p.add_argument("--build-data", action="store_true", help="build ShapesCaptions under data.root if missing")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_train)
+
+
+def main(argv=None) -> int:
+    """Rank side: parse the config, train, leave the process group."""
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                     description="Train one run (start it with torchrun, deepspeed or accelerate).")
+    parser.add_argument("--config", help="YAML config or preset name (defaults apply to anything it leaves out)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.method=dbl data.batch_size=64")
+    # the `deepspeed` launcher appends --local_rank=N; the LOCAL_RANK environment variable says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    faulthandler.enable()  # a native crash prints the Python stack of every thread
+    # DeepSpeed 0.19 calls a torch collective that torch 2.13 marks deprecated, on every step
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    cfg = load_config(args.config, args.overrides)  # validated before any process group starts
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(cfg)
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""One evaluation of a model on a split, as training (validation, final test) and
+`dbl-scale eval` both run it: embed on all ranks, score under a protocol, and optionally
+write the reports a person looks at."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..data import load_eval_split, read_thumbnails
+from .embed import embed_split
+from .metrics import protocol_metrics
+from .report import log_reports
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    ranks: dict[str, np.ndarray]  # 0-based rank of every query: "i2t" (N), "t2i" (K*N)
+    img: torch.Tensor  # N x d, image-id order
+    txt: torch.Tensor  # K*N x d
+    image_ids: torch.Tensor  # N
+
+
+def evaluate(model, data_root: str | Path, split: str, image_size: int, tokenize, batch_size: int,
+             protocol: str = "standard") -> Evaluation:
+    """Retrieval metrics of `model` on a split, the same on every rank (collective: every rank
+    embeds its share of the split). `protocol`: "standard" (all images) or "coco1k"."""
+    was_training = model.training
+    model.eval()
+    try:
+        pixels, ids, captions = load_eval_split(data_root, split, image_size,
+                                                distributed.rank(), distributed.world_size())
+        img, txt, all_ids = embed_split(model, pixels, captions, ids, tokenize, batch_size)
+    finally:
+        model.train(was_training)
+    metrics, ranks = protocol_metrics(img, txt, protocol, return_ranks=True)
+    return Evaluation(metrics, ranks, img, txt, all_ids)
+
+
+def report(ev: Evaluation, tracker, out_dir: str | Path, data_root: str | Path, split: str,
+           artifact_path: str = "reports") -> None:
+    """The recall@K plot and the HTML page of sample queries with thumbnails, written to
+    out_dir and logged to the tracker's run (call on rank 0)."""
+    thumbs, caps = read_thumbnails(data_root, split, ev.image_ids)
+    log_reports(tracker, out_dir, thumbs, caps, ev.img @ ev.txt.t(), ev.metrics, ev.ranks, split=split,
+                artifact_path=artifact_path)

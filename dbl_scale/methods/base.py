@@ -1,0 +1,150 @@
+"""What a method is: its branches, the heads its target carries, the state it keeps between
+steps, and the loss each trained branch gets (the equations are in docs/methods.md).
+
+Branches are listed anchor first; the last branch is the target, the model a run keeps,
+evaluates and exports. A branch's role is
+  "trained"  its own DeepSpeed engine and optimizer;
+  "ema"      a momentum copy: an exponential moving average of the target, no gradient;
+  "frozen"   a trained checkpoint (offline DBL anchor, a teacher), no gradient.
+
+Losses are computed from this rank's queries against the candidates of all ranks; each term
+is a per-rank share of the single-process loss of the global batch, and "loss" is the
+weighted total a branch optimises. The method gathers (once per step, through
+`distributed`); `losses.py` only computes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..config import Config, ConfigError
+from ..losses import Scores, hinge_triplet
+from ..models import Embeddings
+
+Terms = dict[str, torch.Tensor]
+
+
+def gathered_scores(img: torch.Tensor, txt: torch.Tensor, image_ids: Optional[torch.Tensor] = None,
+                    with_grad: bool = True, all_ids: Optional[torch.Tensor] = None) -> Scores:
+    """Local embeddings (B x d) against the embeddings of all ranks (W*B x d).
+
+    `with_grad=False` for an anchor or teacher branch: gathered without a backward path.
+    `all_ids`: the already gathered image ids, when several branches share them.
+    """
+    all_img, all_txt = distributed.gather(img, with_grad), distributed.gather(txt, with_grad)
+    if image_ids is not None and all_ids is None:
+        all_ids = distributed.gather_no_grad(image_ids)
+    offset = distributed.rank() * img.shape[0]
+    return Scores.local(img, txt, all_img, all_txt, offset, image_ids, all_ids)
+
+
+class StepScores:
+    """One step's cross-modal scores of every branch, each built on first use only (a loss
+    that needs no scores of a branch costs no matmul), with the image ids gathered once."""
+
+    def __init__(self, outs: list[Embeddings], roles: list[str], ids: Optional[torch.Tensor]):
+        self.outs, self.roles, self.ids = outs, roles, ids
+        self.all_ids = distributed.gather_no_grad(ids) if ids is not None else None
+        self._built: dict[int, Scores] = {}
+
+    def __getitem__(self, k: int) -> Scores:
+        if k not in self._built:
+            out = self.outs[k]
+            self._built[k] = gathered_scores(out.img, out.txt, self.ids, self.roles[k] == "trained", self.all_ids)
+        return self._built[k]
+
+
+class Method:
+    """A method family. Subclasses set `roles` and override `losses`; the rest has defaults
+    that fit a single trained branch without state."""
+
+    name = ""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.lc = cfg.loss
+        self.check()
+
+    def check(self) -> None:
+        """Settings this method needs (a ConfigError names the key and what is expected)."""
+
+    def require(self, value, key: str, what: str) -> None:
+        if not value:
+            raise ConfigError(f"config key '{key}': {self.name} needs {what}")
+
+    # ------------------------------------------------------------------ branches
+    @property
+    def roles(self) -> list[str]:
+        return ["trained"]
+
+    def frozen_source(self) -> Optional[str]:
+        """The finished run whose target becomes the frozen branch."""
+        return None
+
+    def teacher_folders(self) -> Optional[tuple[str, str]]:
+        """Single-modal Hugging Face folders (vision, text) that form the frozen branch instead
+        of a finished run."""
+        return None
+
+    @property
+    def target_starts_from_frozen(self) -> bool:
+        return False
+
+    def logit_temperature(self) -> Optional[float]:
+        """Initial temperature of a learnable logit scale in the trained branches (None: none)."""
+        return None
+
+    def heads(self, teacher_dims: Optional[tuple[int, int]] = None) -> dict[str, nn.Module]:
+        """Extra modules the method trains inside each of its DualEncoders."""
+        return {}
+
+    def momentum(self, step: int) -> float:
+        """The EMA momentum after optimizer step `step` (methods with an "ema" branch)."""
+        raise NotImplementedError(f"{self.name} has no momentum branch")
+
+    # ------------------------------------------------------------------ per-run state
+    def start(self, target: nn.Module, tokenize, steps_per_epoch: int, rank: int) -> None:
+        """Create the run's state once the branches and the loader exist."""
+
+    def prepare(self, batch: dict, consumed: int, target: nn.Module) -> dict:
+        """The batch a step trains on, given the loader's (`consumed`: loader batches so far)."""
+        return batch
+
+    def after_step(self) -> None:
+        """Called after every micro-step's update."""
+
+    def state_dict(self) -> dict:
+        """State that is the same on every rank (saved once)."""
+        return {}
+
+    def rank_state_dict(self) -> dict:
+        """State of this rank only."""
+        return {}
+
+    def load_state_dict(self, state: dict, rank_state: dict) -> None:
+        pass
+
+    def step_metrics(self, step: int) -> dict[str, float]:
+        """Logged with every metric line: what the method's schedule is at `step`."""
+        return {"momentum": self.momentum(step)} if "ema" in self.roles else {}
+
+    # ------------------------------------------------------------------ losses
+    def losses(self, outs: list[Embeddings], image_ids: torch.Tensor, step: int = 0) -> list[Optional[Terms]]:
+        """Loss terms of every trained branch (None for the others)."""
+        raise NotImplementedError
+
+    def mask_ids(self, image_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """The image ids that mark same-image pairs as non-negatives (None: nothing masked)."""
+        return image_ids if self.lc.mask_same_image else None
+
+    def max_violation(self, step: int) -> bool:
+        """Hardest negative or sum over negatives: VSE-infinity's warm-up sums for
+        `sum_warmup_steps` steps, then takes the hardest."""
+        return self.lc.max_violation and step >= self.lc.sum_warmup_steps
+
+    def raw(self, scores: Scores, step: int) -> torch.Tensor:
+        """The hinge triplet every matching method builds on."""
+        return hinge_triplet(scores, self.lc.margin, self.max_violation(step))

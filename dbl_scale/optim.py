@@ -1,0 +1,96 @@
+"""The optimizer side of a trained branch: the DeepSpeed config with its "auto" values filled
+from ours, parameter groups (towers vs heads, decay vs none), and LR schedules."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .config import Config, flatten
+
+
+def resolve_ds_config(path: str) -> Path:
+    """A DeepSpeed JSON path, relative to the working directory or to the dbl_scale checkout."""
+    for candidate in (Path(path), Path(__file__).resolve().parents[1] / path):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"train.deepspeed: no DeepSpeed config at '{path}'")
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    """Read the JSON of `train.deepspeed` (or, under `accelerate launch` with a DeepSpeed YAML,
+    the file that YAML names) and fill its "auto" values from our config."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or cfg.train.deepspeed
+    ds = json.loads(resolve_ds_config(path).read_text())
+    fills = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in fills.items():
+        if ds.get(key) == "auto":
+            ds[key] = value
+    if ds.get("train_batch_size") == "auto":
+        ds["train_batch_size"] = cfg.data.batch_size * world * ds["gradient_accumulation_steps"]
+    params = ds.get("optimizer", {}).get("params", {})
+    opt_fills = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                 "weight_decay": cfg.optim.weight_decay,
+                 "torch_adam": not torch.cuda.is_available()}  # DeepSpeed's CPU Adam JIT-compiles for minutes
+    for key, value in opt_fills.items():
+        if params.get(key) == "auto":
+            params[key] = value
+    leftover = [k for k, v in flatten(ds).items() if v == "auto"]
+    if leftover:
+        raise ValueError(f"{cfg.train.deepspeed}: cannot fill 'auto' for {leftover}")
+    return ds
+
+
+def is_zero3(ds: dict | None) -> bool:
+    return bool(ds) and ds.get("zero_optimization", {}).get("stage") == 3
+
+
+def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
+    """Four groups: towers and heads (projections, logit scale, method heads), each with and
+    without weight decay (none on biases, norms and other 1-D parameters). Towers run at
+    `backbone_lr_mult` times the LR; the group order is what `lr_lambdas` follows."""
+    groups = {(tower, decay): [] for tower in (True, False) for decay in (True, False)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[(name.startswith(("vision.", "text.")), p.dim() >= 2)].append(p)
+    out = []
+    for (tower, decay), params in groups.items():
+        if not params:
+            continue
+        group = {"params": params, "weight_decay": cfg.optim.weight_decay if decay else 0.0, "tower": tower}
+        if tower:
+            group["lr"] = cfg.optim.lr * cfg.optim.backbone_lr_mult
+        out.append(group)
+    return out
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """Linear warm-up, then cosine decay to 0, step decay, or constant."""
+    o, total = cfg.optim, cfg.train.steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "step":
+        return o.step_gamma ** sum(step >= m for m in o.step_milestones)
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_lambdas(cfg: Config, groups: list[dict]) -> list:
+    """One LR multiplier per parameter group; towers are held at 0 for `freeze_towers_steps`
+    (frozen: Adam's update is lr-scaled, so they do not move while the heads train)."""
+    def for_group(tower: bool):
+        def factor(step: int) -> float:
+            if tower and step < cfg.optim.freeze_towers_steps:
+                return 0.0
+            return lr_factor(cfg, step)
+        return factor
+    return [for_group(g["tower"]) for g in groups]

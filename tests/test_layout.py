@@ -1,0 +1,110 @@
+"""The package's shape (docs: README "What is in it"): the library never imports the command
+line, no module imports another inside a function, and the imports between the package's own
+modules form no cycle. Read from the source with `ast`, without importing anything."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = REPO / "dbl_scale"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _own_imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported dbl_scale module, inside a function?) for every import of the package's own
+    modules in one file; `from .x import name` counts as an import of `.x.name` when that is
+    a module, else of `.x`."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    in_function = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_function.update(id(n) for n in ast.walk(node) if n is not node)
+    out = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base for a in node.names]
+        for t in targets:
+            if t == "dbl_scale" or t.startswith("dbl_scale."):
+                out.append((t, id(node) in in_function))
+    return out
+
+
+def _is_module(name: str) -> bool:
+    path = REPO.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): {t for t, _ in _own_imports(p) if t != _module_name(p)}
+            for p in PACKAGE.rglob("*.py")}
+
+
+def test_the_library_never_imports_the_command_line():
+    for module, imports in _graph().items():
+        if not module.startswith("dbl_scale.cli"):
+            assert not [t for t in imports if t.startswith("dbl_scale.cli")], module
+
+
+def test_no_own_module_is_imported_inside_a_function():
+    for path in PACKAGE.rglob("*.py"):
+        inside = [t for t, in_function in _own_imports(path) if in_function]
+        assert not inside, (path, inside)
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    done, path = set(), []
+
+    def visit(node):
+        if node in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(node):] + [node]))
+        if node in done:
+            return
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt)
+        path.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node)
+    assert len(graph) > 30 and "dbl_scale.train" in graph["dbl_scale.cli.train"]  # the graph is really read
+
+
+def test_no_method_switch_outside_the_methods_package():
+    found = subprocess.run(["grep", "-rn", "method ==", str(PACKAGE)], capture_output=True, text=True).stdout
+    outside = [line for line in found.splitlines() if "/dbl_scale/methods/" not in line]
+    assert not outside, outside
+
+
+def test_the_registry_knows_every_configurable_method():
+    import typing
+
+    from dbl_scale.config import LossConfig
+    from dbl_scale.methods import METHODS
+
+    allowed = typing.get_args(typing.get_type_hints(LossConfig)["method"])
+    assert sorted(METHODS) == sorted(allowed)
+
+
+def test_readme_opens_with_the_two_commands():
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", text, re.S)
+    assert [line.split("#")[0].strip() for line in blocks[0].strip().splitlines()] == ["make demo", "make test"]
