@@ -60,6 +60,12 @@ SIZES = ("small", "large")
 _SIZE_FRAC = {"small": 0.17, "large": 0.30}
 # Relative object counts: 1, 2 or 3 shapes per image.
 _COUNT_WEIGHTS = ((1, 0.2), (2, 0.4), (3, 0.4))
+# The "dense" variant: always 3 shapes, each also solid or hollow (a fourth attribute), so
+# that look-alikes differing in one attribute or relation are common within a batch.
+VARIANTS = ("standard", "dense")
+STYLES = ("solid", "hollow")
+_STYLE_WORDS = {"solid": ("solid", "filled"), "hollow": ("hollow", "outlined")}
+_DENSE_MAX_WORDS = 40  # captions name three objects with four attributes each
 
 _SHAPE_WORDS = {
     "circle": ("circle", "disc"),
@@ -134,6 +140,8 @@ def image_facts(objects: Sequence[dict]) -> set[str]:
         facts.add(f"obj:{oid}")
         facts.add(f"size:{oid}:{o['size']}")
         facts.add(f"cell:{oid}:{o['cell'][0]}:{o['cell'][1]}")
+        if "style" in o:
+            facts.add(f"style:{oid}:{o['style']}")
     for a in objects:
         for b in objects:
             if a is not b:
@@ -162,6 +170,9 @@ class _Caption:
         if size:
             self.facts.add(f"size:{oid}:{o['size']}")
             words.append(rng.choice(_SIZE_WORDS[o["size"]]))
+        if "style" in o:  # the dense variant names every object's style
+            self.facts.add(f"style:{oid}:{o['style']}")
+            words.append(rng.choice(_STYLE_WORDS[o["style"]]))
         words.append(o["colour"])
         words.append(rng.choice(_SHAPE_WORDS[o["shape"]]))
         text = " ".join(words)
@@ -324,9 +335,11 @@ def make_captions(
 # --------------------------------------------------------------------------- images
 
 
-def make_objects(rng: random.Random) -> list[dict]:
-    """1-3 objects in distinct grid cells with distinct (colour, shape) pairs."""
-    n = rng.choices([c for c, _ in _COUNT_WEIGHTS], weights=[w for _, w in _COUNT_WEIGHTS])[0]
+def make_objects(rng: random.Random, variant: str = "standard") -> list[dict]:
+    """1-3 objects (dense: 3, each solid or hollow) in distinct grid cells with distinct
+    (colour, shape) pairs."""
+    dense = variant == "dense"
+    n = 3 if dense else rng.choices([c for c, _ in _COUNT_WEIGHTS], weights=[w for _, w in _COUNT_WEIGHTS])[0]
     cells = rng.sample(range(9), n)
     seen: set[tuple[str, str]] = set()
     objects = []
@@ -339,6 +352,8 @@ def make_objects(rng: random.Random) -> list[dict]:
         objects.append(
             {"shape": shape, "colour": colour, "size": rng.choice(SIZES), "cell": [cell // 3, cell % 3]}
         )
+        if dense:
+            objects[-1]["style"] = rng.choice(STYLES)
     return objects
 
 
@@ -349,6 +364,27 @@ def _polygon(cx: float, cy: float, r: float, n: int, start: float, radii=None):
         rr = r if radii is None else radii[i % len(radii)]
         pts.append((cx + rr * np.cos(ang), cy + rr * np.sin(ang)))
     return pts
+
+
+def _draw_outline(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
+    """A hollow shape: the outline of `_draw_shape`'s solid one (1 px wide for small shapes,
+    2 px for larger ones, so that a small hollow shape does not fill in)."""
+    width = 1 if r < 8 else 2
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=width)
+        return
+    h, t = r * 0.85, r * 0.36
+    points = {
+        "square": [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)],
+        "triangle": [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)],
+        "diamond": [(cx, cy - r), (cx + r * 0.72, cy), (cx, cy + r), (cx - r * 0.72, cy)],
+        "star": _polygon(cx, cy, r, 10, -np.pi / 2, radii=(r, r * 0.45)),
+        "cross": [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
+                  (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
+                  (cx - r, cy - t), (cx - t, cy - t)],
+        "hexagon": _polygon(cx, cy, r, 6, 0.0),
+    }[shape]
+    draw.polygon(points, outline=colour, width=width)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
@@ -391,7 +427,10 @@ def render_image(objects: Sequence[dict], image_size: int, rng: random.Random, n
         cx = (o["cell"][1] + 0.5) * cell + rng.uniform(-jit, jit)
         cy = (o["cell"][0] + 0.5) * cell + rng.uniform(-jit, jit)
         fill = tuple(int(min(255, max(0, v + rng.randint(-12, 12)))) for v in COLOURS[o["colour"]])
-        _draw_shape(draw, o["shape"], cx, cy, r, fill)
+        if o.get("style") == "hollow":
+            _draw_outline(draw, o["shape"], cx, cy, r, fill)
+        else:
+            _draw_shape(draw, o["shape"], cx, cy, r, fill)
     return img
 
 
@@ -405,11 +444,12 @@ def _split_rngs(seed: int, split: str) -> tuple[random.Random, np.random.Generat
     return rng, nrng
 
 
-def _iter_samples(split: str, n: int, image_size: int, seed: int, jpeg_quality: int):
+def _iter_samples(split: str, n: int, image_size: int, seed: int, jpeg_quality: int, variant: str = "standard"):
     rng, nrng = _split_rngs(seed, split)
+    max_words = _DENSE_MAX_WORDS if variant == "dense" else MAX_WORDS
     for image_id in range(n):
-        objects = make_objects(rng)
-        captions, facts = make_captions(rng, objects)
+        objects = make_objects(rng, variant)
+        captions, facts = make_captions(rng, objects, max_words=max_words)
         img = render_image(objects, image_size, rng, nrng)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=jpeg_quality)
@@ -459,8 +499,10 @@ def build_shapes_captions(
     shard_size: int = 500,
     seed: int = 0,
     jpeg_quality: int = 90,
+    variant: str = "standard",
 ) -> dict:
     """Write ShapesCaptions shards and sizes.json into out_dir; returns the sizes.json dict.
+    `variant`: "standard" (1-3 shapes) or "dense" (3 shapes, each solid or hollow).
 
     Shards are named ``{split}-{index:05d}.tar``; each is written under a temporary name
     and renamed when complete.  Shards of an earlier build that the new one does not
@@ -470,6 +512,8 @@ def build_shapes_captions(
         raise ValueError(f"image_size must be at least 24, got {image_size}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     counts = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
     if min(counts.values()) < 0:
         raise ValueError(f"sample counts must be >= 0, got {counts}")
@@ -480,7 +524,7 @@ def build_shapes_captions(
                disable=not sys.stderr.isatty())  # a terminal only: logs stay clean
     for split in SPLITS:
         n = counts[split]
-        samples = _iter_samples(split, n, image_size, seed, jpeg_quality)
+        samples = _iter_samples(split, n, image_size, seed, jpeg_quality, variant)
         shards = []
         for index, start in enumerate(range(0, n, shard_size)):
             name = f"{split}-{index:05d}.tar"
@@ -496,6 +540,7 @@ def build_shapes_captions(
             "image_size": int(image_size),
             "seed": int(seed),
             "generator": GENERATOR,
+            "variant": variant,
             "shard_size": int(shard_size),
             "jpeg_quality": int(jpeg_quality),
         }
@@ -520,6 +565,7 @@ def build_if_missing(out_dir: str, **kwargs) -> dict:
             sizes.get("generator") == GENERATOR
             and sizes.get("image_size") == want["image_size"]
             and sizes.get("seed") == want["seed"]
+            and sizes.get("variant", "standard") == kwargs.get("variant", "standard")
             and all(sizes[s]["samples"] == want[f"n_{s}"] for s in SPLITS)
             and all(os.path.isfile(os.path.join(out_dir, n)) for s in SPLITS for n in sizes[s]["shards"])
         )
@@ -608,6 +654,8 @@ def add_arguments(p: argparse.ArgumentParser, default_out: str | None = None) ->
     p.add_argument("--shard-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--variant", choices=VARIANTS, default="standard",
+                   help="dense: always 3 shapes, each also solid or hollow (harder negatives)")
     p.add_argument("--oracle", action="store_true", help="also print the fact-oracle rSum of the test split")
 
 
@@ -623,6 +671,7 @@ def run(a: argparse.Namespace) -> int:
         shard_size=a.shard_size,
         seed=a.seed,
         jpeg_quality=a.jpeg_quality,
+        variant=a.variant,
     )
     dt = time.perf_counter() - t0
     parts = [f"{s}={sizes[s]['samples']} ({len(sizes[s]['shards'])} shards)" for s in SPLITS]

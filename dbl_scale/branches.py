@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config, load_config
 from .methods import Method, build_method
 from .models import DualEncoder, FrozenEncoders
@@ -176,6 +176,27 @@ def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float) -> No
     targets = [t if t.dtype == a.dtype else t.to(a.dtype) for a, t in zip(anchors, targets)]
     torch._foreach_mul_(anchors, m)
     torch._foreach_add_(anchors, targets, alpha=1.0 - m)
+
+
+@torch.no_grad()
+def relative_distance(anchor: torch.nn.Module, target: torch.nn.Module) -> float:
+    """||anchor - target|| / ||target|| over all parameters: how far an EMA anchor trails its
+    target. Under ZeRO-3 each rank sums its own shards and the sums are added over ranks
+    (collective: every rank calls it)."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    for a, t in zip(anchor.parameters(), target.parameters()):
+        a_data, t_data = (a.ds_tensor, t.ds_tensor) if hasattr(a, "ds_tensor") else (a.data, t.data)
+        t_data = t_data.double()
+        sums += torch.stack([(a_data.double() - t_data).square().sum().cpu(), t_data.square().sum().cpu()])
+    if any(hasattr(p, "ds_tensor") for p in target.parameters()):
+        sums = distributed.all_reduce_sum(sums.to(distributed.device())).cpu()
+    return float(sums[0].sqrt() / sums[1].sqrt().clamp(min=1e-30))
+
+
+def anchor_metrics(branches: list[Branch]) -> dict[str, float]:
+    """Logged with every metric line of a run with an EMA anchor: its distance to the target."""
+    ema = [br for br in branches if br.role == "ema"]
+    return {"anchor/distance": relative_distance(ema[0].module, branches[-1].module)} if ema else {}
 
 
 def param_dtype(module: torch.nn.Module) -> torch.dtype:

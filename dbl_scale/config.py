@@ -67,6 +67,7 @@ class DataConfig:
     build_train: int = 4000
     build_val: int = 250
     build_test: int = 500
+    build_variant: Literal["standard", "dense"] = "standard"  # dense: 3 shapes, each solid or hollow
 
 
 @dataclass
@@ -76,11 +77,17 @@ class DBLConfig:
     branches: int = 2  # online: K branches; branch k is boosted against the mean over n < k
     anchor: Optional[str] = None  # offline: run folder of the trained anchor (config.yaml, model.pt)
     boost: Literal["relative", "absolute"] = "relative"
+    # the boost's own reduction over negatives, at every step: "max" (the hardest negative; the
+    # authors' code, the paper's l_RM / l_AM) or "sum" (l_RS / l_AS). Warm-ups never touch it.
+    reduction: Literal["max", "sum"] = "max"
     alpha: float = 1.0  # weight of the boosting term
     beta: float = 1.0  # boosting margin = margin * beta
     gamma: float = 0.5  # absolute boosting: share of the margin for positives
     soft_adapt: bool = False  # margins shrink smoothly near the score bounds (our reading)
-    momentum: float = 0.9995  # EMA start value; cosine schedule up to 1
+    momentum: float = 0.9995  # EMA start value m0; cosine schedule up to 1 at the last step
+    # what m0 means depends on the run's length: the share of the anchor's random init left at
+    # the last step (~ m0 ** (steps / 2)). When set, m0 is derived from it and train.steps.
+    momentum_init_left: Optional[float] = None
 
 
 @dataclass
@@ -110,12 +117,16 @@ class StructureConfig:
     teacher_vision: Optional[str] = None
     teacher_text: Optional[str] = None
     init_lambda: float = 0.5  # learnable text/image mix of the teacher relation
-    temperature: float = 0.07  # tau_2, initial; learnable
+    temperature: float = 0.07  # tau_2, initial; learnable, clamped to the range below
+    # every relation term scales with 1/tau_2, so training raises tau_2: the clamp bounds that
+    temperature_min: float = 0.02
+    temperature_max: float = 0.5
     mode: Literal["per_modality", "pair_mean"] = "per_modality"
-    weight: float = 1.0  # L_sd
-    repr_weight_image: float = 1.0  # InfoNCE(student image -> teacher image feature)
-    repr_weight_text: float = 2.0  # InfoNCE(student caption -> teacher caption feature)
-    repr_temperature: float = 0.07
+    weight: float = 2.0  # L_sd (the authors' 2)
+    consistency_weight: float = 1.0  # each teacher relation against the mixed one (trains lambda, tau_2)
+    repr_weight_image: float = 1.0  # InfoNCE(student image -> projected teacher image feature)
+    repr_weight_text: float = 2.0  # InfoNCE(student caption -> projected teacher caption feature)
+    repr_temperature: float = 0.07  # initial; learnable
 
 
 @dataclass
@@ -393,11 +404,19 @@ def validate(cfg: Config) -> None:
                               f"({tower.heads} does not divide {tower.hidden})")
     if not 0.0 <= cfg.loss.dbl.momentum < 1.0:
         raise ConfigError(f"config key 'loss.dbl.momentum': got {cfg.loss.dbl.momentum}, expected 0 <= m < 1")
+    left = cfg.loss.dbl.momentum_init_left
+    if left is not None and not 0.0 < left < 1.0:
+        raise ConfigError(f"config key 'loss.dbl.momentum_init_left': got {left}, expected 0 < share < 1")
     if not 0.0 <= cfg.loss.dbl.gamma <= 1.0:
         raise ConfigError(f"config key 'loss.dbl.gamma': got {cfg.loss.dbl.gamma}, expected 0 <= g <= 1")
     lc = cfg.loss  # settings one method needs are checked by that method (methods.Method.check)
     if not 0.0 <= lc.coder.momentum < 1.0:
         raise ConfigError(f"config key 'loss.coder.momentum': got {lc.coder.momentum}, expected 0 <= m < 1")
+    sc = lc.structure
+    if not 0.0 < sc.temperature_min <= sc.temperature <= sc.temperature_max:
+        raise ConfigError("config keys 'loss.structure.temperature_min' <= 'loss.structure.temperature' <= "
+                          f"'loss.structure.temperature_max' (all > 0): got {sc.temperature_min}, "
+                          f"{sc.temperature}, {sc.temperature_max}")
     if lc.coder.queue_size < 0 or lc.coder.concepts < 1:
         raise ConfigError("config keys 'loss.coder.queue_size' (>= 0) and 'loss.coder.concepts' (>= 1)")
     if lc.aoq.refresh_epochs < 0 or lc.aoq.n_max < 1:

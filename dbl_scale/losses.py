@@ -181,6 +181,33 @@ def _pair(t: Scores, a: Scores, direction: int):
     return t.positives()[direction], a.positives()[direction]
 
 
+@torch.no_grad()
+def boost_diagnostics(scores: ScoresLike, anchor_scores: ScoresLike, margin: float = 0.2, beta: float = 1.0,
+                      image_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """What the relative boost does on these queries, both directions, as sums over queries
+    (divide by the global number of queries for means): for each query the boost's chosen
+    negative j (the argmax of S^t_ij - S^a_ij), then
+      active         1 if its cost [margin*beta + (a_pos - a_j) - (t_pos - t_j)]+ is > 0
+      target_gap     t_pos - t_j, the target's positive-negative gap there
+      anchor_gap     a_pos - a_j, the anchor's
+      same_negative  1 if j is also the target's hardest negative (the raw triplet's choice)
+    Queries without a negative count 0 everywhere."""
+    t, a = _as_scores(scores, image_ids), _as_scores(anchor_scores, image_ids)
+    out = {k: t.i2t.new_zeros(()) for k in ("active", "target_gap", "anchor_gap", "same_negative")}
+    for t_q, a_q, neg, t_pos, a_pos in ((t.i2t, a.i2t, t.neg_i2t, *_pair(t, a, 0)),
+                                        (t.t2i, a.t2i, t.neg_t2i, *_pair(t, a, 1))):
+        cols = (t_q - a_q).masked_fill(~neg, float("-inf")).argmax(dim=1, keepdim=True)
+        hardest = t_q.masked_fill(~neg, float("-inf")).argmax(dim=1, keepdim=True)
+        valid = neg.gather(1, cols).squeeze(1)
+        t_gap = (t_pos - t_q.gather(1, cols)).squeeze(1)
+        a_gap = (a_pos - a_q.gather(1, cols)).squeeze(1)
+        out["active"] += ((margin * beta + a_gap - t_gap > 0) & valid).sum()
+        out["target_gap"] += t_gap.masked_fill(~valid, 0.0).sum()
+        out["anchor_gap"] += a_gap.masked_fill(~valid, 0.0).sum()
+        out["same_negative"] += ((cols == hardest).squeeze(1) & valid).sum()
+    return out
+
+
 # ----------------------------------------------------------------------------- soft losses
 # Averaged over queries: a rank's value is its queries' sum divided by the global number of
 # queries (= the number of candidates), so the ranks' values add up to the global mean.
@@ -197,15 +224,18 @@ def _cross_entropy_sum(logits: torch.Tensor, keep: torch.Tensor, positive: torch
     return (torch.logsumexp(logits, dim=1) - logits.gather(1, positive[:, None]).squeeze(1)).sum()
 
 
-def info_nce(scores: ScoresLike, logit_scale, image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def info_nce(scores: ScoresLike, logit_scale, image_ids: Optional[torch.Tensor] = None,
+             one_way: bool = False) -> torch.Tensor:
     """CLIP's symmetric InfoNCE: `0.5 * [CE(scale * S, diag) + CE(scale * S^T, diag)]`, mean over
-    queries. `logit_scale` = 1/temperature, a tensor (learnable, clamped by the model) or float."""
+    queries. `logit_scale` = 1/temperature, a tensor (learnable, clamped by the model) or float.
+    `one_way`: the row queries only, `CE(scale * S, diag)` (e.g. students against teachers)."""
     s = _as_scores(scores, image_ids)
     n = s.i2t.shape[1]
+    blocks = ((s.i2t, s.neg_i2t),) if one_way else ((s.i2t, s.neg_i2t), (s.t2i, s.neg_t2i))
     total = 0.0
-    for q, neg in ((s.i2t, s.neg_i2t), (s.t2i, s.neg_t2i)):
+    for q, neg in blocks:
         total = total + _cross_entropy_sum(logit_scale * q, _candidates(q, neg, s.positive), s.positive)
-    return total / (2 * n)
+    return total / (len(blocks) * n)
 
 
 def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -330,20 +360,29 @@ def _own_rows(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
     return x
 
 
-def structure_distillation(img: torch.Tensor, txt: torch.Tensor, teacher_img: torch.Tensor,
-                           teacher_txt: torch.Tensor, lam, tau, mode: str = "per_modality",
-                           gather: Callable[[torch.Tensor, bool], torch.Tensor] = _own_rows,
-                           offset: int = 0) -> torch.Tensor:
-    """`L_sd = mean_{i != j} |R_S - R_T|` over the (gathered) batch, with the teacher relation
-    `R_T = lam * T^T^T/tau + (1 - lam) * I^I^T/tau` of L2-normalised teacher features and the
-    student relation `R_S = F F^T / tau`. `per_modality`: F is each modality's embeddings in
-    turn (two terms, added); `pair_mean`: F is the normalised mean of each pair's embeddings.
+def structure_terms(img: torch.Tensor, txt: torch.Tensor, teacher_img: torch.Tensor, teacher_txt: torch.Tensor,
+                    lam, tau, mode: str = "per_modality",
+                    gather: Callable[[torch.Tensor, bool], torch.Tensor] = _own_rows,
+                    offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Structure-aware distillation's two relation losses over the (gathered) batch, each a mean
+    of absolute differences over the off-diagonal pairs i != j:
+
+    `L_sd = mean |R_S - R_T|`, the student's relation against the teacher's mixed relation
+    `R_T = lam * R_text + (1 - lam) * R_image`, where `R_text = T^T^T/tau` and `R_image =
+    I^I^T/tau` of the L2-normalised teacher features and `R_S = F F^T / tau`.
+    `per_modality`: F is each modality's embeddings in turn (two terms, added); `pair_mean`: F
+    is the normalised mean of each pair's embeddings.
+
+    `L_consistency = mean |R_image - R_T| + mean |R_text - R_T|`: each teacher relation against
+    the mix. The teacher features are constants, so it trains lam and tau only.
+
     Takes this rank's rows (at row `offset` of the global batch); the columns are
     `gather(rows, with_grad)`, all ranks' rows (one process: the rows themselves)."""
     t_img = F.normalize(teacher_img.detach(), dim=-1)
     t_txt = F.normalize(teacher_txt.detach(), dim=-1)
     all_t_img, all_t_txt = gather(t_img, False), gather(t_txt, False)
-    r_t = (lam * (t_txt @ all_t_txt.t()) + (1 - lam) * (t_img @ all_t_img.t())) / tau
+    r_image, r_text = (t_img @ all_t_img.t()) / tau, (t_txt @ all_t_txt.t()) / tau
+    r_t = lam * r_text + (1 - lam) * r_image
     b, n = img.shape[0], all_t_img.shape[0]
     off_diag = torch.ones(b, n, dtype=torch.bool, device=img.device)
     off_diag[torch.arange(b, device=img.device), torch.arange(offset, offset + b, device=img.device)] = False
@@ -353,8 +392,17 @@ def structure_distillation(img: torch.Tensor, txt: torch.Tensor, teacher_img: to
         students = (F.normalize(img + txt, dim=-1),)
     else:
         raise ValueError(f"mode must be 'per_modality' or 'pair_mean', got {mode!r}")
-    total = 0.0
-    for f in students:
-        r_s = f @ gather(f, True).t() / tau
-        total = total + (r_s - r_t).abs().masked_fill(~off_diag, 0.0).sum()
-    return total / (n * (n - 1))
+
+    def mean_abs(x: torch.Tensor) -> torch.Tensor:
+        return x.abs().masked_fill(~off_diag, 0.0).sum() / (n * (n - 1))
+
+    sd = sum(mean_abs(f @ gather(f, True).t() / tau - r_t) for f in students)
+    return sd, mean_abs(r_image - r_t) + mean_abs(r_text - r_t)
+
+
+def structure_distillation(img: torch.Tensor, txt: torch.Tensor, teacher_img: torch.Tensor,
+                           teacher_txt: torch.Tensor, lam, tau, mode: str = "per_modality",
+                           gather: Callable[[torch.Tensor, bool], torch.Tensor] = _own_rows,
+                           offset: int = 0) -> torch.Tensor:
+    """`L_sd` of `structure_terms`."""
+    return structure_terms(img, txt, teacher_img, teacher_txt, lam, tau, mode, gather, offset)[0]

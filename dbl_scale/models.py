@@ -65,19 +65,28 @@ class Embeddings(NamedTuple):
 
 class StructureHead(nn.Module):
     """Structure-aware distillation's learnables: the teacher-relation mix lambda, the relation
-    temperature tau_2 (stored as its log), and the projections to the teacher's feature spaces."""
+    temperature tau_2 (stored as its log, clamped to `tau_range` inside forward), the
+    projections of the teacher's features into the joint space, and the representation
+    terms' temperature (learnable, 1/T clamped at 100 as CLIP's)."""
 
-    def __init__(self, embed_dim: int, teacher_dims: tuple[int, int], init_lambda: float, temperature: float):
+    def __init__(self, embed_dim: int, teacher_dims: tuple[int, int], init_lambda: float, temperature: float,
+                 tau_range: tuple[float, float], repr_temperature: float):
         super().__init__()
         self.lam = nn.Parameter(torch.tensor([init_lambda]))
         self.log_tau = nn.Parameter(torch.tensor([math.log(temperature)]))
-        self.proj_img = nn.Linear(embed_dim, teacher_dims[0])
-        self.proj_txt = nn.Linear(embed_dim, teacher_dims[1])
+        self.log_tau_range = (math.log(tau_range[0]), math.log(tau_range[1]))
+        self.log_repr_scale = nn.Parameter(torch.tensor([math.log(1.0 / repr_temperature)]))
+        self.proj_img = nn.Linear(teacher_dims[0], embed_dim)
+        self.proj_txt = nn.Linear(teacher_dims[1], embed_dim)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> dict:
-        return {"lam": self.lam, "tau": self.log_tau.exp(),
-                "proj_img": F.normalize(self.proj_img(img), dim=-1),
-                "proj_txt": F.normalize(self.proj_txt(txt), dim=-1)}
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, teacher: Optional["Embeddings"] = None) -> dict:
+        out = {"lam": self.lam, "tau": self.log_tau.clamp(*self.log_tau_range).exp(),
+               "repr_scale": self.log_repr_scale.clamp(max=math.log(100.0)).exp()}
+        if teacher is not None:  # inside forward, so ZeRO-3 gathers the projections
+            dtype = self.proj_img.weight.dtype
+            out["teacher_img"] = F.normalize(self.proj_img(teacher.img.to(dtype)), dim=-1)
+            out["teacher_txt"] = F.normalize(self.proj_txt(teacher.txt.to(dtype)), dim=-1)
+        return out
 
 
 class ConceptBank(nn.Module):
@@ -93,7 +102,7 @@ class ConceptBank(nn.Module):
         self.bank = nn.Parameter(bank)
         self.temperature = temperature
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor) -> dict:
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, teacher=None) -> dict:
         bank = F.normalize(self.bank, dim=-1)
         out = {"prototypes": bank}
         for name, x in (("img", img), ("txt", txt)):
@@ -140,14 +149,15 @@ class DualEncoder(nn.Module):
             pooled = hidden[:, 0]
         return F.normalize(self.text_proj(pooled), dim=-1)
 
-    def forward(self, pixel_values, input_ids, attention_mask) -> Embeddings:
+    def forward(self, pixel_values, input_ids, attention_mask, teacher: Optional[Embeddings] = None) -> Embeddings:
+        """`teacher`: a frozen branch's embeddings of the same batch, for heads that read them."""
         scale = None
         if self.log_logit_scale is not None:
             scale = self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
         img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
         heads = {}
         for head in self.heads.values():  # inside forward, so ZeRO-3 gathers their parameters
-            heads.update(head(img, txt))
+            heads.update(head(img, txt, teacher))
         return Embeddings(img, txt, scale, heads or None)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, distributed
-from .branches import Branch, build_branches, ema_update, load_model, param_dtype
+from .branches import Branch, anchor_metrics, build_branches, ema_update, load_model, param_dtype
 from .config import Config, flatten, save_config, to_dict
 from .data import TrainLoader, ensure_tokenizer
 from .evaluation import evaluate, format_table, report
@@ -47,7 +47,8 @@ def train(cfg: Config) -> dict:
     method.start(target.module, loader.tokenize, loader.steps_per_epoch, rank)  # CODER's queues, AOQ's mining
     run = Run(cfg, method, branches, loader.tokenize)
     step = run.begin()  # a new run, or the newest checkpoint of this one
-    meter = StepMeter(cfg, run.tracker, run.name, loader, target.scheduler, method.step_metrics)
+    meter = StepMeter(cfg, run.tracker, run.name, loader, target.scheduler,
+                      lambda s: {**method.step_metrics(s), **anchor_metrics(branches)})
     status = "FAILED"
     try:
         meter.begin(step)
@@ -98,7 +99,7 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
     outs = []
     for br in branches:
         if br.engine is not None:
-            outs.append(br.engine(pixels, input_ids, mask))
+            outs.append(br.engine(pixels, input_ids, mask, **method.forward_inputs(outs)))
         elif isinstance(br.module, FrozenEncoders):  # reads the raw captions
             with torch.no_grad():
                 outs.append(br.module(pixels, captions=batch["captions"]))
@@ -219,21 +220,27 @@ class Run:
             self.tracker.log_metrics({"val/best_rsum": self.best_val}, step)
 
     def final_evaluation(self, step: int, train_seconds: float) -> dict:
-        """The final model on the evaluation split (with reports), and the model chosen on
-        validation when there is one; metrics.json and the printed table on rank 0."""
+        """The final model on the evaluation split (with reports and per-query ranks), and the
+        model chosen on validation when there is one; metrics.json (best_metrics.json) and the
+        printed table on rank 0."""
         cfg, split, t0 = self.cfg, self.cfg.data.eval_split, time.time()
         ev = self.evaluate(self.engine.module, split)
         if distributed.is_main():
             report(ev, self.tracker, self.dir / "reports", cfg.data.root, split)
+            np.savez(self.dir / "reports" / f"{split}_ranks.npz", **ev.ranks)  # for `dbl-scale compare --plot`
+            self.tracker.log_artifact(self.dir / "reports" / f"{split}_ranks.npz", "reports")
         self.tracker.log_metrics({f"{split}/{k}": v for k, v in ev.metrics.items()}, step)
+        written = {"metrics.json": ev.metrics}
         if (self.dir / "best" / "model.pt").exists():  # the model chosen on validation, on test
             tokenizer = self.tokenize.tokenizer
             best = self.evaluate(load_model(self.dir / "best", tokenizer).to(self.engine.device), split)
             self.tracker.log_metrics({f"best/{split}/{k}": v for k, v in best.metrics.items()}, step)
+            written["best_metrics.json"] = best.metrics
         self.tracker.log_metrics({"train_seconds": train_seconds, "eval_seconds": time.time() - t0}, step)
         if distributed.is_main():
             print(f"\n[{self.name}] retrieval on the {split} split\n"
                   + format_table({cfg.loss.method: ev.metrics}), flush=True)
-            (self.dir / "metrics.json").write_text(json.dumps(ev.metrics, indent=2))
-            self.tracker.log_artifact(self.dir / "metrics.json")
+            for name, metrics in written.items():
+                (self.dir / name).write_text(json.dumps(metrics, indent=2))
+                self.tracker.log_artifact(self.dir / name)
         return ev.metrics

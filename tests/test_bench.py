@@ -68,3 +68,34 @@ def test_cli(tmp_path, capsys):
     assert "torch" in printed and "dbl_relative_soft" in printed
     saved = json.loads(out.read_text())["rows"]
     assert {r["loss"] for r in saved} == set(LOSSES)
+
+
+def test_bench_methods_rows_yardsticks_and_intervals():
+    """Rows bring their yardsticks (and the checkpoint they start from); the paired interval is
+    Student's t over seeds; the table states each row's yardstick and both models."""
+    from dbl_scale.cli.bench.methods import BASE, markdown, paired_interval, select_rows
+
+    assert [r.name for r in select_rows(["DBL offline"])] == [BASE, "triplet, continued", "DBL offline"]
+    assert [r.name for r in select_rows(["DBL online K=2"])] == [BASE, "DBL online K=2", "mutual learning"]
+    assert [r.name for r in select_rows(["AOQ"])] == [BASE, "triplet, continued", "AOQ"]
+    varied = select_rows(["DBL momentum"], "loss.dbl.momentum_init_left=0.2,0.5")
+    assert [r.name for r in varied][1:] == ["DBL momentum [momentum_init_left=0.2]",
+                                            "DBL momentum [momentum_init_left=0.5]"]
+    assert varied[2].overrides[-1] == "loss.dbl.momentum_init_left=0.5" and varied[2].yardsticks == (BASE,)
+    with pytest.raises(ValueError, match="unknown rows"):
+        select_rows(["DBL"])
+
+    mean, half = paired_interval([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])  # differences 2, 3, 4: sd 1
+    assert mean == pytest.approx(3.0) and half == pytest.approx(4.303 / math.sqrt(3))
+    assert math.isnan(paired_interval([1.0], [0.0])[1])
+
+    def run(rsum, best):
+        return {"final": {"i2t_r1": 1.0, "i2t_r5": 2.0, "i2t_r10": 3.0, "t2i_r1": 4.0, "t2i_r5": 5.0,
+                          "t2i_r10": 6.0, "rsum": rsum}, "best": {"rsum": best}, "seconds": 10.0}
+    rows = {r.name: r for r in select_rows(["DBL momentum"])}
+    results = {BASE: {"row": rows[BASE], "runs": [run(400, 405), run(410, 411)]},
+               "DBL momentum": {"row": rows["DBL momentum"], "runs": [run(402, 400), run(416, 420)]}}
+    table = markdown(results)
+    line = [x for x in table.splitlines() if x.startswith("| DBL momentum")][0]
+    assert "409.0 ± 9.9" in line and "410.0 ± 14.1" in line  # final and best-on-val, mean ± std
+    assert f"{BASE}: +4.0 [-21.4, +29.4]" in line  # differences 2 and 6: 4 ± 12.706 * 2.83 / 1.41

@@ -13,7 +13,7 @@ from conftest import REPO, torchrun
 
 WORKERS = Path(__file__).parent / "workers"
 sys.path.insert(0, str(WORKERS))
-from parity_common import VARIANTS, compute_losses, make_batch, make_queues, models_for  # noqa: E402
+from parity_common import VARIANTS, compute_losses, forward_inputs, make_batch, make_queues, models_for  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def test_two_ranks_equal_one_process(variant, two_rank_results, shapes_root):
     outs = []
     for m, role in zip(models, roles):
         with torch.set_grad_enabled(role == "trained"):
-            outs.append(m(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]))
+            extra = forward_inputs(cfg, outs) if role == "trained" else {}
+            outs.append(m(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], **extra))
     terms = compute_losses(cfg, outs, batch["image_ids"], queues=make_queues(cfg))
     got = two_rank_results[variant]
     assert sorted(got) == [k for k, t in enumerate(terms) if t is not None]

@@ -30,9 +30,14 @@ def test_two_rank_run_logs_to_mlflow(shapes_root, tmp_path):
     assert 0 < run["metrics.test/rsum"] <= 600
 
     client = MlflowClient(uri)
-    for key in ("loss", "loss/raw", "loss/boost", "lr", "samples_per_s", "momentum"):
+    for key in ("loss", "loss/raw", "loss/boost", "lr", "samples_per_s", "momentum", "dbl/active",
+                "dbl/same_negative", "dbl/target_gap", "dbl/anchor_gap", "anchor/distance"):
         history = client.get_metric_history(run["run_id"], key)
         assert [m.step for m in history] == [2, 4, 6], key
+    for key in ("dbl/active", "dbl/same_negative"):  # shares of the global batch's queries
+        assert all(0.0 <= m.value <= 1.0 for m in client.get_metric_history(run["run_id"], key)), key
+    distance = [m.value for m in client.get_metric_history(run["run_id"], "anchor/distance")]
+    assert 0 < distance[0] < distance[-1]  # the EMA anchor trails the target by more as it trains
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
     assert {"config.yaml", "ds_config.json", "metrics.json"} <= artifacts
     saved = json.loads((tmp_path / "runs" / "e2e-dbl" / "metrics.json").read_text())
@@ -80,7 +85,7 @@ def test_validation_best_model_reports_and_eval_command(shapes_root, tmp_path):
     assert best_step == max(val, key=lambda m: (m.value, -m.step)).step
     assert "best/test/rsum" in run.data.metrics and "test/rsum" in run.data.metrics
     reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
-    assert reports == {"reports/test_recall_curve.png", "reports/test_retrieval.html"}
+    assert reports == {"reports/test_recall_curve.png", "reports/test_retrieval.html", "reports/test_ranks.npz"}
 
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "eval", "--run-dir", str(run_dir / "best"),

@@ -9,7 +9,7 @@ import torch
 
 from dbl_scale.losses import (OfflineScores, Scores, aoq_quintuplet, boost_absolute, boost_relative,
                               distillation, diversity_contrastive, hinge_triplet, info_nce, mutual_learning,
-                              sinkhorn, structure_distillation)
+                              sinkhorn, structure_distillation, structure_terms)
 
 
 def _neg(i, j, ids):
@@ -221,6 +221,16 @@ def test_info_nce_matches_loops(ids):
     assert got.item() == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("ids", IDS)
+def test_one_way_info_nce_is_the_row_queries_alone(ids):
+    S = _cos(10, seed=16).numpy()
+    scale = 9.0
+    want = sum(-_log_softmax([scale * x for x in _row(S, kind, q, cand)])[pos]
+               for kind, q, cand, pos in _directions(S, ids) if kind == "i2t") / 10
+    got = info_nce(torch.from_numpy(S), scale, image_ids=ids, one_way=True)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+
+
 def _ref_kl(S, T, temp, ids):
     total = 0.0
     for kind, q, cand, _ in _directions(S, ids):
@@ -336,3 +346,31 @@ def test_structure_distillation_trains_lambda_and_tau():
     log_tau = torch.tensor([math.log(0.07)], requires_grad=True)
     structure_distillation(img, txt, ti, tt, lam, log_tau.exp()).backward()
     assert lam.grad.abs().item() > 0 and log_tau.grad.abs().item() > 0
+
+
+def test_structure_consistency_matches_loops_and_trains_only_lambda_and_tau():
+    """Each teacher relation against the mixed one, mean over i != j; the teacher features
+    are constants, so only lambda and tau get a gradient (and the summed terms leave lambda's
+    at zero: |R_I - R_T| + |R_T' - R_T| = |R_I - R_T'| / tau whatever lambda is)."""
+    g = torch.Generator().manual_seed(25)
+    norm = lambda x: torch.nn.functional.normalize(x, dim=1)  # noqa: E731
+    img, txt = (norm(torch.randn(6, 5, generator=g, dtype=torch.float64)) for _ in range(2))
+    t_img = torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    t_txt = torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor([0.07], dtype=torch.float64, requires_grad=True)
+    ti, tt = norm(t_img.detach()), norm(t_txt.detach())
+    want = 0.0
+    for i in range(6):
+        for j in range(6):
+            if i != j:
+                r_i, r_t = (ti[i] @ ti[j]).item() / 0.07, (tt[i] @ tt[j]).item() / 0.07
+                mix = 0.3 * r_t + 0.7 * r_i
+                want += abs(r_i - mix) + abs(r_t - mix)
+    want /= 6 * 5
+    sd, consistency = structure_terms(img, txt, t_img, t_txt, lam, tau)
+    assert consistency.item() == pytest.approx(want, rel=1e-10)
+    assert sd.item() == pytest.approx(structure_distillation(img, txt, t_img, t_txt, lam, tau).item(), rel=1e-12)
+    consistency.backward()
+    assert t_img.grad is None and t_txt.grad is None  # the teacher is a constant
+    assert lam.grad.abs().item() < 1e-12 and tau.grad.item() < 0  # raising tau lowers it: hence the clamp

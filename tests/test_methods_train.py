@@ -3,6 +3,7 @@ the frozen-checkpoint methods (offline DBL, distillation) start from a finished 
 from __future__ import annotations
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, torchrun
@@ -52,6 +53,19 @@ def test_offline_dbl_target_starts_from_the_anchor(shapes_root, tmp_path, teache
     # target == anchor at step 1: every query's hardest boosting violation is exactly margin*beta,
     # so the boost term is 2 directions x 16 queries x 0.2
     assert first.step == 1 and first.value == pytest.approx(2 * 16 * 0.2, rel=1e-5)
+
+
+def test_offline_dbl_without_its_boost_is_the_triplet_continued(shapes_root, tmp_path, teacher):
+    """Null test of the branch and anchor plumbing: DBL offline with alpha = 0 trains, bit for
+    bit, what the triplet continued from the same checkpoint with the same seed trains."""
+    _run(shapes_root, tmp_path, "null-dbl", "loss.method=dbl", "loss.dbl.scenario=offline",
+         f"loss.dbl.anchor={teacher}", "loss.dbl.alpha=0")
+    _run(shapes_root, tmp_path, "null-triplet", "loss.method=triplet", f"train.init_from={teacher}")
+    dbl, triplet, start = (torch.load(path / "model.pt", weights_only=True)
+                           for path in (tmp_path / "runs" / "null-dbl", tmp_path / "runs" / "null-triplet", teacher))
+    assert dbl.keys() == triplet.keys()
+    assert all(torch.equal(dbl[k], triplet[k]) for k in dbl)
+    assert not all(torch.equal(dbl[k], start[k]) for k in dbl)  # both trained away from the checkpoint
 
 
 def test_structure_aware_distillation_from_a_finished_run(shapes_root, tmp_path, teacher):

@@ -199,3 +199,48 @@ def test_compare_lists_runs_best_first_in_every_format(tmp_path, monkeypatch, ca
 
     args = parser.parse_args(["compare", "--experiment", "nope", "--tracking-uri", uri])
     assert args.func(args) == 2
+
+
+def test_compare_plot_draws_settings_as_mean_and_band(tmp_path, monkeypatch):
+    """Two seeds of one setting and one run of another: the figure's curves are the seeds' mean
+    (recall@K from each run's logged ranks, loss and val rSum from the metric histories), and
+    the figure goes to a new parent run of the three."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from dbl_scale.cli.compare import compare_runs, plot_runs
+    from dbl_scale.evaluation.report import recall_curve
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("plot")
+    rng = np.random.default_rng(0)
+    logged = {}
+    for name, method, seed in (("a0", "dbl", 0), ("a1", "dbl", 1), ("b0", "triplet", 0)):
+        run = client.create_run(exp, run_name=name)
+        params = {"loss.method": method, "train.seed": str(seed), "tracking.run_name": name, "train.steps": "20"}
+        losses = rng.uniform(1, 2, size=3)
+        metrics = [Metric("samples_per_s", 10.0, 0, 10)] + [Metric("loss", v, 0, s) for v, s in zip(losses, (5, 10, 15))]
+        metrics += [Metric("val/rsum", 100.0 + seed, 0, 10)]
+        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+        ranks = {"i2t": rng.integers(0, 30, size=20), "t2i": rng.integers(0, 20, size=100)}
+        np.savez(tmp_path / "test_ranks.npz", **ranks)
+        client.log_artifact(run.info.run_id, str(tmp_path / "test_ranks.npz"), "reports")
+        client.set_terminated(run.info.run_id, "FINISHED")
+        logged[name] = (run.info.run_id, ranks, losses)
+
+    drawn = plot_runs(uri, "plot", tmp_path / "fig" / "cmp.png", max_k=10)
+    png = (tmp_path / "fig" / "cmp.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert sorted(drawn) == ["dbl (2 seeds)", "triplet (1 seed)"]
+    a = drawn["dbl (2 seeds)"]
+    want = (recall_curve(logged["a0"][1]["i2t"], 10) + recall_curve(logged["a1"][1]["i2t"], 10)) / 2
+    np.testing.assert_allclose(a["i2t"], want)
+    np.testing.assert_allclose(a["loss"], (logged["a0"][2] + logged["a1"][2]) / 2)
+    np.testing.assert_allclose(a["val/rsum"], [100.5])
+    parents = client.search_runs([exp], "tags.`dbl_scale.comparison` = 'true'")
+    assert len(parents) == 1 and [x.path for x in client.list_artifacts(parents[0].info.run_id)] == ["cmp.png"]
+    for run_id, _, _ in logged.values():
+        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert sorted(r["run"] for r in compare_runs(uri, "plot")) == ["a0", "a1", "b0"]  # not the figure's run

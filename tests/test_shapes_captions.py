@@ -123,3 +123,27 @@ def test_build_if_missing_and_cli(built, tmp_path, capsys):
     rebuilt = build_if_missing(out2, n_train=3, n_val=0, n_test=5, shard_size=4)  # count differs: rebuild
     assert rebuilt["train"]["samples"] == 3
     assert sorted(n for n in os.listdir(out2) if n.endswith(".tar")) == ["test-00000.tar", "test-00001.tar", "train-00000.tar"]
+
+
+def test_dense_variant_names_three_shapes_with_four_attributes(tmp_path):
+    """The dense variant: every image has 3 shapes, each solid or hollow; every caption states
+    each shape's style and that fact holds for its image; the oracle still finds each image."""
+    sizes = build_shapes_captions(str(tmp_path), n_train=8, n_val=8, n_test=40, image_size=64, shard_size=8,
+                                  variant="dense")
+    assert sizes["variant"] == "dense"
+    samples = _read_samples(str(tmp_path), sizes["test"]["shards"][0])
+    styles = collections.Counter()
+    for s in samples.values():
+        meta = json.loads(s["json"])
+        assert len(meta["objects"]) == 3
+        facts = image_facts(meta["objects"])
+        for caption, caption_facts in zip(meta["captions"], meta["caption_facts"]):
+            assert set(caption_facts) <= facts
+            assert sum(f.startswith("style:") for f in caption_facts) >= 2, caption
+            assert any(w in caption for w in ("solid", "filled", "hollow", "outlined"))
+        styles.update(o["style"] for o in meta["objects"])
+    assert set(styles) == {"solid", "hollow"}
+    from data_tools.shapes_captions import read_split_jsons
+    assert oracle_rsum(read_split_jsons(str(tmp_path), "test")) > 590
+    with pytest.raises(ValueError, match="variant"):
+        build_shapes_captions(str(tmp_path / "x"), n_train=1, n_val=1, n_test=1, variant="sparse")

@@ -7,6 +7,12 @@ over one logging interval, warm-up included), the last step it logged, and its s
 Works with any tracking URI (sqlite:///..., http://...).
 
     dbl-scale compare --experiment dbl_scale_demo --sort test/rsum --format markdown
+
+`--plot OUT.png` also draws the runs in one figure: recall@K curves of both directions (from
+each run's per-query ranks), and the training loss and validation rSum over steps. Runs that
+differ only in their seed (or in per-seed paths such as a checkpoint they start from) form
+one setting, drawn as the mean with a band of one standard deviation. The figure is logged to
+a new run of the experiment ("compare-..."), which becomes the parent of the runs it shows.
 """
 from __future__ import annotations
 
@@ -15,9 +21,15 @@ import csv
 import io
 import math
 import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
+
 from ..evaluation import RECALL_HEADS, RECALL_KEYS
+from ..evaluation.report import recall_curve
 
 PARAMS = {"scenario": "loss.dbl.scenario", "train_steps": "train.steps", "batch_size": "data.batch_size",
           "lr": "optim.lr", "deepspeed": "train.deepspeed"}
@@ -69,6 +81,8 @@ def compare_runs(tracking_uri: str, experiment: str, sort_by: str = "test/rsum",
     rows = []
     for run in _search_all(client, exp.experiment_id):
         params, tags, latest = run.data.params, run.data.tags, run.data.metrics
+        if tags.get("dbl_scale.comparison"):
+            continue  # a figure's run (`--plot`), not a run to compare
         method = params.get("loss.method") or tags.get("method")
         split = _eval_split(latest, sort_by)
         row = {"run": run.info.run_name or run.info.run_id, "run_id": run.info.run_id, "method": method}
@@ -146,9 +160,112 @@ def format_runs(rows: Sequence[dict], fmt: str = "text") -> str:
     return "\n".join([line(heads)] + [line(row) for row in table])
 
 
+# parameters that differ between the seeds of one setting, not between settings
+PER_SEED = ("train.seed", "tracking.run_name", "tracking.uri", "tracking.experiment", "train.output_dir",
+            "train.init_from", "loss.dbl.anchor", "loss.distill.teacher", "loss.structure.teacher",
+            "loss.aoq.candidates")
+CURVES = (("loss", "training loss"), ("val/rsum", "validation rSum"))
+
+
+def _settings(runs: list) -> dict[str, list]:
+    """Runs grouped by setting (their parameters less the per-seed ones), each group named by
+    the parameters that tell it from the others (its method alone where nothing else differs)."""
+    groups: dict[tuple, list] = {}
+    for run in runs:
+        key = tuple(sorted((k, v) for k, v in run.data.params.items() if k not in PER_SEED))
+        groups.setdefault(key, []).append(run)
+    varying = sorted({k for key in groups for k, v in key
+                      if len({dict(other).get(k) for other in groups}) > 1} - {"loss.method"})
+    named = {}
+    for key, members in groups.items():
+        params = dict(key)
+        parts = [params.get("loss.method", "?")] + [f"{k.rsplit('.', 1)[-1]}={params.get(k)}" for k in varying[:4]]
+        named[", ".join(parts) + f" ({len(members)} seed{'s' * (len(members) > 1)})"] = members
+    return named
+
+
+def _band(ax, x, ys: list, label: str) -> None:
+    ys = np.asarray(ys, dtype=float)
+    mean = ys.mean(axis=0)
+    line, = ax.plot(x, mean, label=label, marker="o" if len(mean) < 3 else None)
+    if len(ys) > 1:
+        std = ys.std(axis=0, ddof=1)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+
+
+def plot_runs(tracking_uri: str, experiment: str, out: str | Path, run_ids: Optional[Sequence[str]] = None,
+              split: str = "test", max_k: int = 50, log: bool = True) -> dict[str, dict]:
+    """Draw the training runs of `experiment` (or those in `run_ids`) into one PNG at `out`, and
+    log it to a new parent run of them (`log`). Returns, per setting, the mean curves drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # heavy (seconds): when a figure is drawn
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient  # heavy (seconds): imported when used
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no experiment named {experiment!r} at {tracking_uri}")
+    runs = [r for r in _search_all(client, exp.experiment_id)
+            if THROUGHPUT in r.data.metrics and (run_ids is None or r.info.run_id in run_ids)]
+    if not runs:
+        raise ValueError(f"no training runs to plot in experiment {experiment!r}")
+    fig = Figure(figsize=(12, 8.5), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    drawn: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, members in _settings(runs).items():
+            drawn[label] = {}
+            curves = {"i2t": [], "t2i": []}
+            for run in members:
+                try:
+                    path = client.download_artifacts(run.info.run_id, f"reports/{split}_ranks.npz", tmp)
+                except Exception:  # noqa: BLE001 - a run without ranks (no final evaluation) has no curve
+                    continue
+                with np.load(path) as ranks:
+                    for d in curves:
+                        curves[d].append(recall_curve(ranks[d], max_k))
+            for ax, d in zip(axes[0], ("i2t", "t2i")):
+                if curves[d]:
+                    k = np.arange(1, len(curves[d][0]) + 1)
+                    _band(ax, k, curves[d], label)
+                    drawn[label][d] = np.mean(curves[d], axis=0)
+            for ax, (key, _) in zip(axes[1], CURVES):
+                histories = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, key)} for r in members]
+                steps = sorted(set.intersection(*(set(h) for h in histories)))
+                if steps:
+                    _band(ax, steps, [[h[s] for s in steps] for h in histories], label)
+                    drawn[label][key] = np.mean([[h[s] for s in steps] for h in histories], axis=0)
+    titles = (f"image to text, recall@K on {split} (%)", f"text to image, recall@K on {split} (%)") + tuple(
+        t for _, t in CURVES)
+    for ax, title in zip(axes.flat, titles):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        ax.set_xscale("log")
+        ax.set_xlabel("K")
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{experiment}: {len(runs)} runs; bands: one standard deviation over seeds")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    if log:
+        parent = client.create_run(exp.experiment_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags={"dbl_scale.comparison": "true"})
+        client.log_artifact(parent.info.run_id, str(out))
+        client.set_terminated(parent.info.run_id, "FINISHED")
+        for run in runs:
+            client.set_tag(run.info.run_id, "mlflow.parentRunId", parent.info.run_id)
+    return drawn
+
+
 def cmd_compare(args) -> int:
     try:
         rows = compare_runs(args.tracking_uri, args.experiment, sort_by=args.sort)
+        drawn = plot_runs(args.tracking_uri, args.experiment, args.plot) if args.plot else None
     except ValueError as exc:
         print(f"dbl-scale compare: {exc}", file=sys.stderr)
         return 2
@@ -157,6 +274,9 @@ def cmd_compare(args) -> int:
     if args.format == "text":
         print(f"\n{len(rows)} runs in experiment '{args.experiment}', sorted by {args.sort} (descending); "
               f"samples/s = mean of the logged {THROUGHPUT} history")
+    if drawn is not None:
+        print(f"figure of {len(drawn)} setting(s) in {args.plot}, logged to MLflow as their parent run",
+              file=sys.stderr)
     return 0
 
 
@@ -168,5 +288,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="any MLflow tracking URI")
     p.add_argument("--sort", default="test/rsum", help="metric (as logged) or column to sort by, descending")
     p.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
+    p.add_argument("--plot", metavar="OUT.png", help="also draw recall@K, loss and val-rSum curves of the runs")
     p.set_defaults(func=cmd_compare)
     return p

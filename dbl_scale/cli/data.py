@@ -25,7 +25,8 @@ def prepare_data(cfg) -> dict:
         # at least 8 training shards, so up to 8 ranks x workers each get a share
         sizes = build_shapes_captions(str(root), n_train=cfg.data.build_train, n_val=cfg.data.build_val,
                                       n_test=cfg.data.build_test, image_size=cfg.model.vision.image_size,
-                                      shard_size=max(1, min(500, cfg.data.build_train // 8)))
+                                      shard_size=max(1, min(500, cfg.data.build_train // 8)),
+                                      variant=cfg.data.build_variant)
     ensure_tokenizer(cfg.data, cfg.model.text)
     if time.time() - t0 > 1:
         print(f"data ready in {time.time() - t0:.1f}s", flush=True)

@@ -101,6 +101,11 @@ class Method:
         """Extra modules the method trains inside each of its DualEncoders."""
         return {}
 
+    def forward_inputs(self, outs: list[Embeddings]) -> dict:
+        """Extra inputs of the trained branches' forward, from the branches before them (in
+        branch order): e.g. the teacher's features that a head projects."""
+        return {}
+
     def momentum(self, step: int) -> float:
         """The EMA momentum after optimizer step `step` (methods with an "ema" branch)."""
         raise NotImplementedError(f"{self.name} has no momentum branch")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from ..losses import boost_absolute, boost_relative
+from ..losses import boost_absolute, boost_diagnostics, boost_relative
 from .base import Method, StepScores
 
 
@@ -16,8 +17,36 @@ def momentum_at(step: int, total: int, m0: float) -> float:
     return 1.0 - (1.0 - m0) * (math.cos(math.pi * step / max(1, total)) + 1.0) / 2.0
 
 
+def init_left(m0: float, total: int) -> float:
+    """The share of the anchor's starting weights (the random init) left after `total` steps:
+    the product of the momenta the EMA applies, after steps 1..total."""
+    t = np.arange(1, total + 1)
+    momenta = 1.0 - (1.0 - m0) * (np.cos(np.pi * t / max(1, total)) + 1.0) / 2.0
+    return float(np.exp(np.log(momenta).sum()))
+
+
+def m0_for_init_left(left: float, total: int) -> float:
+    """The m0 whose schedule leaves `left` of the random init in the anchor after `total` steps
+    (bisection: the share grows with m0)."""
+    lo, hi = 0.0, 1.0 - 1e-12
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if init_left(mid, total) < left else (lo, mid)
+    return (lo + hi) / 2
+
+
 class DBL(Method):
     name = "dbl"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d = self.lc.dbl
+        self.m0 = m0_for_init_left(d.momentum_init_left, cfg.train.steps) if d.momentum_init_left else d.momentum
+
+    def check(self):
+        if self.lc.dbl.scenario == "offline":
+            self.require(self.lc.dbl.anchor, "loss.dbl.anchor", "the run folder of a trained anchor in the offline "
+                         "scenario (it holds config.yaml and model.pt)")
 
     @property
     def roles(self):
@@ -28,11 +57,6 @@ class DBL(Method):
             return ["frozen", "trained"]
         return ["trained"] * self.lc.dbl.branches  # online: branch k boosted against branches n < k
 
-    def check(self):
-        if self.lc.dbl.scenario == "offline":
-            self.require(self.lc.dbl.anchor, "loss.dbl.anchor", "the run folder of a trained anchor in the offline "
-                         "scenario (it holds config.yaml and model.pt)")
-
     def frozen_source(self):
         return self.lc.dbl.anchor
 
@@ -41,14 +65,17 @@ class DBL(Method):
         return self.lc.dbl.scenario == "offline"
 
     def momentum(self, step):
-        return momentum_at(step, self.cfg.train.steps, self.lc.dbl.momentum)
+        return momentum_at(step, self.cfg.train.steps, self.m0)
 
-    def boost(self, target, anchor, step: int) -> torch.Tensor:
+    def boost(self, target, anchor) -> torch.Tensor:
+        """The boost in its own form at every step: max or sum by `loss.dbl.reduction`, never
+        the raw triplet's warm-up (with anchor ~ target every negative violates by
+        margin*beta, and a summed boost would swamp the first steps)."""
         d, margin = self.lc.dbl, self.lc.margin
+        max_violation = d.reduction == "max"
         if d.boost == "relative":
-            return boost_relative(target, anchor, margin, d.beta, max_violation=self.max_violation(step),
-                                  soft_adapt=d.soft_adapt)
-        return boost_absolute(target, anchor, margin, d.beta, d.gamma, max_violation=self.max_violation(step),
+            return boost_relative(target, anchor, margin, d.beta, max_violation=max_violation, soft_adapt=d.soft_adapt)
+        return boost_absolute(target, anchor, margin, d.beta, d.gamma, max_violation=max_violation,
                               soft_adapt=d.soft_adapt)
 
     def losses(self, outs, image_ids, step=0):
@@ -61,7 +88,16 @@ class DBL(Method):
             t = {"loss/raw": self.raw(scores[k], step)}
             t["loss"] = t["loss/raw"]
             if k > 0:  # boosted against the mean over the branches before it
-                t["loss/boost"] = torch.stack([self.boost(scores[k], scores[n], step) for n in range(k)]).mean()
+                t["loss/boost"] = torch.stack([self.boost(scores[k], scores[n]) for n in range(k)]).mean()
                 t["loss"] = t["loss"] + self.lc.dbl.alpha * t["loss/boost"]
             terms[k] = t
+        terms[-1].update(self.diagnostics(scores, len(outs) - 1))
         return terms
+
+    def diagnostics(self, scores: StepScores, k: int) -> dict[str, torch.Tensor]:
+        """Why the boost helps or not, for the target against the branch before it: the share
+        of queries it is active on, the mean target and anchor gaps at its negative, and how
+        often that negative is the target's hardest (each rank its share of the global mean)."""
+        sums = boost_diagnostics(scores[k], scores[k - 1], self.lc.margin, self.lc.dbl.beta)
+        queries = 2 * scores[k].i2t.shape[1]  # both directions of the global batch
+        return {f"dbl/{name}": value / queries for name, value in sums.items()}

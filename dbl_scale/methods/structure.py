@@ -1,10 +1,12 @@
-"""Structure-aware distillation (rebalanced retrieval): the student's intra-modal relations
-follow a frozen teacher's (learnable mix lambda, temperature tau2), plus representation-level
-InfoNCE from each student embedding, projected, to the teacher's feature of that modality."""
+"""Structure-aware distillation (rebalanced retrieval), following the authors' code: the
+student's intra-modal relations follow a frozen teacher's mixed relation (learnable mix
+lambda, clamped learnable temperature tau2), each teacher relation is held to the mix (the
+terms that train lambda and tau2), and representation-level InfoNCE runs from each student
+embedding to the teacher's feature of that modality, projected into the joint space."""
 from __future__ import annotations
 
 from .. import distributed
-from ..losses import info_nce, structure_distillation
+from ..losses import info_nce, structure_terms
 from ..models import StructureHead
 from .base import Method, StepScores, gathered_scores
 
@@ -28,21 +30,27 @@ class Structure(Method):
 
     def heads(self, teacher_dims=None):
         sc, dim = self.lc.structure, self.cfg.model.embed_dim
-        return {"structure": StructureHead(dim, teacher_dims or (dim, dim), sc.init_lambda, sc.temperature)}
+        return {"structure": StructureHead(dim, teacher_dims or (dim, dim), sc.init_lambda, sc.temperature,
+                                           (sc.temperature_min, sc.temperature_max), sc.repr_temperature)}
+
+    def forward_inputs(self, outs):
+        return {"teacher": outs[0]}  # the head projects the teacher's features inside the target's forward
 
     def losses(self, outs, image_ids, step=0):
         ids = self.mask_ids(image_ids)
         scores = StepScores(outs, self.roles, ids)
         sc, teacher, student, h = self.lc.structure, outs[0], outs[1], outs[1].heads
-        rep_scale = 1.0 / sc.repr_temperature
         offset = distributed.rank() * student.img.shape[0]
-        t = {"loss/raw": self.raw(scores[1], step),
-             "loss/structure": structure_distillation(student.img, student.txt, teacher.img, teacher.txt, h["lam"],
-                                                      h["tau"], sc.mode, distributed.gather, offset),
-             "loss/repr_image": info_nce(gathered_scores(h["proj_img"], teacher.img, ids, all_ids=scores.all_ids),
-                                         rep_scale),
-             "loss/repr_text": info_nce(gathered_scores(h["proj_txt"], teacher.txt, ids, all_ids=scores.all_ids),
-                                        rep_scale)}
-        t["loss"] = (t["loss/raw"] + sc.weight * t["loss/structure"] + sc.repr_weight_image * t["loss/repr_image"]
-                     + sc.repr_weight_text * t["loss/repr_text"])
+        sd, consistency = structure_terms(student.img, student.txt, teacher.img, teacher.txt, h["lam"], h["tau"],
+                                          sc.mode, distributed.gather, offset)
+
+        def representation(student_emb, teacher_emb):  # student queries against all projected teacher features
+            return info_nce(gathered_scores(student_emb, teacher_emb, ids, all_ids=scores.all_ids), h["repr_scale"],
+                            one_way=True)
+
+        t = {"loss/raw": self.raw(scores[1], step), "loss/structure": sd, "loss/consistency": consistency,
+             "loss/repr_image": representation(student.img, h["teacher_img"]),
+             "loss/repr_text": representation(student.txt, h["teacher_txt"])}
+        t["loss"] = (t["loss/raw"] + sc.weight * sd + sc.consistency_weight * consistency
+                     + sc.repr_weight_image * t["loss/repr_image"] + sc.repr_weight_text * t["loss/repr_text"])
         return [None, t]

@@ -12,7 +12,7 @@ from deepspeed.utils import safe_get_full_grad
 from dbl_scale import distributed
 from dbl_scale.config import load_config
 from dbl_scale.optim import deepspeed_config
-from parity_common import VARIANTS, compute_losses, local_slice, make_batch, make_queues, models_for
+from parity_common import VARIANTS, compute_losses, forward_inputs, local_slice, make_batch, make_queues, models_for
 
 out, tok_dir, stage = sys.argv[1], sys.argv[2], int(sys.argv[3])
 distributed.init_distributed()
@@ -29,7 +29,8 @@ for name in VARIANTS:
     outs = []
     for m, e in zip(models, engines):
         if e is not None:
-            outs.append(e(local["pixel_values"], local["input_ids"], local["attention_mask"]))
+            outs.append(e(local["pixel_values"], local["input_ids"], local["attention_mask"],
+                          **forward_inputs(cfg, outs)))
         else:
             with torch.no_grad():
                 outs.append(m(local["pixel_values"], local["input_ids"], local["attention_mask"]))

@@ -47,6 +47,11 @@ def models_for(name, tok_dir):
     return cfg, roles, models, tokenizer
 
 
+def forward_inputs(cfg, outs):
+    """What the training step passes to a trained branch's forward (e.g. the teacher's features)."""
+    return build_method(cfg).forward_inputs(outs)
+
+
 def compute_losses(cfg, outs, image_ids, queues=None):
     """The training code's loss terms: the run's method object, with CODER's queues set."""
     method = build_method(cfg)

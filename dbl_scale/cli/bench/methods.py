@@ -1,96 +1,232 @@
 """`dbl-scale bench methods`: every method trained on the same data with the same steps,
-batch and towers, evaluated with the same protocol, logged to one MLflow experiment, and
-tabulated (text and markdown).
+batch and towers, evaluated with the same protocol, over several seeds, logged to one MLflow
+experiment, and tabulated against a stated yardstick.
 
-Methods that need a trained checkpoint (offline DBL anchor, distillation and structure
-teachers, AOQ's mining model, and the baseline continued from it) use the triplet run of
-the same table; their rows say so, since that checkpoint's steps come on top.
+    dbl-scale bench methods --seeds 3 --out runs/bench_methods
+    dbl-scale bench methods --seeds 3 --only "DBL momentum" --vary loss.dbl.momentum_init_left=0.2,0.5,0.8
+
+Every row names its yardstick: the rows it is compared with, seed by seed (the paired
+difference of rSum, with a 95% interval over seeds from Student's t). Methods that need a
+trained checkpoint (offline DBL anchor, distillation and structure teachers, AOQ's mining
+model, and the baseline continued from it) start from the triplet run of the same seed;
+their extra steps come on top of that checkpoint's, which is why DBL offline is compared
+both with its starting checkpoint and with the triplet continued for as many steps.
+Validation every `--val-every` steps keeps the best model on val; the table reports the
+final model and that best one. `--out` gets table.md, results.json and curves.png (the
+`dbl-scale compare --plot` figure of these runs).
 """
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ...config import load_config, resolve_config
 from ...evaluation import RECALL_KEYS, chance_metrics, format_table
+from ..compare import plot_runs
 from ..data import prepare_data
 from ..launch import config_args, run_ranks
 from ..train import MODULE as TRAIN
 
-# (row, overrides, what it starts from); "{ckpt}" is the folder of the table's triplet run
-METHODS = [
-    ("triplet (VSE++)", ["loss.method=triplet"], "scratch"),
-    ("InfoNCE", ["loss.method=infonce"], "scratch"),
-    ("DBL momentum", ["loss.method=dbl", "loss.dbl.scenario=momentum"], "scratch"),
-    ("DBL online K=2", ["loss.method=dbl", "loss.dbl.scenario=online", "loss.dbl.branches=2"], "scratch"),
-    ("mutual learning", ["loss.method=mutual"], "scratch"),
-    ("CODER", ["loss.method=coder"], "scratch"),
-    ("distillation", ["loss.method=distill", "loss.distill.teacher={ckpt}"], "scratch, triplet teacher"),
-    ("structure distillation", ["loss.method=structure", "loss.structure.teacher={ckpt}"],
-     "scratch, triplet teacher"),
-    ("triplet, continued", ["loss.method=triplet", "train.init_from={ckpt}"], "triplet checkpoint"),
-    ("DBL offline", ["loss.method=dbl", "loss.dbl.scenario=offline", "loss.dbl.anchor={ckpt}"],
-     "triplet checkpoint"),
-    ("AOQ", ["loss.method=aoq", "train.init_from={ckpt}"], "triplet checkpoint, mined with it"),
+BASE = "triplet (VSE++)"
+CONTINUED = "triplet, continued"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    overrides: tuple[str, ...]  # "{ckpt}": the folder of the same seed's triplet run
+    start: str
+    yardsticks: tuple[str, ...] = ()  # rows it is compared with, seed by seed
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        return any("{ckpt}" in o for o in self.overrides)
+
+
+ROWS = [
+    Row(BASE, ("loss.method=triplet",), "scratch"),
+    Row("InfoNCE", ("loss.method=infonce",), "scratch", (BASE,)),
+    Row("DBL momentum", ("loss.method=dbl", "loss.dbl.scenario=momentum"), "scratch", (BASE,)),
+    Row("DBL online K=2", ("loss.method=dbl", "loss.dbl.scenario=online", "loss.dbl.branches=2"), "scratch",
+        ("mutual learning", BASE)),  # mutual learning: two branches, the same compute
+    Row("mutual learning", ("loss.method=mutual",), "scratch", (BASE,)),
+    Row("CODER", ("loss.method=coder",), "scratch", (BASE,)),
+    Row("distillation", ("loss.method=distill", "loss.distill.teacher={ckpt}"), "scratch, triplet teacher", (BASE,)),
+    Row("structure distillation", ("loss.method=structure", "loss.structure.teacher={ckpt}"),
+        "scratch, triplet teacher", (BASE,)),
+    Row(CONTINUED, ("loss.method=triplet", "train.init_from={ckpt}"), "triplet checkpoint", (BASE,)),
+    Row("DBL offline", ("loss.method=dbl", "loss.dbl.scenario=offline", "loss.dbl.anchor={ckpt}"),
+        "triplet checkpoint", (BASE, CONTINUED)),
+    Row("AOQ", ("loss.method=aoq", "train.init_from={ckpt}"), "triplet checkpoint, mined with it", (CONTINUED,)),
 ]
+
+# Student's t, 97.5% quantile, by degrees of freedom (a 95% two-sided interval)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """The quantile for `df` degrees of freedom (the next smaller tabulated one; 1.96 beyond 30)."""
+    return 1.96 if df > 30 else T975[max(k for k in T975 if k <= df)]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def paired_interval(values: list[float], baseline: list[float]) -> tuple[float, float]:
+    """Mean of the per-seed differences and the half-width of its 95% interval (nan for one seed)."""
+    diffs = [v - b for v, b in zip(values, baseline)]
+    mean, std = mean_std(diffs)
+    return mean, t975(len(diffs) - 1) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+
+
+def select_rows(only: Optional[list[str]] = None, vary: Optional[str] = None) -> list[Row]:
+    """The rows to run, in table order: `only` (all rows when None) with every yardstick they
+    name, and the checkpoint row for rows that start from it; `vary` ("key=v1,v2") turns each
+    row of `only` into one row per value."""
+    known = {r.name: r for r in ROWS}
+    unknown = sorted(set(only or []) - set(known))
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; rows: {', '.join(known)}")
+    if vary and not only:
+        raise ValueError("--vary needs --only: the rows whose setting varies")
+    chosen = set(only or known)
+    for name in list(chosen):
+        chosen |= set(known[name].yardsticks) | ({BASE} if known[name].needs_checkpoint else set())
+        for y in known[name].yardsticks:  # a yardstick's own checkpoint
+            chosen |= {BASE} if known[y].needs_checkpoint else set()
+    rows = []
+    for row in ROWS:
+        if row.name not in chosen:
+            continue
+        if vary and row.name in (only or []):
+            key, values = vary.split("=", 1)
+            rows += [Row(f"{row.name} [{key.rsplit('.', 1)[-1]}={v}]", row.overrides + (f"{key}={v}",), row.start,
+                         row.yardsticks) for v in values.split(",")]
+        else:
+            rows.append(row)
+    return rows
 
 
 def run_table(config: str, nproc: int, tracking_uri: str, experiment: str, overrides: list[str],
-              only: list[str] | None = None) -> dict[str, dict]:
+              rows: list[Row], seeds: int, val_every: int, from_checkpoint: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Train every row at seeds 0..seeds-1 (`from_checkpoint`: extra overrides of the rows that
+    start from the triplet checkpoint). Returns {row: {"row": Row, "runs": [per seed:
+    {"final": metrics, "best": metrics or None, "seconds", "run", "run_id"}]}}."""
     cfg = load_config(resolve_config(config), overrides)
-    sizes = prepare_data(cfg)
+    prepare_data(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = [f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}"] + overrides
-    results: dict[str, dict] = {}
-    ckpt = None
-    for row, method_overrides, start in METHODS:
-        if only and row not in only and not (row.startswith("triplet (") and ckpt is None):
-            continue
-        run_name = f"table-{row.split(' ')[0].lower()}-{len(results)}-{stamp}"
-        run_overrides = common + [o.format(ckpt=ckpt) for o in method_overrides] + [f"tracking.run_name={run_name}"]
-        print(f"\n=== {row}: {cfg.train.steps} steps, {nproc} ranks x batch {cfg.data.batch_size} ===", flush=True)
-        t0 = time.time()
-        rc = run_ranks(nproc, TRAIN, config_args(resolve_config(config), run_overrides))
-        if rc != 0:
-            raise RuntimeError(f"{row} failed with exit code {rc}")
-        run_dir = Path(cfg.train.output_dir) / run_name
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        metrics.update(start=start, seconds=time.time() - t0, run=run_name)
-        results[row] = metrics
-        if ckpt is None:
-            ckpt = str(run_dir)
-    n_test = sizes[cfg.data.eval_split]["samples"]
-    results["chance"] = dict(chance_metrics(n_test), start="", seconds=0.0, run="")
+    if val_every:
+        common.append(f"eval.every={val_every}")
+    results = {row.name: {"row": row, "runs": []} for row in rows}
+    for seed in range(seeds):
+        ckpt = None
+        for row in rows:
+            slug = "".join(c if c.isalnum() else "-" for c in row.name.lower()).strip("-")
+            run_name = f"table-{slug}-s{seed}-{stamp}"
+            extra = list(from_checkpoint) if row.start.startswith("triplet checkpoint") else []
+            run_overrides = common + extra + [o.format(ckpt=ckpt) for o in row.overrides] + [
+                f"train.seed={seed}", f"tracking.run_name={run_name}"]
+            print(f"\n=== {row.name}, seed {seed}: {cfg.train.steps} steps, {nproc} ranks x batch "
+                  f"{cfg.data.batch_size} ===", flush=True)
+            t0 = time.time()
+            rc = run_ranks(nproc, TRAIN, config_args(resolve_config(config), run_overrides))
+            if rc != 0:
+                raise RuntimeError(f"{row.name} (seed {seed}) failed with exit code {rc}")
+            run_dir = Path(cfg.train.output_dir) / run_name
+            best = run_dir / "best_metrics.json"
+            results[row.name]["runs"].append({
+                "final": json.loads((run_dir / "metrics.json").read_text()),
+                "best": json.loads(best.read_text()) if best.exists() else None,
+                "seconds": time.time() - t0, "run": run_name,
+                "run_id": json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]})
+            if row.name == BASE:
+                ckpt = str(run_dir)
     return results
 
 
+def _rsums(results: dict, name: str, which: str) -> list[float]:
+    return [r[which]["rsum"] for r in results[name]["runs"] if r[which] is not None]
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _delta(results: dict, name: str, yardstick: str, which: str) -> str:
+    values, base = _rsums(results, name, which), _rsums(results, yardstick, which)
+    if not values or len(values) != len(base):
+        return "-"
+    mean, half = paired_interval(values, base)
+    ci = "" if math.isnan(half) else f" [{mean - half:+.1f}, {mean + half:+.1f}]"
+    return f"{mean:+.1f}{ci}"
+
+
 def markdown(results: dict[str, dict]) -> str:
-    lines = ["| method | starts from | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | rSum | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for row, m in results.items():
-        cells = " | ".join(f"{m[k]:.1f}" for k in RECALL_KEYS)
-        lines.append(f"| {row} | {m['start']} | {cells} | {m['seconds']:.0f} |")
+    """Means over seeds of every recall, rSum as mean ± std (final and best-on-val model), and
+    each row's paired rSum difference to its yardsticks with the 95% interval over seeds."""
+    lines = ["| method | starts from | seeds | " + " | ".join(RECALL_KEYS[:-1]).replace("_", " ")
+             + " | rSum final | rSum best-on-val | yardstick: Δ rSum final [95% CI] | Δ best-on-val | wall s |",
+             "|---|---|---|" + "---|" * (len(RECALL_KEYS) - 1) + "---|---|---|---|---|"]
+    for name, entry in results.items():
+        runs, row = entry["runs"], entry["row"]
+        if not runs:
+            continue
+        recalls = " | ".join(f"{statistics.fmean(r['final'][k] for r in runs):.1f}" for k in RECALL_KEYS[:-1])
+        deltas = "; ".join(f"{y}: {_delta(results, name, y, 'final')}" for y in row.yardsticks) or "(the yardstick)"
+        best_deltas = "; ".join(f"{_delta(results, name, y, 'best')}" for y in row.yardsticks) or "-"
+        seconds = statistics.fmean(r["seconds"] for r in runs)
+        lines.append(f"| {name} | {row.start} | {len(runs)} | {recalls} | {_pm(_rsums(results, name, 'final'))} | "
+                     f"{_pm(_rsums(results, name, 'best'))} | {deltas} | {best_deltas} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
 def cmd_bench_methods(args) -> int:
-    results = run_table(args.config, args.nproc, args.tracking_uri, args.experiment, args.overrides, args.only)
-    print("\n" + format_table(results))
-    print("\n" + markdown(results))
-    if args.markdown:
-        Path(args.markdown).write_text(markdown(results) + "\n")
+    rows = select_rows(args.only, args.vary)
+    results = run_table(args.config, args.nproc, args.tracking_uri, args.experiment, args.overrides, rows,
+                        args.seeds, args.val_every, tuple(args.from_checkpoint.split()))
+    cfg = load_config(resolve_config(args.config), args.overrides)
+    n_test = json.loads((Path(cfg.data.root) / "sizes.json").read_text())[cfg.data.eval_split]["samples"]
+    means = {name: {k: statistics.fmean(r["final"][k] for r in e["runs"]) for k in RECALL_KEYS}
+             for name, e in results.items()}
+    print("\n" + format_table({**means, "chance": chance_metrics(n_test)}))
+    table = markdown(results)
+    print("\n" + table)
+    out = Path(args.out or Path(cfg.train.output_dir) / f"bench_methods-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {name: {"row": vars(e["row"]), "runs": e["runs"]} for name, e in results.items()}, indent=1))
+    run_ids = [r["run_id"] for e in results.values() for r in e["runs"]]
+    plot_runs(args.tracking_uri, args.experiment, out / "curves.png", run_ids=run_ids)
+    print(f"\ntable.md, results.json and curves.png in {out}")
     return 0
 
 
 def add_parser(bench_sub) -> None:
-    p = bench_sub.add_parser("methods", help="train every method on the same data, steps and towers; tabulate")
+    p = bench_sub.add_parser("methods", help="train every method on the same data, steps and towers over seeds; "
+                                             "tabulate against yardsticks")
     p.add_argument("--config", default="demo")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row (3 or more for intervals that mean much)")
+    p.add_argument("--val-every", type=int, default=100, help="validation interval for the best-on-val model; 0: none")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     p.add_argument("--experiment", default="dbl_scale_methods")
-    p.add_argument("--only", nargs="*", help="rows to run (the triplet run always runs first when needed)")
-    p.add_argument("--markdown", help="also write the markdown table to this file")
+    p.add_argument("--only", nargs="*", help="rows to run (with the rows they are compared with)")
+    p.add_argument("--vary", metavar="KEY=V1,V2", help="run each --only row once per value of a config key")
+    p.add_argument("--from-checkpoint", default="", metavar="'KEY=V ...'",
+                   help="overrides for the rows that continue from the triplet checkpoint only, e.g. another optimiser")
+    p.add_argument("--out", help="folder for table.md, results.json and curves.png")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_bench_methods)
-
