@@ -20,6 +20,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import sys
 import tempfile
 import time
@@ -201,6 +202,7 @@ def plot_runs(tracking_uri: str, experiment: str, out: str | Path, run_ids: Opti
     from matplotlib.figure import Figure
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported when used
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's ranks: noise
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

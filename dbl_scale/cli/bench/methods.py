@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from ...config import load_config, resolve_config
-from ...evaluation import RECALL_KEYS, chance_metrics, format_table
+from ...evaluation import RECALL_HEADS, RECALL_KEYS, chance_metrics, format_table
 from ..compare import plot_runs
 from ..data import prepare_data
 from ..launch import config_args, run_ranks
@@ -176,7 +176,7 @@ def _delta(results: dict, name: str, yardstick: str, which: str) -> str:
 def markdown(results: dict[str, dict]) -> str:
     """Means over seeds of every recall, rSum as mean ± std (final and best-on-val model), and
     each row's paired rSum difference to its yardsticks with the 95% interval over seeds."""
-    lines = ["| method | starts from | seeds | " + " | ".join(RECALL_KEYS[:-1]).replace("_", " ")
+    lines = ["| method | starts from | seeds | " + " | ".join(RECALL_HEADS[k] for k in RECALL_KEYS[:-1])
              + " | rSum final | rSum best-on-val | yardstick: Δ rSum final [95% CI] | Δ best-on-val | wall s |",
              "|---|---|---|" + "---|" * (len(RECALL_KEYS) - 1) + "---|---|---|---|---|"]
     for name, entry in results.items():
