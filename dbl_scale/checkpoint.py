@@ -11,6 +11,7 @@ saving leaves a `.tmp` folder that is never read. The newest K complete ones are
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -24,17 +25,62 @@ from . import distributed
 PREFIX = "step_"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used (it is damaged, or holds more than data)."""
+
+
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state as tensors and plain data (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _deepspeed_data_classes() -> list:
+    """The plain-data classes DeepSpeed pickles into its optimizer states (loss scaler, ZeRO
+    stage, parameter fragment addresses): allowed, by name, when its files are read with
+    weights_only=True."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # heavy: only to resume
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location="cpu", mmap: bool = False):
+    """`torch.load` with weights_only=True: tensors and plain data only, so a tampered file can
+    never run code; anything else is refused with a CheckpointError that names the file."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_data_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), str(exc).splitlines()[0])
+        raise CheckpointError(f"refusing to load {path}: it holds more than tensors and plain data, and "
+                              f"loading it could run code ({reason})") from None
+
+
+def verify_safe(folder: str | Path) -> None:
+    """Read every .pt file under `folder` with `safe_load` (memory-mapped): before handing the
+    folder to a DeepSpeed tool that reads it with weights_only=False."""
+    for path in sorted(Path(folder).rglob("*.pt")):
+        safe_load(path, mmap=True)
+
+
+def _guard(engine) -> None:
+    """Make DeepSpeed read this engine's checkpoint files through `safe_load` (its own reader
+    uses weights_only=False)."""
+    engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)
 
 
 def _partitioned(module: torch.nn.Module) -> bool:
@@ -148,14 +194,13 @@ def load(path: Path, branches) -> tuple[dict, dict]:
     """Restore every branch from `path`; returns (run state, this rank's state)."""
     for k, br in enumerate(branches):
         if br.engine is not None:
+            _guard(br.engine)
             loaded, _ = br.engine.load_checkpoint(str(path), tag=f"branch{k}")
             if loaded is None:
                 raise RuntimeError(f"DeepSpeed could not load branch {k} from {path}")
         elif br.role == "ema":
-            load_weights(br.module, torch.load(path / f"branch{k}_ema.pt", map_location="cpu",
-                                               weights_only=True, mmap=True))
+            load_weights(br.module, safe_load(path / f"branch{k}_ema.pt", mmap=True))
     rank_file = path / f"rank{distributed.rank():05d}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file} missing: was the checkpoint written with another number of ranks?")
-    return (torch.load(path / "state.pt", map_location="cpu", weights_only=False),
-            torch.load(rank_file, map_location="cpu", weights_only=False))
+    return safe_load(path / "state.pt"), safe_load(rank_file)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .branches import new_model
-from .checkpoint import complete_checkpoints
+from .checkpoint import complete_checkpoints, verify_safe
 from .config import load_config
 from .data import ensure_tokenizer
 from .methods import build_method
@@ -31,6 +31,8 @@ def fp32_target_state(run_dir: Path) -> dict:
     if found and (found[-1] / f"branch{target}").is_dir():
         # heavy (seconds): only runs with a DeepSpeed checkpoint need it
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        verify_safe(found[-1] / f"branch{target}")  # DeepSpeed's reader would unpickle anything
         try:
             return get_fp32_state_dict_from_zero_checkpoint(str(found[-1]), tag=f"branch{target}")
         except (ValueError, FileNotFoundError):  # ZeRO-0 checkpoints hold plain module weights

@@ -112,19 +112,32 @@ class Candidates:
             raise KeyError(f"image ids {missing} are not in the mined candidates ({self.split or 'split'})")
         return order[pos].reshape(ids.shape)
 
+    def to_dict(self) -> dict:
+        """Tensors and plain data only (a checkpoint loads it with weights_only=True)."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, "image_ids": self.image_ids,
+                "captions_per_image": self.captions_per_image,
+                "caption_candidates": self.caption_candidates.contiguous(),
+                "image_candidates": self.image_candidates.contiguous(),
+                "k_captions": self.k_captions, "k_images": self.k_images,
+                "split": self.split, "run": self.run, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "data") -> "Candidates":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a saved {FORMAT}")
+        if data.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{source}: format version {data['version']} is newer than this code ({FORMAT_VERSION})")
+        return cls(data["image_ids"], data["captions_per_image"], data["caption_candidates"],
+                   data["image_candidates"], split=data.get("split", ""), run=data.get("run"),
+                   meta=data.get("meta") or {})
+
     def save(self, path: str | Path) -> None:
         """Write atomically (a temporary file, then os.replace)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"format": FORMAT, "version": FORMAT_VERSION, "image_ids": self.image_ids,
-                   "captions_per_image": self.captions_per_image,
-                   "caption_candidates": self.caption_candidates.contiguous(),
-                   "image_candidates": self.image_candidates.contiguous(),
-                   "k_captions": self.k_captions, "k_images": self.k_images,
-                   "split": self.split, "run": self.run, "meta": dict(self.meta)}
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            torch.save(payload, tmp)
+            torch.save(self.to_dict(), tmp)
             os.replace(tmp, path)
         finally:
             if tmp.exists():
@@ -132,14 +145,7 @@ class Candidates:
 
     @classmethod
     def load(cls, path: str | Path) -> "Candidates":
-        data = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a saved {FORMAT}")
-        if data.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {data['version']} is newer than this code ({FORMAT_VERSION})")
-        return cls(data["image_ids"], data["captions_per_image"], data["caption_candidates"],
-                   data["image_candidates"], split=data.get("split", ""), run=data.get("run"),
-                   meta=data.get("meta") or {})
+        return cls.from_dict(torch.load(Path(path), map_location="cpu", weights_only=True), str(path))
 
 
 # ----------------------------------------------------------------------------- top-k search
@@ -379,10 +385,10 @@ class OfflineHardNegatives:
         log.info("AOQ candidates re-mined with the current target in %.1fs", time.time() - t0)
 
     def state_dict(self) -> dict:
-        return {"candidates": self.sampler.candidates}
+        return {"candidates": self.sampler.candidates.to_dict()}
 
     def load_state_dict(self, state: dict, generator_state: torch.Tensor) -> None:
-        self.sampler.update(state["candidates"])
+        self.sampler.update(Candidates.from_dict(state["candidates"], "the checkpoint's AOQ candidates"))
         self.generator.set_state(generator_state)
 
     def extend(self, batch: dict) -> dict:

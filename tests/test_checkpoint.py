@@ -1,0 +1,56 @@
+"""Checkpoint files are data: every load is weights_only, and a tampered file is refused
+before its payload can run."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dbl_scale.checkpoint import CheckpointError, rng_state, safe_load, set_rng_state, verify_safe
+
+
+class _Payload:
+    """What an attacker would put into a checkpoint: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_tampered_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "state.pt"
+    torch.save({"step": 3, "extra": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*state.pt.*could run code.*posix.system"):
+        safe_load(path)
+    with pytest.raises(CheckpointError):
+        verify_safe(tmp_path)
+    assert not marker.exists()
+    torch.save({"step": 3, "weights": torch.ones(2)}, path)
+    assert safe_load(path)["step"] == 3
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    torch.save(state, tmp_path / "rank.pt")
+    want = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    set_rng_state(safe_load(tmp_path / "rank.pt"))
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == want
+
+
+def test_aoq_candidates_travel_in_a_checkpoint_as_plain_data(tmp_path):
+    from dbl_scale.mining import Candidates
+
+    cands = Candidates(torch.tensor([7, 3, 5]), 2, torch.randint(0, 6, (3, 4)), torch.randint(0, 3, (6, 2)),
+                       split="train", run="runs/a", meta={"world": 2})
+    torch.save({"method": {"aoq": {"candidates": cands.to_dict()}}}, tmp_path / "state.pt")
+    back = Candidates.from_dict(safe_load(tmp_path / "state.pt")["method"]["aoq"]["candidates"])
+    assert torch.equal(back.image_ids, cands.image_ids) and torch.equal(back.caption_candidates, cands.caption_candidates)
+    assert torch.equal(back.image_candidates, cands.image_candidates) and back.meta == {"world": 2}
