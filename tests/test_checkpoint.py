@@ -54,3 +54,23 @@ def test_aoq_candidates_travel_in_a_checkpoint_as_plain_data(tmp_path):
     back = Candidates.from_dict(safe_load(tmp_path / "state.pt")["method"]["aoq"]["candidates"])
     assert torch.equal(back.image_ids, cands.image_ids) and torch.equal(back.caption_candidates, cands.caption_candidates)
     assert torch.equal(back.image_candidates, cands.image_candidates) and back.meta == {"world": 2}
+
+
+def test_keep_the_newest_complete_checkpoints_and_ignore_half_written_ones(tmp_path):
+    """`checkpoint.keep=2`: after four saves only the last two remain; a `.tmp` folder left by
+    a crash mid-save, or a folder without its COMPLETE marker, is never resumed from."""
+    from types import SimpleNamespace
+
+    from dbl_scale import checkpoint
+
+    branches = [SimpleNamespace(engine=None, role="frozen")]  # nothing of its own to save
+    for step in (10, 20, 30, 40):
+        checkpoint.save(tmp_path, step, branches, {"step": step}, {"rng": checkpoint.rng_state()}, keep=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000030", "step_00000040"]
+    (tmp_path / "step_00000050.tmp").mkdir()  # a crash while writing step 50
+    (tmp_path / "step_00000060").mkdir()  # renamed but never marked complete (cannot happen; still ignored)
+    assert checkpoint.resolve(tmp_path, "latest").name == "step_00000040"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        checkpoint.resolve(tmp_path, str(tmp_path / "step_00000060"))
+    state, rank_state = checkpoint.load(checkpoint.resolve(tmp_path, "latest"), branches)
+    assert state["step"] == 40 and set(rank_state) == {"rng"}
