@@ -37,6 +37,17 @@ def tokenizer(shapes_root):
     return AutoTokenizer.from_pretrained(str(shapes_root / "tokenizer"))
 
 
+@pytest.fixture(scope="session")
+def finished_run(shapes_root, tmp_path_factory) -> Path:
+    """One finished triplet run (4 steps, 2 ranks), shared by every test that needs a trained
+    checkpoint: offline anchors, teachers, `train.init_from`."""
+    tmp = tmp_path_factory.mktemp("finished_run")
+    torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "loss.method=triplet",
+              "train.steps=4", "eval.at_end=false", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+              "tracking.run_name=anchor", f"train.output_dir={tmp / 'runs'}"], cwd=tmp)
+    return tmp / "runs" / "anchor"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

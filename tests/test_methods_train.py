@@ -24,10 +24,8 @@ def _run(shapes_root, tmp_path, name, *overrides, steps=4):
 
 
 @pytest.fixture(scope="module")
-def teacher(shapes_root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("teacher")
-    _run(shapes_root, tmp, "teacher", "loss.method=triplet", steps=6)
-    return tmp / "runs" / "teacher"
+def teacher(finished_run):
+    return finished_run
 
 
 @pytest.mark.parametrize("method,overrides,keys", [

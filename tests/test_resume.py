@@ -44,10 +44,8 @@ SCENARIOS = [
 
 
 @pytest.fixture(scope="module")
-def teacher(shapes_root, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("anchor")
-    _train(shapes_root, tmp, "anchor", ["loss.method=triplet", "train.steps=4"])
-    return tmp / "runs" / "anchor"
+def teacher(finished_run):
+    return finished_run
 
 
 @pytest.mark.parametrize("scenario,overrides,saved,stage", SCENARIOS,

@@ -61,3 +61,21 @@ def test_ema_update_is_the_momentum_average(tokenizer):
     ema_update(low, target, 0.0)
     for a, t in zip(low.parameters(), target.parameters()):
         assert a.dtype == torch.bfloat16 and torch.equal(a, t.detach().to(torch.bfloat16))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    """Recomputing activations in backward changes memory, not the result."""
+    grads = []
+    for on in ("false", "true"):
+        cfg = load_config(TINY, [f"model.vision.gradient_checkpointing={on}", f"model.text.gradient_checkpointing={on}"])
+        model = new_model(cfg, tokenizer, 0).train()
+        g = torch.Generator().manual_seed(0)
+        pixels = torch.randn(4, 3, 32, 32, generator=g)
+        enc = tokenizer(["a red circle", "two blue squares", "a green star on the left", "a cross"],
+                        padding="max_length", max_length=16, return_tensors="pt")
+        out = model(pixels, enc["input_ids"], enc["attention_mask"])
+        (out.img @ out.txt.t()).diagonal().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
