@@ -427,8 +427,16 @@ def validate(cfg: Config) -> None:
                        ("loss.distill.temperature", lc.distill.temperature), ("loss.mutual.smooth", lc.mutual.smooth)):
         if value <= 0:
             raise ConfigError(f"config key '{key}': got {value}, expected > 0")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"config key 'optim.lr': got {cfg.optim.lr}, expected > 0")
+    ranges = {  # key: (value, lowest allowed, whether the lowest is allowed)
+        "optim.lr": (cfg.optim.lr, 0.0, False), "loss.margin": (lc.margin, 0.0, False),
+        "optim.weight_decay": (cfg.optim.weight_decay, 0.0, True), "optim.grad_clip": (cfg.optim.grad_clip, 0.0, True),
+        "loss.dbl.alpha": (lc.dbl.alpha, 0.0, True), "loss.dbl.beta": (lc.dbl.beta, 0.0, False),
+        "loss.coder.temperature": (lc.coder.temperature, 0.0, False), "loss.aoq.a": (lc.aoq.a, 0.0, False),
+        "optim.warmup_steps": (cfg.optim.warmup_steps, 0, True),
+    }
+    for key, (value, low, inclusive) in ranges.items():
+        if value < low or (value == low and not inclusive):
+            raise ConfigError(f"config key '{key}': got {value}, expected {'>=' if inclusive else '>'} {low}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, flatten
+from .config import Config, ConfigError, flatten
 
 
 def resolve_ds_config(path: str) -> Path:
@@ -17,7 +17,7 @@ def resolve_ds_config(path: str) -> Path:
     for candidate in (Path(path), Path(__file__).resolve().parents[1] / path):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"train.deepspeed: no DeepSpeed config at '{path}'")
+    raise ConfigError(f"config key 'train.deepspeed': no DeepSpeed config at '{path}'")
 
 
 def deepspeed_config(cfg: Config, world: int) -> dict:
@@ -26,15 +26,23 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or cfg.train.deepspeed
     ds = json.loads(resolve_ds_config(path).read_text())
     fills = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "train_micro_batch_size_per_gpu": ("data.batch_size", cfg.data.batch_size),
+        "gradient_accumulation_steps": ("train.grad_accum", cfg.train.grad_accum),
+        "gradient_clipping": ("optim.grad_clip", cfg.optim.grad_clip),
     }
-    for key, value in fills.items():
-        if ds.get(key) == "auto":
+    for key, (ours, value) in fills.items():
+        if ds.get(key, "auto") == "auto":
             ds[key] = value
-    if ds.get("train_batch_size") == "auto":
-        ds["train_batch_size"] = cfg.data.batch_size * world * ds["gradient_accumulation_steps"]
+        elif ds[key] != value:  # two sources of truth that disagree: refuse rather than guess
+            raise ConfigError(f"{path}: '{key}' is {ds[key]} but config key '{ours}' is {value}; "
+                              f"set one of them to match, or '{key}' to \"auto\"")
+    global_batch = cfg.data.batch_size * world * cfg.train.grad_accum
+    if ds.get("train_batch_size", "auto") == "auto":
+        ds["train_batch_size"] = global_batch
+    elif ds["train_batch_size"] != global_batch:
+        raise ConfigError(f"{path}: 'train_batch_size' is {ds['train_batch_size']}, but data.batch_size "
+                          f"{cfg.data.batch_size} x {world} ranks x train.grad_accum {cfg.train.grad_accum} is "
+                          f"{global_batch}; set it to \"auto\" (or a multiple that the world size divides)")
     params = ds.get("optimizer", {}).get("params", {})
     opt_fills = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                  "weight_decay": cfg.optim.weight_decay,
@@ -44,7 +52,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
             params[key] = value
     leftover = [k for k, v in flatten(ds).items() if v == "auto"]
     if leftover:
-        raise ValueError(f"{cfg.train.deepspeed}: cannot fill 'auto' for {leftover}")
+        raise ConfigError(f"{path}: cannot fill 'auto' for {leftover}")
     return ds
 
 

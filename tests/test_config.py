@@ -64,3 +64,25 @@ def test_cli_reports_config_errors_before_starting_anything():
     assert proc.returncode == 2
     assert "unknown config key 'loss.margn'" in proc.stderr and "did you mean 'loss.margin'" in proc.stderr
     assert "torch.distributed" not in proc.stderr
+
+
+def test_ranges_and_deepspeed_files_that_contradict_the_config(tmp_path):
+    import json
+
+    from dbl_scale.optim import deepspeed_config
+
+    for override, key in (("loss.margin=0", "loss.margin"), ("optim.lr=-1e-4", "optim.lr"),
+                          ("loss.dbl.momentum=1.0", "loss.dbl.momentum"), ("loss.dbl.beta=0", "loss.dbl.beta"),
+                          ("optim.weight_decay=-0.1", "optim.weight_decay")):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            load_config(None, [override])
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    for key, value, ours in (("train_micro_batch_size_per_gpu", 16, "data.batch_size"),
+                             ("gradient_accumulation_steps", 4, "train.grad_accum")):
+        (tmp_path / "ds.json").write_text(json.dumps({**ds, key: value}))
+        with pytest.raises(ConfigError, match=f"'{key}' is {value} but config key '{ours}'"):
+            deepspeed_config(load_config(None, [f"train.deepspeed={tmp_path / 'ds.json'}"]), 2)
+    (tmp_path / "ds.json").write_text(json.dumps({**ds, "train_batch_size": 96}))
+    with pytest.raises(ConfigError, match="'train_batch_size' is 96.*32 x 2 ranks"):
+        deepspeed_config(load_config(None, [f"train.deepspeed={tmp_path / 'ds.json'}"]), 2)
+    assert deepspeed_config(load_config(None, [f"train.deepspeed={tmp_path / 'ds.json'}"]), 3)["train_batch_size"] == 96

@@ -16,6 +16,7 @@ import warnings
 from .. import distributed
 from ..config import load_config, resolve_config
 from ..methods import build_method
+from ..optim import deepspeed_config
 from ..train import train
 from .data import prepare_data
 from .launch import config_args, run_ranks
@@ -27,6 +28,7 @@ def cmd_train(args) -> int:
     config = resolve_config(args.config)
     cfg = load_config(config, args.overrides)  # fail here, before any process starts
     build_method(cfg)  # and on what the method itself needs
+    deepspeed_config(cfg, args.nproc)  # and on a DeepSpeed file that contradicts the config
     if args.build_data:
         prepare_data(cfg)
     return run_ranks(args.nproc, MODULE, config_args(config, args.overrides))
