@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,9 +216,14 @@ class CheckpointConfig:
     stop_at: Optional[int] = None  # checkpoint and exit after this step, to be resumed (time slices)
 
 
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (MLflow's own convention), else the embedded sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = field(default_factory=default_tracking_uri)
     experiment: str = "dbl_scale"
     run_name: Optional[str] = None
     flush_every: int = 50  # steps between batched metric uploads

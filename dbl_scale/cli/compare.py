@@ -29,6 +29,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..config import default_tracking_uri
 from ..evaluation import RECALL_HEADS, RECALL_KEYS
 from ..evaluation.report import recall_curve
 
@@ -287,7 +288,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("compare", help="the runs of an MLflow experiment side by side",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="any MLflow tracking URI")
+    p.add_argument("--tracking-uri", default=default_tracking_uri(),
+                   help="any MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--sort", default="test/rsum", help="metric (as logged) or column to sort by, descending")
     p.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
     p.add_argument("--plot", metavar="OUT.png", help="also draw recall@K, loss and val-rSum curves of the runs")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from data_tools.shapes_captions import oracle_rsum, read_split_jsons
 
-from ..config import load_config, resolve_config
+from ..config import default_tracking_uri, load_config, resolve_config
 from ..evaluation import chance_metrics, format_table
 from .data import prepare_data
 from .launch import config_args, run_ranks
@@ -58,7 +58,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train triplet and DBL on ShapesCaptions (2 CPU ranks) and compare")
     p.add_argument("--config", default="demo", help="preset name or YAML path (default: demo)")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default=default_tracking_uri(),
+                   help="any MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--experiment", default="dbl_scale_demo")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     p.set_defaults(func=cmd_demo)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ...config import load_config, resolve_config
+from ...config import default_tracking_uri, load_config, resolve_config
 from ...evaluation import RECALL_HEADS, RECALL_KEYS, chance_metrics, format_table
 from ..compare import plot_runs
 from ..data import prepare_data
@@ -221,7 +221,8 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row (3 or more for intervals that mean much)")
     p.add_argument("--val-every", type=int, default=100, help="validation interval for the best-on-val model; 0: none")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default=default_tracking_uri(),
+                   help="any MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--experiment", default="dbl_scale_methods")
     p.add_argument("--only", nargs="*", help="rows to run (with the rows they are compared with)")
     p.add_argument("--vary", metavar="KEY=V1,V2", help="run each --only row once per value of a config key")
