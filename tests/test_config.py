@@ -86,3 +86,11 @@ def test_ranges_and_deepspeed_files_that_contradict_the_config(tmp_path):
     with pytest.raises(ConfigError, match="'train_batch_size' is 96.*32 x 2 ranks"):
         deepspeed_config(load_config(None, [f"train.deepspeed={tmp_path / 'ds.json'}"]), 2)
     assert deepspeed_config(load_config(None, [f"train.deepspeed={tmp_path / 'ds.json'}"]), 3)["train_batch_size"] == 96
+
+
+def test_tracking_uri_follows_mlflow_tracking_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert load_config("demo").tracking.uri == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5005")
+    assert load_config("demo").tracking.uri == "http://127.0.0.1:5005"
+    assert load_config("demo", ["tracking.uri=sqlite:///x.db"]).tracking.uri == "sqlite:///x.db"
