@@ -162,20 +162,30 @@ def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float) -> No
     """anchor <- m * anchor + (1 - m) * target, as two fused multi-tensor ops. Under ZeRO-3 both
     modules are partitioned the same way, so each rank updates its own shards (`ds_tensor`)
     and nothing is gathered."""
-    anchors, targets = [], []
+    anchors, targets, stale = [], [], []
     for a, t in zip(anchor.parameters(), target.parameters()):
         if hasattr(a, "ds_tensor"):
             anchors.append(a.ds_tensor)
             targets.append(t.ds_tensor)
-            if getattr(a, "ds_persist", False):  # small parameters ZeRO-3 keeps whole on every rank
-                anchors.append(a.data)
-                targets.append(t.data)
+            # small parameters ZeRO-3 persists: a whole copy beside the shard, when it is there
+            if getattr(a, "ds_persist", False) and a.data.numel():
+                if t.data.numel() == a.data.numel():
+                    anchors.append(a.data)
+                    targets.append(t.data)
+                else:  # the target's whole copy is not there right now: gather it (rare)
+                    stale.append((a, t))
         else:
             anchors.append(a.data)
             targets.append(t.detach())
     targets = [t if t.dtype == a.dtype else t.to(a.dtype) for a, t in zip(anchors, targets)]
     torch._foreach_mul_(anchors, m)
     torch._foreach_add_(anchors, targets, alpha=1.0 - m)
+    if stale:
+        import deepspeed  # heavy (seconds): only ZeRO-3 persisted parameters need it
+
+        for a, t in stale:
+            with deepspeed.zero.GatheredParameters([t]):
+                a.data.mul_(m).add_(t.data.to(a.dtype), alpha=1.0 - m)
 
 
 @torch.no_grad()

@@ -1,5 +1,8 @@
 """`dbl-scale demo`: build ShapesCaptions, train the triplet baseline and DBL on 2 CPU ranks,
-and print both next to chance and the oracle ceiling, with the runs in MLflow."""
+and print both next to chance and the oracle ceiling, with the runs in MLflow; then DBL's
+difference to its yardstick (the triplet, same steps, batch, towers and seed) next to the
+spread of that difference over seeds, as measured for this preset and recorded in
+`presets/demo_seeds.json` by `dbl-scale bench methods` (BENCHMARKS.md)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +16,10 @@ from ..config import default_tracking_uri, load_config, resolve_config
 from ..evaluation import chance_metrics, format_table
 from .data import prepare_data
 from .launch import config_args, run_ranks
+from .bench.methods import paired_interval
 from .train import MODULE as TRAIN
+
+SEEDS_FILE = Path(__file__).resolve().parents[1] / "presets" / "demo_seeds.json"
 
 
 def cmd_demo(args) -> int:
@@ -48,10 +54,26 @@ def cmd_demo(args) -> int:
     print(f"\nShapesCaptions {cfg.data.eval_split} split: {n_test} images x 5 captions; "
           f"{cfg.train.steps} steps each, {args.nproc} ranks x batch {cfg.data.batch_size}")
     print(format_table(rows))
+    print(seed_spread(results["dbl"]["rsum"] - results["triplet"]["rsum"], config))
     print(f"\nMLflow: {len(runs)} runs in experiment '{args.experiment}' at {args.tracking_uri} "
           f"(browse: mlflow ui --backend-store-uri {args.tracking_uri})")
     print(f"demo wall time: {time.time() - t0:.0f}s")
     return 0
+
+
+def seed_spread(diff: float, config: str) -> str:
+    """This run's DBL - triplet rSum, and the same difference over seeds as measured for the demo
+    preset (one run proves nothing: the spread says what a difference of this size means)."""
+    line = f"\nDBL - triplet (its yardstick: same steps, batch, towers and seed) in this run: {diff:+.1f} rSum"
+    path = SEEDS_FILE
+    if Path(config).resolve() != (Path(__file__).resolve().parents[1] / "presets" / "demo.yaml") or not path.exists():
+        return line + " (no seed spread is recorded for this config)"
+    rec = json.loads(path.read_text())
+    diffs = [d - t for d, t in zip(rec["rsum"]["dbl"], rec["rsum"]["triplet"])]
+    mean, half = paired_interval(rec["rsum"]["dbl"], rec["rsum"]["triplet"])
+    return (f"{line}\nover seeds {', '.join(map(str, rec['seeds']))} ({rec['where']}): "
+            f"{', '.join(f'{d:+.1f}' for d in diffs)}; mean {mean:+.1f}, 95% interval [{mean - half:+.1f}, "
+            f"{mean + half:+.1f}]\n{rec['finding']}")
 
 
 def add_parser(sub) -> None:

@@ -1,10 +1,7 @@
-"""The fixed models and global batch that both halves of the loss-parity test build."""
+"""The variants, tower sizes and fixed global batch of the parity test (tests/workers/step_parity.py)."""
 import torch
-from transformers import AutoTokenizer
 
-from dbl_scale.config import load_config
-from dbl_scale.methods import KeyQueues, build_method
-from dbl_scale.models import DualEncoder
+from dbl_scale.methods import KeyQueues
 
 GLOBAL_BATCH = 8
 # ids repeat inside a rank's slice and across the two slices: masking must see both
@@ -31,32 +28,6 @@ VARIANTS = {
 MODEL = ["model.vision.image_size=16", "model.vision.patch_size=8", "model.vision.hidden=32",
          "model.vision.layers=1", "model.vision.heads=2", "model.text.hidden=32",
          "model.text.layers=1", "model.text.heads=2", "model.text.max_length=12", "model.embed_dim=16"]
-
-
-def models_for(name, tok_dir):
-    """The variant's config, branch roles, and branch k's towers from seed k (with the method's
-    heads): the first branches differ from the last (the target)."""
-    cfg = load_config(None, MODEL + VARIANTS[name])
-    method = build_method(cfg)
-    roles = method.roles
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    models = []
-    for k in range(len(roles)):
-        torch.manual_seed(k)
-        models.append(DualEncoder(cfg.model, tokenizer, method.logit_temperature(), heads=method.heads()))
-    return cfg, roles, models, tokenizer
-
-
-def forward_inputs(cfg, outs):
-    """What the training step passes to a trained branch's forward (e.g. the teacher's features)."""
-    return build_method(cfg).forward_inputs(outs)
-
-
-def compute_losses(cfg, outs, image_ids, queues=None):
-    """The training code's loss terms: the run's method object, with CODER's queues set."""
-    method = build_method(cfg)
-    method.queues = queues
-    return method.losses(outs, image_ids)
 
 
 def make_queues(cfg):
