@@ -29,6 +29,44 @@ class Branch:
     engine: Any = None
     scheduler: Any = None
     partitioner: Any = None  # ZeRO-3 EMA anchor: the optimizer-less engine that shards `module`
+    master: Optional[list] = None  # a bf16 EMA anchor's fp32 average (`ema_master`)
+
+    def reset_master(self) -> None:
+        """Start a bf16 EMA anchor's fp32 average from its current weights."""
+        self.master = ema_master(self.module)
+
+    def ema_state_dict(self) -> Optional[dict]:
+        """An EMA anchor's weights on rank 0 (None elsewhere): in fp32 from its average when it
+        has one. Collective under ZeRO-3 (shards are gathered one parameter at a time)."""
+        state = checkpoint.full_state_dict(self.module)
+        if self.master is None:
+            return state
+        averages = iter(self.master)
+        for name, p in self.module.named_parameters():
+            own = [next(averages) for _ in _own_tensors(p)]
+            full = own[-1]  # the whole copy: a plain or persisted parameter
+            if hasattr(p, "ds_tensor") and len(own) == 1:  # only a shard here: every rank's, in order
+                full = distributed.gather_no_grad(full)[:p.ds_numel]
+            if state is not None:
+                state[name] = full.reshape(p.ds_shape if hasattr(p, "ds_tensor") else p.shape).cpu().clone()
+        return state
+
+    def load_ema_state(self, state: dict) -> None:
+        """Inverse of `ema_state_dict`: the weights, and the fp32 average where kept (from a
+        bf16 file, as written before the average existed, it restarts from those weights)."""
+        checkpoint.load_weights(self.module, state)
+        if self.master is None:
+            return
+        averages = iter(self.master)
+        for name, p in self.module.named_parameters():
+            full = state[name].float().flatten()
+            for mine, x in zip(_own_tensors(p), [next(averages) for _ in _own_tensors(p)]):
+                if hasattr(p, "ds_tensor") and mine is p.ds_tensor:  # this rank's slice, zero-padded
+                    piece = full[distributed.rank() * x.numel():(distributed.rank() + 1) * x.numel()]
+                    x.zero_().view(-1)[:piece.numel()].copy_(piece)
+                else:
+                    x.copy_(full.view_as(x))
+        torch._foreach_copy_(_ema_tensors(self.module, self.module)[0], self.master)
 
 
 @contextlib.contextmanager
@@ -154,38 +192,65 @@ def build_branches(cfg: Config, method: Method, tokenizer, world: int) -> list[B
             br.module.to(target.device, dtype=param_dtype(target.module))
         if br.role == "ema":
             ema_update(br.module, target.module, 0.0)  # the EMA starts equal to the target
+            br.reset_master()
     return branches
 
 
-@torch.no_grad()
-def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float) -> None:
-    """anchor <- m * anchor + (1 - m) * target, as two fused multi-tensor ops. Under ZeRO-3 both
-    modules are partitioned the same way, so each rank updates its own shards (`ds_tensor`)
-    and nothing is gathered."""
-    anchors, targets, stale = [], [], []
-    for a, t in zip(anchor.parameters(), target.parameters()):
-        if hasattr(a, "ds_tensor"):
-            anchors.append(a.ds_tensor)
-            targets.append(t.ds_tensor)
-            # small parameters ZeRO-3 persists: a whole copy beside the shard, when it is there
-            if getattr(a, "ds_persist", False) and a.data.numel():
-                if t.data.numel() == a.data.numel():
-                    anchors.append(a.data)
-                    targets.append(t.data)
-                else:  # the target's whole copy is not there right now: gather it (rare)
-                    stale.append((a, t))
-        else:
-            anchors.append(a.data)
-            targets.append(t.detach())
-    targets = [t if t.dtype == a.dtype else t.to(a.dtype) for a, t in zip(anchors, targets)]
-    torch._foreach_mul_(anchors, m)
-    torch._foreach_add_(anchors, targets, alpha=1.0 - m)
-    if stale:
-        import deepspeed  # heavy (seconds): only ZeRO-3 persisted parameters need it
+def _own_tensors(p: torch.nn.Parameter) -> list[torch.Tensor]:
+    """What a rank holds of a parameter: its data, or under ZeRO-3 its shard (`ds_tensor`) and,
+    for the small parameters ZeRO-3 persists whole, that whole copy too."""
+    if not hasattr(p, "ds_tensor"):
+        return [p.data]
+    return [p.ds_tensor, p.data] if getattr(p, "ds_persist", False) and p.data.numel() else [p.ds_tensor]
 
-        for a, t in stale:
-            with deepspeed.zero.GatheredParameters([t]):
-                a.data.mul_(m).add_(t.data.to(a.dtype), alpha=1.0 - m)
+
+def _ema_tensors(anchor: torch.nn.Module, target: torch.nn.Module) -> tuple[list, list]:
+    """The tensors an EMA update writes, paired with the target's. Both modules are
+    partitioned the same way, so the pairs match; the target's persisted whole copies must
+    be materialised (see ema_update)."""
+    anchors, targets = [], []
+    for a, t in zip(anchor.parameters(), target.parameters()):
+        own = _own_tensors(a)
+        anchors += own
+        targets += [t.ds_tensor, t.data][:len(own)] if hasattr(t, "ds_tensor") else [t.detach()]
+    return anchors, targets
+
+
+def ema_master(anchor: torch.nn.Module) -> Optional[list[torch.Tensor]]:
+    """fp32 copies of a low-precision anchor's tensors, in which `ema_update` accumulates (None
+    for an fp32 anchor). With m close to 1 a step adds (1 - m)(t - a), far below bf16's
+    resolution, so an anchor updated in bf16 would stay put."""
+    anchors, _ = _ema_tensors(anchor, anchor)
+    if all(x.dtype == torch.float32 for x in anchors):
+        return None
+    return [x.to(torch.float32, copy=True) for x in anchors]
+
+
+@torch.no_grad()
+def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float,
+               master: Optional[list[torch.Tensor]] = None) -> None:
+    """anchor <- m * anchor + (1 - m) * target, as two fused multi-tensor ops over each rank's
+    own tensors (under ZeRO-3: shards, nothing is gathered). With `master` (`ema_master`) the
+    average is kept in fp32 and the anchor's weights are its rounding."""
+    # a persisted parameter whose whole copy the target does not hold right now: gathered (rare)
+    unmaterialised = [t for a, t in zip(anchor.parameters(), target.parameters())
+                      if getattr(a, "ds_persist", False) and a.data.numel() and t.data.numel() != a.data.numel()]
+    with _gathered(unmaterialised):
+        anchors, targets = _ema_tensors(anchor, target)
+        average = anchors if master is None else master
+        targets = [t if t.dtype == x.dtype else t.to(x.dtype) for x, t in zip(average, targets)]
+        torch._foreach_mul_(average, m)
+        torch._foreach_add_(average, targets, alpha=1.0 - m)
+        if master is not None:
+            torch._foreach_copy_(anchors, master)
+
+
+def _gathered(params: list):
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # heavy (seconds): only ZeRO-3 persisted parameters need it
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 @torch.no_grad()

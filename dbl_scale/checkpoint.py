@@ -173,7 +173,7 @@ def save(root: Path, step: int, branches, state: dict, rank_state: dict, keep: i
         if br.engine is not None:
             br.engine.save_checkpoint(str(tmp), tag=f"branch{k}", save_latest=False)
         elif br.role == "ema":
-            state_k = full_state_dict(br.module)
+            state_k = br.ema_state_dict()  # fp32 when a bf16 anchor keeps an fp32 average
             if distributed.is_main():
                 torch.save(state_k, tmp / f"branch{k}_ema.pt")
     torch.save(rank_state, tmp / f"rank{distributed.rank():05d}.pt")
@@ -199,7 +199,7 @@ def load(path: Path, branches) -> tuple[dict, dict]:
             if loaded is None:
                 raise RuntimeError(f"DeepSpeed could not load branch {k} from {path}")
         elif br.role == "ema":
-            load_weights(br.module, safe_load(path / f"branch{k}_ema.pt", mmap=True))
+            br.load_ema_state(safe_load(path / f"branch{k}_ema.pt", mmap=True))
     rank_file = path / f"rank{distributed.rank():05d}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file} missing: was the checkpoint written with another number of ranks?")

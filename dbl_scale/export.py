@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .branches import new_model
-from .checkpoint import complete_checkpoints, verify_safe
+from .checkpoint import complete_checkpoints, safe_load, verify_safe
 from .config import load_config
 from .data import ensure_tokenizer
 from .methods import build_method
@@ -28,16 +28,16 @@ def fp32_target_state(run_dir: Path) -> dict:
     run_cfg = load_config(run_dir / "config.yaml")
     found = complete_checkpoints(run_dir / "checkpoints")
     target = len(build_method(run_cfg).roles) - 1
-    if found and (found[-1] / f"branch{target}").is_dir():
+    branch = found[-1] / f"branch{target}" if found else None
+    if branch is not None and list(branch.glob("*optim_states.pt")):  # ZeRO 1-3: fp32 master partitions
         # heavy (seconds): only runs with a DeepSpeed checkpoint need it
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        verify_safe(found[-1] / f"branch{target}")  # DeepSpeed's reader would unpickle anything
-        try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(found[-1]), tag=f"branch{target}")
-        except (ValueError, FileNotFoundError):  # ZeRO-0 checkpoints hold plain module weights
-            pass
-    return {k: v.float() for k, v in torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True).items()}
+        verify_safe(branch)  # DeepSpeed's reader would unpickle anything
+        return get_fp32_state_dict_from_zero_checkpoint(str(found[-1]), tag=f"branch{target}")
+    if branch is not None and (branch / "mp_rank_00_model_states.pt").exists():  # ZeRO-0: the module itself
+        return {k: v.float() for k, v in safe_load(branch / "mp_rank_00_model_states.pt")["module"].items()}
+    return {k: v.float() for k, v in safe_load(run_dir / "model.pt").items()}
 
 
 def export(run_dir: str | Path, out: str | Path) -> Path:

@@ -117,7 +117,7 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
             br.engine.step()
     for br in branches:
         if br.role == "ema" and boundary:
-            ema_update(br.module, target.module, method.momentum(step + 1))
+            ema_update(br.module, target.module, method.momentum(step + 1), br.master)
     method.after_step()
     logged = {}
     for k, t in enumerate(terms):

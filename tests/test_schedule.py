@@ -63,6 +63,38 @@ def test_ema_update_is_the_momentum_average(tokenizer):
         assert a.dtype == torch.bfloat16 and torch.equal(a, t.detach().to(torch.bfloat16))
 
 
+def test_a_bf16_anchor_accumulates_in_fp32():
+    """With m close to 1 each step adds (1 - m)(t - a), far below bf16's resolution: a bf16
+    anchor updated in place would never move. The fp32 master (`ema_master`) follows the
+    float64 formula a_n = m^n a_0 + (1 - m^n) t, and the bf16 weights are its rounding."""
+    from dbl_scale.branches import Branch, ema_master, ema_update
+
+    torch.manual_seed(0)
+    target = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    anchor = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    start = [p.detach().double() for p in anchor.parameters()]
+    master = ema_master(anchor)
+    assert master is not None and all(x.dtype == torch.float32 for x in master)
+    m, n = 0.9995, 400
+    for _ in range(n):
+        ema_update(anchor, target, m, master)
+    for a, a0, t, x in zip(anchor.parameters(), start, target.parameters(), master):
+        want = m ** n * a0 + (1 - m ** n) * t.detach().double()
+        torch.testing.assert_close(x.double().view_as(want), want, rtol=0, atol=1e-5)
+        assert torch.equal(a.detach(), x.view_as(a).to(torch.bfloat16))
+        assert (a.detach().double() - a0).abs().max() > 0.01  # it moved (in place in bf16 it stays put)
+    assert ema_master(torch.nn.Linear(4, 4)) is None  # fp32 needs no master
+
+    # a checkpoint keeps the fp32 average, and a resumed anchor continues from it exactly
+    saved = Branch("ema", anchor, master=master).ema_state_dict()
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    resumed = Branch("ema", torch.nn.Linear(64, 64).to(torch.bfloat16))
+    resumed.reset_master()
+    resumed.load_ema_state(saved)
+    assert all(torch.equal(x, y) for x, y in zip(resumed.master, master))
+    assert all(torch.equal(x, y) for x, y in zip(resumed.module.parameters(), anchor.parameters()))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
     """Recomputing activations in backward changes memory, not the result."""
     grads = []
