@@ -121,3 +121,38 @@ def test_eval_split_is_divided_over_ranks(shapes_root):
     assert ids == list(range(40))
     assert all(len(c) == 5 for p in parts for c in p[2])
     assert parts[0][0].shape[1:] == (3, 32, 32) and parts[0][0].dtype == torch.float32
+
+
+def test_mlflow_counts_every_rank_s_skipped_samples(shapes_root, tokenizer, tmp_path):
+    """`data/skipped` in MLflow is the sum over ranks of what their loaders skipped (replayed
+    here, rank by rank, from the same seed), and not zero."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import torchrun
+
+    root = tmp_path / "data"
+    shutil.copytree(shapes_root, root)
+    for shard in ("train-00000.tar", "train-00001.tar"):  # one shard of each rank's first pair
+        with tarfile.open(shapes_root / shard) as t:
+            members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+        with tarfile.open(root / shard, "w") as t:
+            for i, (name, data) in enumerate(members):
+                _add(t, name, b"not a jpeg" if name.endswith(".jpg") and i < 8 else data)  # 4 samples
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={root}", "train.steps=4",
+              "train.log_every=4", "eval.at_end=false", "checkpoint.at_end=false", f"tracking.uri={uri}",
+              "tracking.experiment=skips", f"train.output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("skips").experiment_id])
+    logged = client.get_metric_history(run.info.run_id, "data/skipped")[-1]
+
+    cfg = load_config(TINY, [f"data.root={root}"])
+    replayed = 0
+    for rank in range(2):
+        loader = TrainLoader(cfg.data, 32, tokenizer, 24, rank, 2, cfg.train.seed)
+        list(itertools.islice(loader.batches(), 4))
+        replayed += loader.skipped
+    assert logged.step == 4 and replayed > 0
+    assert logged.value == replayed

@@ -1,5 +1,6 @@
 """End to end: a 2-rank DeepSpeed run that logs to a real MLflow store, read back with
-mlflow.search_runs; and the demo command on a small ShapesCaptions it builds itself."""
+mlflow.search_runs; the demo command on a small ShapesCaptions it builds itself, and
+`dbl-scale compare` on the demo's runs."""
 from __future__ import annotations
 
 import json
@@ -66,6 +67,20 @@ def test_demo_builds_data_trains_both_methods_and_compares(tmp_path):
     assert sorted(runs["params.loss.method"]) == ["dbl", "triplet"]
     assert (runs["status"] == "FINISHED").all()
 
+    # `dbl-scale compare` on the demo's runs: both listed, best first, and drawn into a figure
+    # logged to a new parent run of them
+    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "compare", "--experiment", "demo-test",
+                           "--tracking-uri", uri, "--format", "csv", "--plot", str(tmp_path / "cmp.png")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("demo-")]
+    assert [line.split(",")[0] for line in lines] == list(runs.sort_values(
+        "metrics.test/rsum", ascending=False)["tags.mlflow.runName"])
+    assert (tmp_path / "cmp.png").stat().st_size > 10_000
+    runs = mlflow.search_runs(experiment_names=["demo-test"])
+    (parent,) = runs[runs["tags.mlflow.runName"].str.startswith("compare")]["run_id"]
+    assert (runs["tags.mlflow.parentRunId"] == parent).sum() == 2
+
 
 def test_validation_best_model_reports_and_eval_command(shapes_root, tmp_path):
     """Validation every 4 steps keeps the best model (chosen on val, evaluated on test); the
@@ -95,16 +110,3 @@ def test_validation_best_model_reports_and_eval_command(shapes_root, tmp_path):
     assert ranks["i2t"].shape == (40,) and ranks["t2i"].shape == (200,)
     metrics = MlflowClient(uri).get_run(run.info.run_id).data.metrics
     assert metrics["eval/test-standard/rsum"] == pytest.approx(metrics["best/test/rsum"], rel=1e-5)
-
-
-def test_compare_prints_the_runs_of_an_experiment(shapes_root, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    for method in ("triplet", "infonce"):
-        torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=2",
-                  f"loss.method={method}", f"tracking.uri={uri}", "tracking.experiment=cmp",
-                  f"tracking.run_name=cmp-{method}", f"train.output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "compare", "--experiment", "cmp",
-                           "--tracking-uri", uri, "--format", "markdown"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "cmp-triplet" in proc.stdout and "cmp-infonce" in proc.stdout and "|" in proc.stdout

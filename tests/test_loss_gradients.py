@@ -211,3 +211,29 @@ def test_gradcheck(case):
     def f(img, txt):
         return ours_fn(Scores.square(img @ txt.t()), Scores.square(A), None)
     assert torch.autograd.gradcheck(f, (_unit(61), _unit(62)), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("step,raw_max", [(0, False), (3, True)], ids=["warm-up", "after"])
+def test_dbl_online_composes_the_terms_of_the_equations(step, raw_max):
+    """DBL online with K = 3 branches, alpha = 0.7, beta = 1.5, as the method builds it: branch 0
+    gets L_raw; branch k gets L_raw(S_k) + alpha * mean over n < k of L_boost(S_k, sg(S_n)).
+    L_raw sums over negatives during the warm-up (`loss.sum_warmup_steps`) and takes the max
+    after; the boost takes the max throughout. Values and gradients into every branch's
+    embeddings against the loop references (no gradient into earlier branches)."""
+    from dbl_scale.config import load_config
+    from dbl_scale.methods import build_method
+    from dbl_scale.models import Embeddings
+
+    ids = IDS[1]
+    method = build_method(load_config(None, ["loss.method=dbl", "loss.dbl.scenario=online", "loss.dbl.branches=3",
+                                             "loss.dbl.alpha=0.7", "loss.dbl.beta=1.5", "loss.sum_warmup_steps=3"]))
+    leaves = [_unit(s) for s in range(20, 26)]  # image and text embeddings of branches 0, 1, 2
+    outs = [Embeddings(leaves[2 * k], leaves[2 * k + 1]) for k in range(3)]
+    S = [e.img @ e.txt.t() for e in outs]
+    terms = method.losses(outs, ids, step)
+    for k in range(3):
+        want = ref_hinge(S[k], 0.2, raw_max, ids)
+        if k:
+            boosts = [ref_boost_relative(S[k], S[n], 0.2, 1.5, True, False, ids) for n in range(k)]
+            want = want + 0.7 * torch.stack(boosts).mean()
+        _compare(terms[k]["loss"], want, leaves)
