@@ -13,7 +13,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dbl-scale demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=15 $(ARGS)
 
 venv: $(STAMP)
 

@@ -205,6 +205,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     output_dir: str = "runs"
+    # a step whose loss is not finite on some rank is skipped on every rank (no update, no EMA,
+    # no queue push); this many skips in a row stop the run with a checkpoint of the last good state
+    max_nonfinite: int = 20
 
 
 @dataclass
@@ -389,6 +392,7 @@ def validate(cfg: Config) -> None:
         "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
         "model.embed_dim": cfg.model.embed_dim, "model.vision.image_size": cfg.model.vision.image_size,
         "model.text.max_length": cfg.model.text.max_length, "train.log_every": cfg.train.log_every,
+        "train.max_nonfinite": cfg.train.max_nonfinite,
         "eval.batch_size": cfg.eval.batch_size, "tracking.flush_every": cfg.tracking.flush_every,
     }
     for key, value in positive.items():

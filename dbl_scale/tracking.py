@@ -93,12 +93,17 @@ class StepMeter:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps, self.t_last = 0, time.time()
         self.t_start, self.start_step = time.time(), 0
+        self.nonfinite = 0  # steps skipped for a non-finite loss (the same count on every rank)
 
     def begin(self, start_step: int) -> None:
         """Training starts (or resumes) at `start_step` now: the ETA counts from here."""
         self.t_start, self.start_step, self.t_last = time.time(), start_step, time.time()
 
-    def add(self, terms: dict[str, torch.Tensor]) -> None:
+    def add(self, terms: Optional[dict[str, torch.Tensor]]) -> None:
+        """One micro-batch's loss terms; None: it was skipped (non-finite), counted instead."""
+        if terms is None:
+            self.nonfinite += 1
+            return
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps += 1
@@ -106,10 +111,12 @@ class StepMeter:
     def log(self, step: int) -> None:
         cfg = self.cfg
         names = sorted(self.sums)
-        totals = distributed.all_reduce_sum(torch.stack([self.sums[k] for k in names]).float())
+        # every rank skips the same steps, so every rank has the same names (or none)
+        totals = distributed.all_reduce_sum(torch.stack([self.sums[k] for k in names]).float()) if names else []
         skipped = int(distributed.all_reduce_sum(torch.tensor([float(self.loader.skipped)])).item())
         elapsed = time.time() - self.t_last
         metrics = {k: totals[i].item() / self.steps for i, k in enumerate(names)}
+        metrics["train/skipped_nonfinite"] = self.nonfinite
         lrs = self.scheduler.get_last_lr()  # per group: towers first, heads last (optim.param_groups)
         metrics.update({"lr": lrs[-1], "lr/towers": lrs[0], "epoch": step / self.loader.steps_per_epoch,
                         "samples_per_s": self.steps * distributed.world_size() * cfg.data.batch_size / elapsed,
@@ -118,7 +125,7 @@ class StepMeter:
         self.tracker.log_metrics(metrics, step)
         if step % cfg.tracking.flush_every < cfg.train.log_every:
             self.tracker.flush()
-        if distributed.is_main():
+        if distributed.is_main() and "loss" in metrics:
             eta = (time.time() - self.t_start) / max(1, step - self.start_step) * (cfg.train.steps - step)
             parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names if k.startswith("loss/"))
             print(f"[{self.run_name}] step {step}/{cfg.train.steps} | loss {metrics['loss']:.3f} ({parts}) "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -54,16 +55,25 @@ def train(cfg: Config) -> dict:
         meter.begin(step)
         gas = cfg.train.grad_accum
         consumed = step * gas  # loader batches trained on so far
+        nonfinite_in_a_row = 0
         for batch in loader.batches_from(consumed):
             if step >= cfg.train.steps:
                 break
             batch = method.prepare(batch, consumed, target.module)
             consumed += 1
             boundary = consumed % gas == 0  # the last micro-batch of an optimizer step
-            meter.add(train_step(method, branches, batch, step, boundary))
+            logged = train_step(method, branches, batch, step, boundary)
+            meter.add(logged)
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if logged is None else 0
             if not boundary:
                 continue
             step += 1
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                meter.log(step)
+                run.save_checkpoint(step)  # nothing changed since the last good step: it is that state
+                raise FloatingPointError(
+                    f"{nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite): stopped at step {step}; "
+                    f"the last good state is in {run.checkpoints}. Lower the learning rate or check the data.")
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 meter.log(step)
             if cfg.eval.every and step % cfg.eval.every == 0:
@@ -89,9 +99,11 @@ def train(cfg: Config) -> dict:
 
 
 def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
-               boundary: bool = True) -> dict[str, torch.Tensor]:
+               boundary: bool = True) -> Optional[dict[str, torch.Tensor]]:
     """Forward every branch, take each trained branch's loss, backward and step its engine
-    (DeepSpeed applies the update at the last micro-batch of an accumulation, `boundary`)."""
+    (DeepSpeed applies the update at the last micro-batch of an accumulation, `boundary`).
+    Returns the logged terms, or None when a loss was not finite on some rank and every rank
+    skipped the micro-batch."""
     target = branches[-1]
     dev = target.engine.device
     pixels = batch["pixel_values"].to(dev, param_dtype(target.module), non_blocking=True)
@@ -107,6 +119,16 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
             with torch.no_grad():
                 outs.append(br.module(pixels, input_ids, mask))
     terms = method.losses(outs, batch["image_ids"].to(dev), step)
+    _inject_nonfinite(terms, step)
+    if _skip_nonfinite(terms, step):
+        if target.engine.gradient_accumulation_steps() == 1:
+            return None  # no backward, no optimizer or LR step, no EMA, no queue push
+        # one micro-batch of several: it adds no gradient, the others still make the step
+        for br in branches:
+            if br.engine is not None:
+                br.engine.step()  # keeps DeepSpeed's micro-batch count in line with ours
+        _update_anchors(method, branches, step, boundary)
+        return None
     # Gradients are averaged over ranks by DeepSpeed; each loss is a per-rank share of a sum,
     # so scaling by the world size gives exactly the single-process gradient.
     for br, t in zip(branches, terms):
@@ -115,9 +137,7 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
     for br in branches:
         if br.engine is not None:
             br.engine.step()
-    for br in branches:
-        if br.role == "ema" and boundary:
-            ema_update(br.module, target.module, method.momentum(step + 1), br.master)
+    _update_anchors(method, branches, step, boundary)
     method.after_step()
     logged = {}
     for k, t in enumerate(terms):
@@ -128,6 +148,32 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
         # the same on every rank; the log step adds ranks up, so each contributes its share
         logged["logit_scale"] = outs[-1].logit_scale.detach().squeeze() / distributed.world_size()
     return logged
+
+
+def _update_anchors(method: Method, branches: list[Branch], step: int, boundary: bool) -> None:
+    for br in branches:
+        if br.role == "ema" and boundary:
+            ema_update(br.module, branches[-1].module, method.momentum(step + 1), br.master)
+
+
+def _skip_nonfinite(terms: list, step: int) -> bool:
+    """True on every rank when any rank's loss terms are not all finite (one all-reduce); the
+    ranks that saw it say which terms."""
+    bad = [name for t in terms if t is not None for name, v in t.items() if not torch.isfinite(v).all()]
+    if bad:
+        log.warning("step %d, rank %d: non-finite %s: the step is skipped on every rank",
+                    step + 1, distributed.rank(), ", ".join(bad))
+    return bool(distributed.all_reduce_max_int(int(bool(bad))))
+
+
+def _inject_nonfinite(terms: list, step: int) -> None:
+    """Fault injection for tests: DBL_SCALE_INJECT_NONFINITE="RANK:STEP,STEP" makes the
+    target's loss NaN on that rank at those (0-based) steps."""
+    spec = os.environ.get("DBL_SCALE_INJECT_NONFINITE")
+    if spec:
+        rank, steps = spec.split(":")
+        if int(rank) == distributed.rank() and str(step) in steps.split(","):
+            terms[-1]["loss"] = terms[-1]["loss"] * float("nan")
 
 
 def seed_everything(seed: int) -> None:
