@@ -208,6 +208,9 @@ class TrainConfig:
     # a step whose loss is not finite on some rank is skipped on every rank (no update, no EMA,
     # no queue push); this many skips in a row stop the run with a checkpoint of the last good state
     max_nonfinite: int = 20
+    # how long a rank waits in a collective for the others before it fails (a rank that died or
+    # hangs): NCCL's own default; raise it if rank 0 alone writes very large files
+    collective_timeout_s: int = 600
 
 
 @dataclass
@@ -392,7 +395,7 @@ def validate(cfg: Config) -> None:
         "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
         "model.embed_dim": cfg.model.embed_dim, "model.vision.image_size": cfg.model.vision.image_size,
         "model.text.max_length": cfg.model.text.max_length, "train.log_every": cfg.train.log_every,
-        "train.max_nonfinite": cfg.train.max_nonfinite,
+        "train.max_nonfinite": cfg.train.max_nonfinite, "train.collective_timeout_s": cfg.train.collective_timeout_s,
         "eval.batch_size": cfg.eval.batch_size, "tracking.flush_every": cfg.tracking.flush_every,
     }
     for key, value in positive.items():

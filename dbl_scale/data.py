@@ -229,13 +229,15 @@ class TrainStream(torch.utils.data.IterableDataset):
         shards = itertools.islice(shards, worker, None, workers)  # worker split
         skipped, tar_errors = 0, SkipCounter()
         batch: list = []
-        for sample in _shuffle_within_pass(_tagged(shards, tar_errors), spec.shuffle_buffer, pass_rng):
+        health = _Health(2 * len(spec.urls), f"rank {spec.rank}, loader worker {worker}")
+        for sample in _shuffle_within_pass(_tagged(shards, tar_errors, health), spec.shuffle_buffer, pass_rng):
             try:
                 pixels, captions, image_id = decode_sample(sample, spec.image_size)
             except Exception as exc:  # a corrupt image or json: skip it, count it
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
                 skipped += 1
                 continue
+            health.good += 1
             # the caption drawn for this visit: a function of (seed, pass, image), not of history
             j = random.Random((spec.seed * 1_000_003 + sample["__pass__"]) * 1_000_003 + image_id).randrange(
                 len(captions))
@@ -249,9 +251,32 @@ class TrainStream(torch.utils.data.IterableDataset):
                 batch, skipped = [], 0
 
 
-def _tagged(shards: Iterator[tuple[int, str]], errors: SkipCounter) -> Iterator[dict]:
+class _Health:
+    """Guards a stream against reading forever: when `limit` shards in a row (twice as many as
+    the split has: more than a whole pass, with its shuffle buffer drained) give this reader no
+    usable sample, its shards are empty, gone or all corrupt, and waiting longer would only
+    hang every rank."""
+
+    def __init__(self, limit: int, who: str):
+        self.limit, self.who, self.good = limit, who, 0
+        self._good_seen, self._barren = 0, []
+
+    def opened(self, url: str) -> None:
+        if self.good != self._good_seen:
+            self._good_seen, self._barren = self.good, []
+        self._barren.append(url)
+        if len(self._barren) > self.limit:
+            shown = ", ".join(sorted(set(self._barren))[:5])
+            raise DataError(f"{self.who}: no usable sample in the last {len(self._barren) - 1} shards it read "
+                            f"({shown}, ...): they are empty, missing or every sample is corrupt "
+                            "(see the warnings above); fix or remove them")
+
+
+def _tagged(shards: Iterator[tuple[int, str]], errors: SkipCounter, health: Optional[_Health] = None) -> Iterator[dict]:
     """The samples of (pass, url) shards, each tagged with its pass."""
     for pass_no, url in shards:
+        if health is not None:
+            health.opened(url)
         for sample in read_samples([url], errors):
             sample["__pass__"] = pass_no
             yield sample

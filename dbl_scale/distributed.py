@@ -36,8 +36,9 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_distributed(timeout_minutes: int = 30) -> None:
-    """Join the process group the launcher describes (env://), through DeepSpeed.
+def init_distributed(timeout_s: float = 600) -> None:
+    """Join the process group the launcher describes (env://), through DeepSpeed. A collective
+    that waits longer than `timeout_s` for another rank fails instead of hanging.
 
     On CPU the backend is gloo, and DeepSpeed's shared-memory all-reduce op is not built:
     it JIT-compiles C++ for a minute on a cold machine and gloo does not need it.
@@ -56,7 +57,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     else:
         ds_torch_comm.build_shm_op = lambda: None
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def shutdown() -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,7 +33,7 @@ log = logging.getLogger("dbl_scale")
 
 def train(cfg: Config) -> dict:
     """Train one run; returns the final evaluation metrics (on every rank)."""
-    distributed.init_distributed()
+    distributed.init_distributed(cfg.train.collective_timeout_s)
     rank, world = distributed.rank(), distributed.world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -59,6 +60,8 @@ def train(cfg: Config) -> dict:
         for batch in loader.batches_from(consumed):
             if step >= cfg.train.steps:
                 break
+            if _injected("KILL", step):
+                os.kill(os.getpid(), signal.SIGKILL)
             batch = method.prepare(batch, consumed, target.module)
             consumed += 1
             boundary = consumed % gas == 0  # the last micro-batch of an optimizer step
@@ -119,7 +122,8 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
             with torch.no_grad():
                 outs.append(br.module(pixels, input_ids, mask))
     terms = method.losses(outs, batch["image_ids"].to(dev), step)
-    _inject_nonfinite(terms, step)
+    if _injected("NONFINITE", step):
+        terms[-1]["loss"] = terms[-1]["loss"] * float("nan")
     if _skip_nonfinite(terms, step):
         if target.engine.gradient_accumulation_steps() == 1:
             return None  # no backward, no optimizer or LR step, no EMA, no queue push
@@ -166,14 +170,14 @@ def _skip_nonfinite(terms: list, step: int) -> bool:
     return bool(distributed.all_reduce_max_int(int(bool(bad))))
 
 
-def _inject_nonfinite(terms: list, step: int) -> None:
-    """Fault injection for tests: DBL_SCALE_INJECT_NONFINITE="RANK:STEP,STEP" makes the
-    target's loss NaN on that rank at those (0-based) steps."""
-    spec = os.environ.get("DBL_SCALE_INJECT_NONFINITE")
-    if spec:
-        rank, steps = spec.split(":")
-        if int(rank) == distributed.rank() and str(step) in steps.split(","):
-            terms[-1]["loss"] = terms[-1]["loss"] * float("nan")
+def _injected(fault: str, step: int) -> bool:
+    """Fault injection for tests: DBL_SCALE_INJECT_<FAULT>="RANK:STEP,STEP" is true on that rank
+    at those (0-based) steps. NONFINITE makes the target's loss NaN; KILL kills the rank (-9)."""
+    spec = os.environ.get(f"DBL_SCALE_INJECT_{fault}")
+    if not spec:
+        return False
+    rank, steps = spec.split(":")
+    return int(rank) == distributed.rank() and str(step) in steps.split(",")
 
 
 def seed_everything(seed: int) -> None:

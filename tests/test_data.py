@@ -156,3 +156,35 @@ def test_mlflow_counts_every_rank_s_skipped_samples(shapes_root, tokenizer, tmp_
         replayed += loader.skipped
     assert logged.step == 4 and replayed > 0
     assert logged.value == replayed
+
+
+def _all_corrupt(src: Path, dst: Path) -> None:
+    with tarfile.open(src) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(dst, "w") as t:
+        for name, data in members:
+            _add(t, name, b"not a jpeg" if name.endswith(".jpg") else data)
+
+
+def test_a_split_with_no_usable_sample_is_an_error_not_a_hang(shapes_root, tokenizer, tmp_path):
+    for i in range(2):
+        _all_corrupt(shapes_root / f"train-0000{i}.tar", tmp_path / f"bad-0000{i}.tar")
+    (tmp_path / "bad-00002.tar").write_bytes(b"")  # an empty file
+    sizes = {"train": {"shards": ["bad-00000.tar", "bad-00001.tar", "bad-00002.tar", "gone-00003.tar"],
+                       "samples": 48, "captions_per_image": 5}}
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    loader = _loader(tmp_path, tokenizer, 0, 1, 0, batch=4)
+    with pytest.raises(DataError, match="no usable sample in the last 8 shards.*empty, missing or every sample"):
+        next(loader.batches())
+
+
+def test_a_shard_that_disappears_mid_run_is_skipped_and_counted(shapes_root, tokenizer, tmp_path):
+    sizes = json.loads((shapes_root / "sizes.json").read_text())
+    _copy_root(shapes_root, tmp_path, sizes)
+    loader = _loader(tmp_path, tokenizer, 0, 1, 0, batch=8, shuffle=0)
+    batches = loader.batches()
+    first = [next(batches) for _ in range(loader.steps_per_epoch)]  # one whole epoch, every shard read
+    (tmp_path / sizes["train"]["shards"][3]).unlink()
+    more = [next(batches) for _ in range(2 * loader.steps_per_epoch)]  # two more epochs, one shard short
+    assert len(first) + len(more) == 3 * loader.steps_per_epoch
+    assert loader.skipped >= 2  # the missing shard, once per epoch it was due

@@ -14,12 +14,20 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, TINY, free_port, torchrun
 
 
-def test_two_rank_run_logs_to_mlflow(shapes_root, tmp_path):
+def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path):
+    """A DBL run on 2 ranks logs to a real MLflow store (one run, its parameters, tags, loss
+    terms, diagnostics and artifacts); validation every 4 steps keeps the best model (chosen
+    on val, evaluated on test); the final test evaluation leaves a recall plot and an HTML page
+    in MLflow; `dbl-scale eval` re-evaluates the best model, writes per-query ranks and logs
+    to the same run."""
+    import numpy as np
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "loss.method=dbl",
-                     "train.steps=6", "train.log_every=2", f"tracking.uri={uri}", "tracking.experiment=e2e",
-                     "tracking.run_name=e2e-dbl", f"train.output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
-    assert "step 6/6" in proc.stdout and "rSum" in proc.stdout
+                     "train.steps=8", "train.log_every=2", "eval.every=4", f"tracking.uri={uri}",
+                     "tracking.experiment=e2e", "tracking.run_name=e2e-dbl", f"train.output_dir={tmp_path / 'runs'}"],
+                    cwd=tmp_path)
+    assert "step 8/8" in proc.stdout and "rSum" in proc.stdout
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["e2e"])
@@ -34,17 +42,35 @@ def test_two_rank_run_logs_to_mlflow(shapes_root, tmp_path):
     for key in ("loss", "loss/raw", "loss/boost", "lr", "samples_per_s", "momentum", "dbl/active",
                 "dbl/same_negative", "dbl/target_gap", "dbl/anchor_gap", "anchor/distance"):
         history = client.get_metric_history(run["run_id"], key)
-        assert [m.step for m in history] == [2, 4, 6], key
+        assert [m.step for m in history] == [2, 4, 6, 8], key
     for key in ("dbl/active", "dbl/same_negative"):  # shares of the global batch's queries
         assert all(0.0 <= m.value <= 1.0 for m in client.get_metric_history(run["run_id"], key)), key
     distance = [m.value for m in client.get_metric_history(run["run_id"], "anchor/distance")]
     assert 0 < distance[0] < distance[-1]  # the EMA anchor trails the target by more as it trains
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
-    assert {"config.yaml", "ds_config.json", "metrics.json"} <= artifacts
-    saved = json.loads((tmp_path / "runs" / "e2e-dbl" / "metrics.json").read_text())
+    assert {"config.yaml", "ds_config.json", "metrics.json", "best_metrics.json"} <= artifacts
+    run_dir = tmp_path / "runs" / "e2e-dbl"
+    saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["rsum"] == pytest.approx(run["metrics.test/rsum"])
-    ds = json.loads((tmp_path / "runs" / "e2e-dbl" / "ds_config.json").read_text())
+    ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == 8
+
+    val = client.get_metric_history(run["run_id"], "val/rsum")
+    assert [m.step for m in val] == [4, 8]
+    best_step = int((run_dir / "best" / "step.txt").read_text())
+    assert best_step == max(val, key=lambda m: (m.value, -m.step)).step
+    assert "metrics.best/test/rsum" in run
+    reports = {a.path for a in client.list_artifacts(run["run_id"], "reports")}
+    assert reports == {"reports/test_recall_curve.png", "reports/test_retrieval.html", "reports/test_ranks.npz"}
+
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "eval", "--run-dir", str(run_dir / "best"),
+                           "--nproc", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = np.load(run_dir / "eval" / "test-standard" / "ranks.npz")
+    assert ranks["i2t"].shape == (40,) and ranks["t2i"].shape == (200,)
+    metrics = MlflowClient(uri).get_run(run["run_id"]).data.metrics
+    assert metrics["eval/test-standard/rsum"] == pytest.approx(metrics["best/test/rsum"], rel=1e-5)
 
 
 def test_demo_builds_data_trains_both_methods_and_compares(tmp_path):
@@ -80,33 +106,3 @@ def test_demo_builds_data_trains_both_methods_and_compares(tmp_path):
     runs = mlflow.search_runs(experiment_names=["demo-test"])
     (parent,) = runs[runs["tags.mlflow.runName"].str.startswith("compare")]["run_id"]
     assert (runs["tags.mlflow.parentRunId"] == parent).sum() == 2
-
-
-def test_validation_best_model_reports_and_eval_command(shapes_root, tmp_path):
-    """Validation every 4 steps keeps the best model (chosen on val, evaluated on test); the
-    final test evaluation leaves a recall plot and an HTML page in MLflow; `dbl-scale eval`
-    re-evaluates the best model, writes per-query ranks and logs to the same run."""
-    import numpy as np
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "train.steps=8",
-              "eval.every=4", f"tracking.uri={uri}", "tracking.experiment=val", "tracking.run_name=v",
-              f"train.output_dir={tmp_path / 'runs'}"], cwd=tmp_path)
-    run_dir = tmp_path / "runs" / "v"
-    client = MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name("val").experiment_id])[0]
-    val = client.get_metric_history(run.info.run_id, "val/rsum")
-    assert [m.step for m in val] == [4, 8]
-    best_step = int((run_dir / "best" / "step.txt").read_text())
-    assert best_step == max(val, key=lambda m: (m.value, -m.step)).step
-    assert "best/test/rsum" in run.data.metrics and "test/rsum" in run.data.metrics
-    reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
-    assert reports == {"reports/test_recall_curve.png", "reports/test_retrieval.html", "reports/test_ranks.npz"}
-
-    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "eval", "--run-dir", str(run_dir / "best"),
-                           "--nproc", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = np.load(run_dir / "eval" / "test-standard" / "ranks.npz")
-    assert ranks["i2t"].shape == (40,) and ranks["t2i"].shape == (200,)
-    metrics = MlflowClient(uri).get_run(run.info.run_id).data.metrics
-    assert metrics["eval/test-standard/rsum"] == pytest.approx(metrics["best/test/rsum"], rel=1e-5)

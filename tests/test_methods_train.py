@@ -32,7 +32,6 @@ def teacher(finished_run):
     ("infonce", [], ["loss/infonce", "logit_scale"]),
     ("dbl-online", ["loss.method=dbl", "loss.dbl.scenario=online", "loss.dbl.branches=3"],
      ["loss/raw", "loss/boost", "branch0/loss/raw", "branch1/loss/boost"]),
-    ("mutual", ["loss.method=mutual"], ["loss/mutual", "branch0/loss/mutual"]),
 ])
 def test_method_trains(method, overrides, keys, shapes_root, tmp_path):
     overrides = overrides or [f"loss.method={method}"]
@@ -44,20 +43,15 @@ def test_method_trains(method, overrides, keys, shapes_root, tmp_path):
         assert scale == pytest.approx(1 / 0.07, rel=0.01)  # starts at 1/T, the same on both ranks
 
 
-def test_offline_dbl_target_starts_from_the_anchor(shapes_root, tmp_path, teacher):
-    client, run = _run(shapes_root, tmp_path, "dbl-offline", "loss.method=dbl", "loss.dbl.scenario=offline",
-                       f"loss.dbl.anchor={teacher}")
-    first = client.get_metric_history(run.info.run_id, "loss/boost")[0]
-    # target == anchor at step 1: every query's hardest boosting violation is exactly margin*beta,
-    # so the boost term is 2 directions x 16 queries x 0.2
-    assert first.step == 1 and first.value == pytest.approx(2 * 16 * 0.2, rel=1e-5)
-
-
 def test_offline_dbl_without_its_boost_is_the_triplet_continued(shapes_root, tmp_path, teacher):
     """Null test of the branch and anchor plumbing: DBL offline with alpha = 0 trains, bit for
-    bit, what the triplet continued from the same checkpoint with the same seed trains."""
-    _run(shapes_root, tmp_path, "null-dbl", "loss.method=dbl", "loss.dbl.scenario=offline",
-         f"loss.dbl.anchor={teacher}", "loss.dbl.alpha=0")
+    bit, what the triplet continued from the same checkpoint with the same seed trains. The
+    target starts as the anchor: at step 1 every query's hardest boosting violation is exactly
+    margin * beta, so the (logged, unweighted) boost is 2 directions x 16 queries x 0.2."""
+    client, run = _run(shapes_root, tmp_path, "null-dbl", "loss.method=dbl", "loss.dbl.scenario=offline",
+                       f"loss.dbl.anchor={teacher}", "loss.dbl.alpha=0")
+    first = client.get_metric_history(run.info.run_id, "loss/boost")[0]
+    assert first.step == 1 and first.value == pytest.approx(2 * 16 * 0.2, rel=1e-5)
     _run(shapes_root, tmp_path, "null-triplet", "loss.method=triplet", f"train.init_from={teacher}")
     dbl, triplet, start = (torch.load(path / "model.pt", weights_only=True)
                            for path in (tmp_path / "runs" / "null-dbl", tmp_path / "runs" / "null-triplet", teacher))
@@ -73,10 +67,10 @@ def test_structure_aware_distillation_from_a_finished_run(shapes_root, tmp_path,
         assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, key)), key
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_structure_with_frozen_single_modal_encoders(stage, shapes_root, tmp_path, tokenizer):
-    """The teacher is a local ViT folder and a local BERT folder with its own tokenizer
-    (under ZeRO-3 loaded into shards and run through its own partitioned forward)."""
+def test_structure_with_frozen_single_modal_encoders(shapes_root, tmp_path, tokenizer):
+    """The teacher is a local ViT folder and a local BERT folder with its own tokenizer, under
+    ZeRO-3 loaded into shards and run through its own partitioned forward (ZeRO-3 only: the
+    stage with the most to go wrong; ZeRO 0-2 build the same teacher whole)."""
     from transformers import BertConfig, BertModel, ViTConfig, ViTModel
     ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
                        image_size=48, patch_size=16)).save_pretrained(tmp_path / "vit")
@@ -86,7 +80,7 @@ def test_structure_with_frozen_single_modal_encoders(stage, shapes_root, tmp_pat
     client, run = _run(shapes_root, tmp_path, "structure-hf", "loss.method=structure",
                        f"loss.structure.teacher_vision={tmp_path / 'vit'}",
                        f"loss.structure.teacher_text={tmp_path / 'bert'}",
-                       f"train.deepspeed=ds_configs/zero{stage}.json", steps=3)
+                       "train.deepspeed=ds_configs/zero3.json", steps=3)
     assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "loss/repr_text"))
 
 

@@ -80,12 +80,13 @@ def test_stopped_and_resumed_is_exact_in_the_same_mlflow_run(shapes_root, tmp_pa
 
 @pytest.mark.parametrize("scenario,overrides,saved,ds", SCENARIOS, ids=[f"{s[0]}-{s[3]}" for s in SCENARIOS])
 def test_resumed_from_a_checkpoint_is_exact(scenario, overrides, saved, ds, shapes_root, tmp_path, teacher):
-    """One launch per half: the whole run writes a checkpoint at step 5 on its way to 12; a
-    second launch resumes from that checkpoint (in its own folder) and must end where the whole
+    """One launch per half: the whole run (`checkpoint.resume=latest` with nothing to resume
+    yet) writes a checkpoint at step 5 on its way to 12; a second launch resumes from that checkpoint (in its own folder) and must end where the whole
     run ended. It continues the whole run's MLflow run, logging steps 6-12 a second time with
     the very same losses; no other run appears."""
     overrides = [o.format(teacher=teacher) for o in overrides] + [f"train.deepspeed=ds_configs/{ds}.json"]
-    client = _train(shapes_root, tmp_path, "whole", overrides, ["checkpoint.every=5"])
+    # `latest` with no checkpoint yet: a fresh start
+    client = _train(shapes_root, tmp_path, "whole", overrides, ["checkpoint.every=5", "checkpoint.resume=latest"])
     ckpt = tmp_path / "runs" / "whole" / "checkpoints" / "step_00000005"
     _train(shapes_root, tmp_path, "whole", overrides,
            [f"checkpoint.resume={ckpt}", f"train.output_dir={tmp_path / 'resumed'}"])
@@ -99,9 +100,7 @@ def test_resumed_from_a_checkpoint_is_exact(scenario, overrides, saved, ds, shap
     assert [v for _, v in history[12:]] == pytest.approx([first[s] for s in range(6, 13)], rel=1e-6)
 
 
-def test_resume_latest_without_checkpoint_starts_fresh_and_bad_path_is_an_error(shapes_root, tmp_path):
-    _train(shapes_root, tmp_path, "fresh", ["train.steps=2", "checkpoint.resume=latest"], ["train.steps=2"])
-    assert (tmp_path / "runs" / "fresh" / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+def test_a_resume_path_that_is_not_a_complete_checkpoint_is_an_error(tmp_path):
     from dbl_scale import checkpoint
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         checkpoint.resolve(tmp_path, str(tmp_path / "nowhere"))
