@@ -190,8 +190,24 @@ def save(root: Path, step: int, branches, state: dict, rank_state: dict, keep: i
     return final
 
 
-def load(path: Path, branches) -> tuple[dict, dict]:
-    """Restore every branch from `path`; returns (run state, this rank's state)."""
+def layout(method_name: str, branches) -> dict:
+    """What a checkpoint must match to be resumed: the method, its branches' roles, the number
+    of ranks and each branch's parameter count (other tower sizes change it)."""
+    sizes = [sum(getattr(p, "ds_numel", p.numel()) for p in br.module.parameters()) for br in branches]
+    return {"method": method_name, "roles": [br.role for br in branches],
+            "world_size": distributed.world_size(), "parameters": sizes}
+
+
+def load(path: Path, branches, expected: Optional[dict] = None) -> tuple[dict, dict]:
+    """Restore every branch from `path`; returns (run state, this rank's state). A checkpoint
+    whose `layout` differs from `expected` is refused before anything is loaded, naming what
+    differs."""
+    state = safe_load(path / "state.pt")
+    saved = state.get("layout")
+    if expected is not None and saved is not None and saved != expected:
+        diffs = "; ".join(f"{k}: {saved.get(k)} in the checkpoint, {v} in this run"
+                          for k, v in expected.items() if saved.get(k) != v)
+        raise CheckpointError(f"{path} was written by another kind of run ({diffs})")
     for k, br in enumerate(branches):
         if br.engine is not None:
             _guard(br.engine)
@@ -203,4 +219,4 @@ def load(path: Path, branches) -> tuple[dict, dict]:
     rank_file = path / f"rank{distributed.rank():05d}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file} missing: was the checkpoint written with another number of ranks?")
-    return safe_load(path / "state.pt"), safe_load(rank_file)
+    return state, safe_load(rank_file)

@@ -210,7 +210,8 @@ class Run:
         resume_from = checkpoint.resolve(self.checkpoints, cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         step = 0
         if resume_from is not None:
-            state, rank_state = checkpoint.load(resume_from, self.branches)
+            state, rank_state = checkpoint.load(resume_from, self.branches,
+                                                checkpoint.layout(cfg.loss.method, self.branches))
             step, self.best_val = state["step"], state.get("best_val", float("-inf"))
             checkpoint.set_rng_state(rank_state["rng"])
             self.method.load_state_dict(state["method"], rank_state["method"])
@@ -243,7 +244,7 @@ class Run:
     def save_checkpoint(self, step: int) -> None:
         self.tracker.flush()  # the metric history up to this step is in MLflow before the checkpoint exists
         state = {"step": step, "mlflow_run_id": self.tracker.run_id, "best_val": self.best_val,
-                 "method": self.method.state_dict()}
+                 "method": self.method.state_dict(), "layout": checkpoint.layout(self.cfg.loss.method, self.branches)}
         rank_state = {"rng": checkpoint.rng_state(), "method": self.method.rank_state_dict()}
         path = checkpoint.save(self.checkpoints, step, self.branches, state, rank_state, self.cfg.checkpoint.keep)
         if distributed.is_main():

@@ -74,3 +74,25 @@ def test_keep_the_newest_complete_checkpoints_and_ignore_half_written_ones(tmp_p
         checkpoint.resolve(tmp_path, str(tmp_path / "step_00000060"))
     state, rank_state = checkpoint.load(checkpoint.resolve(tmp_path, "latest"), branches)
     assert state["step"] == 40 and set(rank_state) == {"rng"}
+
+
+def test_a_checkpoint_of_another_kind_of_run_is_refused_naming_the_difference(tmp_path):
+    """Resuming a checkpoint written by another method, other towers or another number of
+    ranks fails before anything is loaded, with an error that says what differs."""
+    from types import SimpleNamespace
+
+    from dbl_scale import checkpoint
+
+    def branches(width):
+        return [SimpleNamespace(engine=None, role="trained", module=torch.nn.Linear(width, 4))]
+
+    written = branches(8)
+    checkpoint.save(tmp_path, 5, written, {"step": 5, "layout": checkpoint.layout("dbl", written)},
+                    {"rng": checkpoint.rng_state()}, keep=1)
+    path = checkpoint.resolve(tmp_path, "latest")
+    assert checkpoint.load(path, written, checkpoint.layout("dbl", written))[0]["step"] == 5
+    wider = branches(16)
+    with pytest.raises(checkpoint.CheckpointError, match=r"another kind of run \(method: dbl in the checkpoint, "
+                                                         r"triplet in this run; parameters: \[36\] in the checkpoint, "
+                                                         r"\[68\] in this run\)"):
+        checkpoint.load(path, wider, checkpoint.layout("triplet", wider))
