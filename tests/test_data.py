@@ -188,3 +188,11 @@ def test_a_shard_that_disappears_mid_run_is_skipped_and_counted(shapes_root, tok
     more = [next(batches) for _ in range(2 * loader.steps_per_epoch)]  # two more epochs, one shard short
     assert len(first) + len(more) == 3 * loader.steps_per_epoch
     assert loader.skipped >= 2  # the missing shard, once per epoch it was due
+
+
+def test_fewer_shards_than_ranks_times_workers_uses_fewer_workers(shapes_root, tokenizer):
+    """8 shards for 2 ranks x 8 workers: each rank starts 4 workers (one shard or more each),
+    so no worker waits for a shard it never gets, and batches come."""
+    loader = _loader(shapes_root, tokenizer, 0, 2, 8)
+    assert loader.workers == 4
+    assert len(list(itertools.islice(loader.batches(), 3))) == 3
