@@ -7,6 +7,7 @@ instead of averaging shows here. The loss math itself is checked against indepen
 references in test_loss_gradients.py."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,21 +16,28 @@ import torch
 from conftest import REPO, torchrun
 
 WORKERS = Path(__file__).parent / "workers"
+sys.path.insert(0, str(WORKERS))
+from parity_common import LOSS_ONLY  # noqa: E402  (the worker's own list: ZeRO-2 only)
 VARIANTS = ["triplet", "triplet_sum", "triplet_nomask", "infonce", "dbl_momentum_relative", "dbl_absolute_soft",
             "dbl_online_3", "dbl_offline", "distill", "mutual", "structure", "structure_pair_mean", "coder", "aoq",
             "aoq_unclamped", "triplet_grad_accum"]
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def steps(request, shapes_root, tmp_path_factory):
-    """{world: results} of one training step on 1 and on 2 ranks, under ZeRO-2 and ZeRO-3."""
-    out = {}
-    for world in (1, 2):
-        path = tmp_path_factory.mktemp(f"parity{world}") / "result.pt"
-        torchrun([str(WORKERS / "step_parity.py"), str(path), str(shapes_root), str(request.param)], nproc=world,
-                 cwd=REPO)
-        out[world] = torch.load(path, weights_only=True)
-    return out
+@pytest.fixture(scope="module")
+def steps(shapes_root, tmp_path_factory):
+    """stage -> {world: results} of one training step on 1 and on 2 ranks (run once per stage)."""
+    cache = {}
+
+    def run(stage: int) -> dict:
+        if stage not in cache:
+            cache[stage] = {}
+            for world in (1, 2):
+                path = tmp_path_factory.mktemp(f"parity{world}") / "result.pt"
+                torchrun([str(WORKERS / "step_parity.py"), str(path), str(shapes_root), str(stage)], nproc=world,
+                         cwd=REPO)
+                cache[stage][world] = torch.load(path, weights_only=True)
+        return cache[stage]
+    return run
 
 
 def _close(got: dict, want: dict, what: str) -> int:
@@ -45,9 +53,12 @@ def _close(got: dict, want: dict, what: str) -> int:
     return nonzero
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_two_ranks_equal_one_process(variant, steps):
-    one, two = steps[1][variant], steps[2][variant]
+CASES = [(2, v) for v in VARIANTS] + [(3, v) for v in VARIANTS if v not in LOSS_ONLY]
+
+
+@pytest.mark.parametrize("stage,variant", CASES, ids=[f"zero{s}-{v}" for s, v in CASES])
+def test_two_ranks_equal_one_process(stage, variant, steps):
+    one, two = steps(stage)[1][variant], steps(stage)[2][variant]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and one["loss"] > 0
     assert sorted(two["grads"]) == sorted(one["grads"]) and one["grads"]
     for k in one["grads"]:

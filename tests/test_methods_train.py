@@ -1,5 +1,7 @@
-"""Every method trains end to end on 2 CPU ranks (DeepSpeed ZeRO-2) and logs its loss terms;
-the frozen-checkpoint methods (offline DBL, distillation) start from a finished run."""
+"""Methods trained end to end from the command line on 2 CPU ranks (DeepSpeed ZeRO-2), logging
+their loss terms; the frozen-checkpoint ones (offline DBL, structure distillation) start from
+a finished run. Every method's step, distillation and mutual learning included, also runs
+through the production `train_step` on 1 and 2 ranks in test_distributed_losses.py."""
 from __future__ import annotations
 
 import pytest
@@ -101,11 +103,6 @@ def test_aoq_mines_trains_and_refreshes(shapes_root, tmp_path, teacher):
     history = client.get_metric_history(run.info.run_id, "loss/aoq")
     assert len(history) == 10 and all(m.value > 0 for m in history)
     assert _run.output.count("AOQ candidates re-mined") == 1
-
-
-def test_distillation_from_a_finished_run(shapes_root, tmp_path, teacher):
-    client, run = _run(shapes_root, tmp_path, "distill", "loss.method=distill", f"loss.distill.teacher={teacher}")
-    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "loss/distill"))
 
 
 def test_missing_checkpoint_is_a_clear_error(shapes_root, tmp_path):

@@ -25,6 +25,9 @@ VARIANTS = {
     "aoq": ["loss.method=aoq"],
     "aoq_unclamped": ["loss.method=aoq", "loss.aoq.clamp_weights=false", "loss.aoq.a=0.05"],
 }
+# variants that change only the loss's arithmetic, not what ZeRO partitions or gathers: run
+# under ZeRO-2 only (their math is checked against references in test_loss_gradients.py)
+LOSS_ONLY = {"triplet_sum", "triplet_nomask", "dbl_absolute_soft", "structure_pair_mean", "aoq_unclamped"}
 MODEL = ["model.vision.image_size=16", "model.vision.patch_size=8", "model.vision.hidden=32",
          "model.vision.layers=1", "model.vision.heads=2", "model.text.hidden=32",
          "model.text.layers=1", "model.text.heads=2", "model.text.max_length=12", "model.embed_dim=16"]

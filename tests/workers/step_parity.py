@@ -19,7 +19,7 @@ from dbl_scale.config import load_config, save_config
 from dbl_scale.data import ensure_tokenizer
 from dbl_scale.methods import build_method
 from dbl_scale.train import train_step
-from parity_common import GLOBAL_BATCH, MODEL, VARIANTS, local_slice, make_batch, make_queues
+from parity_common import GLOBAL_BATCH, LOSS_ONLY, MODEL, VARIANTS, local_slice, make_batch, make_queues
 
 LR = 1000.0
 STEP = ["optim.weight_decay=0", "optim.grad_clip=0", "optim.warmup_steps=0", "optim.schedule=constant",
@@ -98,7 +98,8 @@ def step(name, overrides, micro_batches=1):
     return result
 
 
-results = {name: step(name, overrides) for name, overrides in {**VARIANTS, **EXTRA}.items()}
+results = {name: step(name, overrides) for name, overrides in {**VARIANTS, **EXTRA}.items()
+           if stage == 2 or name not in LOSS_ONLY}
 results["triplet_grad_accum"] = step("triplet_grad_accum", VARIANTS["triplet"], micro_batches=2)
 if rank == 0:
     torch.save(results, out)
