@@ -38,9 +38,10 @@ class Branch:
     def ema_state_dict(self) -> Optional[dict]:
         """An EMA anchor's weights on rank 0 (None elsewhere): in fp32 from its average when it
         has one. Collective under ZeRO-3 (shards are gathered one parameter at a time)."""
-        state = checkpoint.full_state_dict(self.module)
         if self.master is None:
-            return state
+            return checkpoint.full_state_dict(self.module)
+        # buffers as they are; every parameter is replaced by its average below
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if distributed.is_main() else None
         averages = iter(self.master)
         for name, p in self.module.named_parameters():
             own = [next(averages) for _ in _own_tensors(p)]

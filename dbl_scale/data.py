@@ -237,7 +237,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
                 skipped += 1
                 continue
-            health.good += 1
+            health.usable()
             # the caption drawn for this visit: a function of (seed, pass, image), not of history
             j = random.Random((spec.seed * 1_000_003 + sample["__pass__"]) * 1_000_003 + image_id).randrange(
                 len(captions))
@@ -258,16 +258,16 @@ class _Health:
     hang every rank."""
 
     def __init__(self, limit: int, who: str):
-        self.limit, self.who, self.good = limit, who, 0
-        self._good_seen, self._barren = 0, []
+        self.limit, self.who, self.barren = limit, who, []  # shards opened since the last usable sample
+
+    def usable(self) -> None:
+        self.barren = []
 
     def opened(self, url: str) -> None:
-        if self.good != self._good_seen:
-            self._good_seen, self._barren = self.good, []
-        self._barren.append(url)
-        if len(self._barren) > self.limit:
-            shown = ", ".join(sorted(set(self._barren))[:5])
-            raise DataError(f"{self.who}: no usable sample in the last {len(self._barren) - 1} shards it read "
+        self.barren.append(url)
+        if len(self.barren) > self.limit:
+            shown = ", ".join(sorted(set(self.barren))[:5])
+            raise DataError(f"{self.who}: no usable sample in the last {len(self.barren) - 1} shards it read "
                             f"({shown}, ...): they are empty, missing or every sample is corrupt "
                             "(see the warnings above); fix or remove them")
 

@@ -161,19 +161,26 @@ def _update_anchors(method: Method, branches: list[Branch], step: int, boundary:
 
 
 def _skip_nonfinite(terms: list, step: int) -> bool:
-    """True on every rank when any rank's loss terms are not all finite (one all-reduce); the
-    ranks that saw it say which terms."""
-    bad = [name for t in terms if t is not None for name, v in t.items() if not torch.isfinite(v).all()]
+    """True on every rank when any rank's loss terms are not all finite: one all-reduce of one
+    flag, the step's only host sync for it; the ranks that saw it name the terms."""
+    values = {name: v for t in terms if t is not None for name, v in t.items()}
+    bad_here = (~torch.stack([torch.isfinite(v).all() for v in values.values()]).all()).float().reshape(1)
+    if distributed.all_reduce_max(bad_here).item() == 0:
+        return False
+    bad = [name for name, v in values.items() if not torch.isfinite(v).all()]
     if bad:
         log.warning("step %d, rank %d: non-finite %s: the step is skipped on every rank",
                     step + 1, distributed.rank(), ", ".join(bad))
-    return bool(distributed.all_reduce_max_int(int(bool(bad))))
+    return True
+
+
+# Fault injection for tests, read once: DBL_SCALE_INJECT_<FAULT>="RANK:STEP,STEP" (0-based steps).
+# NONFINITE makes the target's loss NaN on that rank at those steps; KILL kills the rank (-9).
+_FAULTS = {fault: os.environ.get(f"DBL_SCALE_INJECT_{fault}", "") for fault in ("NONFINITE", "KILL")}
 
 
 def _injected(fault: str, step: int) -> bool:
-    """Fault injection for tests: DBL_SCALE_INJECT_<FAULT>="RANK:STEP,STEP" is true on that rank
-    at those (0-based) steps. NONFINITE makes the target's loss NaN; KILL kills the rank (-9)."""
-    spec = os.environ.get(f"DBL_SCALE_INJECT_{fault}")
+    spec = _FAULTS[fault]
     if not spec:
         return False
     rank, steps = spec.split(":")

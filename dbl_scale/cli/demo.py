@@ -65,10 +65,9 @@ def seed_spread(diff: float, config: str) -> str:
     """This run's DBL - triplet rSum, and the same difference over seeds as measured for the demo
     preset (one run proves nothing: the spread says what a difference of this size means)."""
     line = f"\nDBL - triplet (its yardstick: same steps, batch, towers and seed) in this run: {diff:+.1f} rSum"
-    path = SEEDS_FILE
-    if Path(config).resolve() != (Path(__file__).resolve().parents[1] / "presets" / "demo.yaml") or not path.exists():
+    if Path(config).resolve() != SEEDS_FILE.with_name("demo.yaml") or not SEEDS_FILE.exists():
         return line + " (no seed spread is recorded for this config)"
-    rec = json.loads(path.read_text())
+    rec = json.loads(SEEDS_FILE.read_text())
     diffs = [d - t for d, t in zip(rec["rsum"]["dbl"], rec["rsum"]["triplet"])]
     mean, half = paired_interval(rec["rsum"]["dbl"], rec["rsum"]["triplet"])
     return (f"{line}\nover seeds {', '.join(map(str, rec['seeds']))} ({rec['where']}): "
