@@ -169,16 +169,19 @@ def save(root: Path, step: int, branches, state: dict, rank_state: dict, keep: i
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier()
-    for k, br in enumerate(branches):
-        if br.engine is not None:
-            br.engine.save_checkpoint(str(tmp), tag=f"branch{k}", save_latest=False)
-        elif br.role == "ema":
-            state_k = br.ema_state_dict()  # fp32 when a bf16 anchor keeps an fp32 average
-            if distributed.is_main():
-                torch.save(state_k, tmp / f"branch{k}_ema.pt")
-    torch.save(rank_state, tmp / f"rank{distributed.rank():05d}.pt")
-    if distributed.is_main():
-        torch.save(state, tmp / "state.pt")
+    try:
+        for k, br in enumerate(branches):
+            if br.engine is not None:
+                br.engine.save_checkpoint(str(tmp), tag=f"branch{k}", save_latest=False)
+            elif br.role == "ema":
+                state_k = br.ema_state_dict()  # fp32 when a bf16 anchor keeps an fp32 average
+                if distributed.is_main():
+                    torch.save(state_k, tmp / f"branch{k}_ema.pt")
+        torch.save(rank_state, tmp / f"rank{distributed.rank():05d}.pt")
+        if distributed.is_main():
+            torch.save(state, tmp / "state.pt")
+    except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, from torch.save's writer
+        raise _write_failed(root, step, tmp, exc) from exc
     distributed.barrier()
     if distributed.is_main():
         (tmp / "COMPLETE").write_text(f"step {step}\n")
@@ -188,6 +191,27 @@ def save(root: Path, step: int, branches, state: dict, rank_state: dict, keep: i
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _write_failed(root: Path, step: int, tmp: Path, exc: Exception) -> CheckpointError:
+    """The error of a checkpoint this rank could not write (the launcher then stops the other
+    ranks). Its half-written folder is removed, to give the space back; the previous
+    checkpoints are untouched."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(root).free / 2**20
+    previous = complete_checkpoints(root)
+    kept = f"the newest complete checkpoint, {previous[-1]}, is intact" if previous else "there is no earlier checkpoint"
+    return CheckpointError(f"rank {distributed.rank()} could not write checkpoint step {step} into {root} "
+                           f"({str(exc).strip().splitlines()[-1][:200]}; {free:.1f} MiB free there): nothing of it "
+                           f"is kept, {kept}. Free some space, then continue with checkpoint.resume=latest")
+
+
+def clean_partial(root: Path) -> list[Path]:
+    """Remove the `.tmp` folders a crash left mid-save (never read); returns them."""
+    stale = sorted(root.glob(f"{PREFIX}*.tmp")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def layout(method_name: str, branches) -> dict:

@@ -233,6 +233,11 @@ class TrackingConfig:
     experiment: str = "dbl_scale"
     run_name: Optional[str] = None
     flush_every: int = 50  # steps between batched metric uploads
+    # when MLflow does not answer: records wait in <run>/mlflow_spool.jsonl (at most spool_max_mb),
+    # retried every 1, 2, 4 ... retry_max_s seconds; the run's end waits final_wait_s for it
+    spool_max_mb: float = 256
+    retry_max_s: float = 60
+    final_wait_s: float = 120
 
 
 @dataclass
@@ -397,6 +402,7 @@ def validate(cfg: Config) -> None:
         "model.text.max_length": cfg.model.text.max_length, "train.log_every": cfg.train.log_every,
         "train.max_nonfinite": cfg.train.max_nonfinite, "train.collective_timeout_s": cfg.train.collective_timeout_s,
         "eval.batch_size": cfg.eval.batch_size, "tracking.flush_every": cfg.tracking.flush_every,
+        "tracking.spool_max_mb": cfg.tracking.spool_max_mb, "tracking.retry_max_s": cfg.tracking.retry_max_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -446,6 +452,7 @@ def validate(cfg: Config) -> None:
         "loss.dbl.alpha": (lc.dbl.alpha, 0.0, True), "loss.dbl.beta": (lc.dbl.beta, 0.0, False),
         "loss.coder.temperature": (lc.coder.temperature, 0.0, False), "loss.aoq.a": (lc.aoq.a, 0.0, False),
         "optim.warmup_steps": (cfg.optim.warmup_steps, 0, True),
+        "tracking.final_wait_s": (cfg.tracking.final_wait_s, 0.0, True),
     }
     for key, (value, low, inclusive) in ranges.items():
         if value < low or (value == low and not inclusive):

@@ -1,12 +1,25 @@
-"""MLflow tracking from global rank 0 only, with batched uploads, and the per-step meter
-that turns each step's loss terms into logged metrics.
+"""MLflow tracking from global rank 0 only, with batched uploads that survive an outage, and
+the per-step meter that turns each step's loss terms into logged metrics.
 
-Metrics are buffered and sent with `log_batch` every `flush_every` steps (and at the end),
-never one call per value. Any tracking URI works: the default embedded
-`sqlite:///mlflow.db`, or an `http://` tracking server.
+Only `start` (and `resume`) talk to MLflow from the training thread. Everything after that
+(metric batches, artifacts, the final status) is a record handed to a background sender, so
+training never waits for the tracking store. A record the store does not take (server down,
+network blip, sqlite locked) is appended to an on-disk spool (JSON lines in the run folder)
+and retried with exponential backoff; once MLflow answers again the spool is replayed in
+order and removed. Replaying is idempotent: a metric keeps the timestamp it was logged with,
+and MLflow's SQL stores drop a metric whose key, step, timestamp and value are already
+there, so every logged step is in the history once. If MLflow never comes back, the run
+still finishes and says where the spool is: `dbl-scale tracking replay SPOOL`.
+
+Any tracking URI works: the default embedded `sqlite:///mlflow.db`, or an `http://` server.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -16,26 +29,50 @@ import torch
 from . import distributed
 from .config import Config
 
+log = logging.getLogger("dbl_scale")
+
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+# MLflow's HTTP client retries a request for minutes by default; the sender retries on its own
+# schedule instead, so one attempt gives up fast (a user's own setting wins).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def _client(uri: str):
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from mlflow.tracking import MlflowClient  # heavy (seconds): only rank 0 talks to MLflow
+
+    return MlflowClient(tracking_uri=uri)
 
 
 class Tracker:
-    """A run in MLflow, or a no-op on ranks other than 0 (`enabled=False`)."""
+    """A run in MLflow, or a no-op on ranks other than 0 (`enabled=False`).
 
-    def __init__(self, uri: str, experiment: str, enabled: bool = True):
+    `spool`: the file that holds what MLflow did not take (default `mlflow_spool/<run id>.jsonl`),
+    at most `spool_max_mb` (beyond it new records are dropped and counted); `retry_max_s`: the
+    longest wait between retries; `final_wait_s`: how long `finish` waits for an unreachable
+    MLflow before it leaves the rest in the spool."""
+
+    def __init__(self, uri: str, experiment: str, enabled: bool = True, spool: Optional[Path] = None,
+                 spool_max_mb: float = 256, retry_max_s: float = 60, final_wait_s: float = 120):
         self.enabled = enabled
         self.run_id: Optional[str] = None
         self._buffer: list = []
+        self._sender: Optional[_Sender] = None
         if not enabled:
             return
-        from mlflow.tracking import MlflowClient  # heavy (seconds): only rank 0 talks to MLflow
-
-        self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.uri, self.spool, self.final_wait_s = uri, spool, final_wait_s
+        self.spool_max_mb, self.retry_max_s = spool_max_mb, retry_max_s
+        self.client = _client(uri)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        except Exception as exc:  # at the start a wrong URI is likelier than an outage: say so, stop
+            raise RuntimeError(f"MLflow at {uri} did not answer ({exc}); start the server, or set "
+                               f"tracking.uri (or MLFLOW_TRACKING_URI) to a reachable store") from exc
 
     def start(self, run_name: Optional[str], params: dict[str, Any], tags: Optional[dict[str, str]] = None) -> Optional[str]:
         if not self.enabled:
@@ -47,38 +84,216 @@ class Tracker:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+        self._start_sender()
         return self.run_id
 
     def resume(self, run_id: str) -> None:
-        """Continue an existing run (after a restart): same run id, metric history goes on."""
+        """Continue an existing run (after a restart): same run id, the metric history goes on;
+        what an earlier process left in the spool is sent first."""
         if not self.enabled:
             return
         self.run_id = run_id
-        self.client.update_run(run_id, status="RUNNING")
+        self._start_sender()
+        self._sender.put({"kind": "status", "status": "RUNNING"})
+
+    def _start_sender(self) -> None:
+        spool = self.spool or Path("mlflow_spool") / f"{self.run_id}.jsonl"
+        self._sender = _Sender(self.client, self.uri, self.run_id, Path(spool),
+                               int(self.spool_max_mb * 2**20), self.retry_max_s)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Metric  # heavy, as MlflowClient
+        if self.enabled:
+            now = int(time.time() * 1000)
+            self._buffer.extend([k, float(v), now, step] for k, v in metrics.items())
 
-        now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-
-    def flush(self) -> None:
-        if not self.enabled or not self._buffer:
+    def flush(self, wait_s: float = 0.0) -> None:
+        """Hand the buffered metrics to the sender; with `wait_s`, wait up to that long until
+        they are in MLflow or in the spool (both outlive this process)."""
+        if not self.enabled or self._sender is None:
             return
-        for i in range(0, len(self._buffer), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + MAX_METRICS_PER_BATCH])
-        self._buffer = []
+        if self._buffer:
+            self._sender.put({"kind": "metrics", "metrics": self._buffer})
+            self._buffer = []
+        if wait_s:
+            self._sender.wait_accounted(wait_s)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        if self.enabled:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if self.enabled and self._sender is not None:
+            self._sender.put({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
-            self.flush()
-            self.client.set_terminated(self.run_id, status)
+        """Send the rest and the run's final status; wait up to `final_wait_s` for an
+        unreachable MLflow, then say where the spool is and how to replay it."""
+        if not self.enabled or self._sender is None:
+            return
+        self.flush()
+        self._sender.put({"kind": "status", "status": status})
+        if not self._sender.close(self.final_wait_s):
+            print(f"MLflow at {self.uri} is unreachable: {self._sender.spooled_records()} tracking records "
+                  f"(metrics, artifacts, the final status) of run {self.run_id} are kept in {self._sender.spool}. "
+                  f"Once MLflow is back: dbl-scale tracking replay {self._sender.spool}", flush=True)
+        if self._sender.dropped:
+            print(f"warning: the MLflow spool was full (tracking.spool_max_mb): {self._sender.dropped} "
+                  f"tracking records of run {self.run_id} were dropped", flush=True)
+        self._sender = None
+
+
+class _Sender:
+    """One thread that applies records to MLflow in order. A record MLflow does not take goes
+    to the spool, and so does every later one while the spool is not empty (so order is
+    kept); the spool is retried after 1, 2, 4 ... `retry_max_s` seconds."""
+
+    def __init__(self, client, uri: str, run_id: str, spool: Path, max_bytes: int, retry_max_s: float):
+        self.client, self.uri, self.run_id, self.spool = client, uri, run_id, spool
+        self.max_bytes, self.retry_max_s = max_bytes, retry_max_s
+        self.backoff, self.retry_at, self.dropped = 1.0, 0.0, 0
+        self.queue: queue.Queue = queue.Queue()
+        self.accounted = threading.Condition()  # records put vs records sent or spooled
+        self.put_count = self.done_count = 0
+        self.closing = self.abandoned = False
+        self.thread = threading.Thread(target=self._loop, name="mlflow-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, record: dict) -> None:
+        with self.accounted:
+            self.put_count += 1
+        self.queue.put(dict(record, run_id=self.run_id, uri=self.uri))
+
+    def wait_accounted(self, timeout: float) -> bool:
+        with self.accounted:
+            return self.accounted.wait_for(lambda: self.done_count == self.put_count, timeout)
+
+    def close(self, timeout: float) -> bool:
+        """Stop after every record is accounted for and the spool is replayed, or at `timeout`
+        (the spool stays). True when everything reached MLflow."""
+        self.closing = True  # retry at once, and keep the backoff short while closing
+        self.retry_at = 0.0
+        self.queue.put(None)
+        self.thread.join(timeout)
+        if self.thread.is_alive():  # MLflow is still away: stop retrying, the spool stays for a replay
+            self.abandoned = True
+            self.thread.join()
+        return not self.spooled()
+
+    def spooled(self) -> bool:
+        return self.spool.exists() and self.spool.stat().st_size > 0
+
+    def spooled_records(self) -> int:
+        return len(read_spool(self.spool)) if self.spooled() else 0
+
+    def _loop(self) -> None:
+        stop = False
+        while not self.abandoned and not (stop and not self.spooled()):
+            wait = max(0.0, self.retry_at - time.monotonic()) if self.spooled() else None
+            try:
+                record = self.queue.get(timeout=wait)
+            except queue.Empty:
+                record = None
+            if record is None:
+                stop = stop or self.closing
+            else:
+                if self.spooled() or not self._try(record):
+                    self._append(record)
+                with self.accounted:
+                    self.done_count += 1
+                    self.accounted.notify_all()
+            if self.spooled() and time.monotonic() >= self.retry_at:
+                self._replay()
+
+    def _try(self, record: dict) -> bool:
+        try:
+            apply_record(self.client, record)
+        except Exception as exc:  # any failure of the store: keep the record, retry later
+            if self.backoff == 1.0:
+                log.warning("MLflow at %s did not take a tracking record (%s); records go to %s and are "
+                            "retried with backoff; training goes on", self.uri, str(exc).splitlines()[0][:300],
+                            self.spool)
+            self.retry_at = time.monotonic() + self.backoff
+            self.backoff = min(2 * self.backoff, 2.0 if self.closing else self.retry_max_s)
+            return False
+        return True
+
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        size = self.spool.stat().st_size if self.spool.exists() else 0
+        if size + len(line) > self.max_bytes:
+            self.dropped += 1
+            return
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spool, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _replay(self) -> None:
+        records = read_spool(self.spool)
+        for i, record in enumerate(records):
+            if not self._try(record):
+                if i:  # what was sent need not be sent again
+                    _rewrite_spool(self.spool, records[i:])
+                return
+        self.spool.unlink()
+        self.backoff = 1.0
+        log.info("MLflow at %s answers again: %d spooled tracking records replayed", self.uri, len(records))
+
+
+def apply_record(client, record: dict) -> None:
+    """One spool record into MLflow: a metric batch, an artifact, or a run status."""
+    run_id, kind = record["run_id"], record["kind"]
+    if kind == "metrics":
+        from mlflow.entities import Metric  # heavy, as MlflowClient
+
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
+        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+    elif kind == "artifact":
+        if Path(record["path"]).exists():  # a file deleted since is not worth an endless retry
+            client.log_artifact(run_id, record["path"], record["artifact_path"])
+    elif kind == "status":
+        if record["status"] == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        else:
+            client.set_terminated(run_id, record["status"])
+    else:
+        raise ValueError(f"unknown tracking record kind {kind!r}")
+
+
+def read_spool(path: Path) -> list[dict]:
+    """The records of a spool; a line cut short by a crash is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("skipping a truncated line in %s", path)
+    return records
+
+
+def _rewrite_spool(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def replay_spool(path: Path, uri: Optional[str] = None) -> int:
+    """Send a spool left by a run that could not reach MLflow (to its own URI unless `uri` is
+    given), in order; the spool is removed when all of it is in. Returns the records sent.
+    Safe to repeat: a metric already in MLflow is not added twice."""
+    path = Path(path)
+    records = read_spool(path)
+    if not records:
+        path.unlink(missing_ok=True)
+        return 0
+    client = _client(uri or records[0]["uri"])
+    for i, record in enumerate(records):
+        try:
+            apply_record(client, record)
+        except Exception:
+            if i:
+                _rewrite_spool(path, records[i:])
+            raise
+    path.unlink()
+    return len(records)
 
 
 class StepMeter:

@@ -124,6 +124,8 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
     terms = method.losses(outs, batch["image_ids"].to(dev), step)
     if _injected("NONFINITE", step):
         terms[-1]["loss"] = terms[-1]["loss"] * float("nan")
+    if _injected("NONFINITE_GRAD", step):  # the loss stays finite (+0), its gradient is NaN (0 * d sqrt(0))
+        terms[-1]["loss"] = terms[-1]["loss"] + (0.0 * outs[-1].img).sum().sqrt()
     if _skip_nonfinite(terms, step):
         if target.engine.gradient_accumulation_steps() == 1:
             return None  # no backward, no optimizer or LR step, no EMA, no queue push
@@ -138,9 +140,12 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
     for br, t in zip(branches, terms):
         if t is not None:
             br.engine.backward(t["loss"] * distributed.world_size())
+    dropped = boundary and _drop_nonfinite_gradients(branches)
     for br in branches:
-        if br.engine is not None:
+        if br.engine is not None and not dropped:
             br.engine.step()
+    if boundary and _gradient_skipped(branches, dropped, step):
+        return None  # no EMA update, no queue push: as for a non-finite loss
     _update_anchors(method, branches, step, boundary)
     method.after_step()
     logged = {}
@@ -174,9 +179,41 @@ def _skip_nonfinite(terms: list, step: int) -> bool:
     return True
 
 
+def _drop_nonfinite_gradients(branches: list[Branch]) -> bool:
+    """ZeRO-0 has no gradient check of its own: when a gradient of a ZeRO-0 branch is not
+    finite on some rank, every rank drops its gradients and no engine steps (as for a
+    non-finite loss). One all-reduce of one flag; ZeRO 1-3 runs skip this."""
+    engines = [br.engine for br in branches if br.engine is not None and br.engine.zero_optimization_stage() == 0]
+    grads = [p.grad for e in engines for p in e.module.parameters() if p.grad is not None]
+    if not engines:
+        return False
+    bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any() if grads else torch.tensor(False)
+    if distributed.all_reduce_max(bad.float().reshape(1)).item() == 0:
+        return False
+    if engines[0].gradient_accumulation_steps() > 1:  # skipping the boundary's step would shift DeepSpeed's count
+        raise FloatingPointError(f"step {engines[0].global_steps + 1}: non-finite gradient under ZeRO-0 with "
+                                 "train.grad_accum > 1, which cannot skip one step exactly; use ZeRO-1 or higher")
+    for e in engines:
+        e.zero_grad()
+    return True
+
+
+def _gradient_skipped(branches: list[Branch], dropped: bool, step: int) -> bool:
+    """True when a trained branch was not updated for a non-finite gradient: dropped above
+    (ZeRO-0), or skipped by DeepSpeed, whose ZeRO 1-3 optimizers check the global gradient
+    norm on every rank together (with gradient clipping on, the default)."""
+    skipped = [k for k, br in enumerate(branches) if br.engine is not None and not br.engine.was_step_applied()]
+    if not (dropped or skipped):
+        return False
+    log.warning("step %d: non-finite gradient (the loss was finite): the update is skipped on every rank",
+                step + 1)
+    return True
+
+
 # Fault injection for tests, read once: DBL_SCALE_INJECT_<FAULT>="RANK:STEP,STEP" (0-based steps).
-# NONFINITE makes the target's loss NaN on that rank at those steps; KILL kills the rank (-9).
-_FAULTS = {fault: os.environ.get(f"DBL_SCALE_INJECT_{fault}", "") for fault in ("NONFINITE", "KILL")}
+# NONFINITE makes the target's loss NaN on that rank at those steps, NONFINITE_GRAD its gradient
+# (the loss stays finite); KILL kills the rank (-9).
+_FAULTS = {fault: os.environ.get(f"DBL_SCALE_INJECT_{fault}", "") for fault in ("NONFINITE", "NONFINITE_GRAD", "KILL")}
 
 
 def _injected(fault: str, step: int) -> bool:
@@ -203,7 +240,9 @@ class Run:
         self.name = cfg.tracking.run_name or f"{cfg.loss.method}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.dir = Path(cfg.train.output_dir) / self.name
         self.checkpoints = self.dir / "checkpoints"
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, enabled=distributed.is_main())
+        tc = cfg.tracking
+        self.tracker = Tracker(tc.uri, tc.experiment, enabled=distributed.is_main(), spool=self.dir / "mlflow_spool.jsonl",
+                               spool_max_mb=tc.spool_max_mb, retry_max_s=tc.retry_max_s, final_wait_s=tc.final_wait_s)
         self.best_val = float("-inf")
 
     @property
@@ -216,6 +255,9 @@ class Run:
         cfg, rank = self.cfg, distributed.rank()
         resume_from = checkpoint.resolve(self.checkpoints, cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         step = 0
+        if rank == 0 and cfg.checkpoint.resume:
+            for stale in checkpoint.clean_partial(self.checkpoints):
+                log.info("removed %s, a checkpoint a crash left half-written", stale)
         if resume_from is not None:
             state, rank_state = checkpoint.load(resume_from, self.branches,
                                                 checkpoint.layout(cfg.loss.method, self.branches))
@@ -249,7 +291,8 @@ class Run:
         return bool(every) and step % every == 0 and step < self.cfg.train.steps
 
     def save_checkpoint(self, step: int) -> None:
-        self.tracker.flush()  # the metric history up to this step is in MLflow before the checkpoint exists
+        # the metric history up to this step is in MLflow (or in the spool) before the checkpoint exists
+        self.tracker.flush(wait_s=30)
         state = {"step": step, "mlflow_run_id": self.tracker.run_id, "best_val": self.best_val,
                  "method": self.method.state_dict(), "layout": checkpoint.layout(self.cfg.loss.method, self.branches)}
         rank_state = {"rng": checkpoint.rng_state(), "method": self.method.rank_state_dict()}

@@ -8,6 +8,7 @@
   dbl-scale mine --run-dir RUN --out FILE    AOQ: offline hard negatives of the training set
   dbl-scale export --run-dir RUN --out DIR   target towers as Hugging Face folders
   dbl-scale bench loss | methods | eval | memory   benchmarks (see BENCHMARKS.md)
+  dbl-scale tracking replay SPOOL     send what a run kept while MLflow was unreachable
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import argparse
 import sys
 
 from ..config import ConfigError
-from . import bench, compare, data, demo, export, mine, train
+from . import bench, compare, data, demo, export, mine, tracking, train
 from . import eval as eval_command
 
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbl-scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (demo, train, data, eval_command, compare, mine, export, bench):
+    for command in (demo, train, data, eval_command, compare, mine, export, bench, tracking):
         command.add_parser(sub)
     return parser
 
