@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 from datetime import timedelta
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -48,9 +49,7 @@ def init_distributed(timeout_s: float = 600) -> None:
     # (`import deepspeed.comm.torch as m` would bind the real torch: deepspeed.comm re-exports it)
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
 
-    if "RANK" not in os.environ:  # a plain `python` run: one process, still a real group
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+    os.environ.update(rank_environment(os.environ))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
         backend = "nccl"
@@ -58,6 +57,55 @@ def init_distributed(timeout_s: float = 600) -> None:
         ds_torch_comm.build_shm_op = lambda: None
         backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+# Process counts other launchers publish; more than one with no rank set means a misstart.
+WORLD_HINTS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+
+
+def rank_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The rendezvous variables this process must add to join its job, in this order:
+    - a launcher's (torchrun, accelerate, the deepspeed launcher): RANK and WORLD_SIZE are set, nothing to add;
+    - a Slurm job step (`srun` without torchrun): SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID,
+      with the first node of the step as MASTER_ADDR and a port derived from the job id;
+    - a plain `python` run: one process.
+    Anything else that shows more than one process but no rank is refused: never N silent
+    single-process runs writing the same run folder."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {}
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # inside `srun`
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+                "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodes),
+                "MASTER_PORT": port}
+    for hint in WORLD_HINTS:
+        if int(env.get(hint, "1") or "1") > 1:
+            where = ("a Slurm batch script, not an srun step: start the ranks with `srun` (or torchrun)"
+                     if hint == "SLURM_NTASKS" else "no launcher this project reads: use torchrun or srun")
+            raise RuntimeError(f"{hint}={env[hint]} processes are visible but this one has no rank (RANK/WORLD_SIZE "
+                               f"unset): {where}, or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT yourself")
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": env.get("MASTER_PORT", "29517")}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[003-005,9],cpu1" -> "gpu003",
+    "r[10-11]c[1-2]" -> "r10c1" (what `scontrol show hostnames` prints first)."""
+    out, depth, choice = [], 0, []
+    for ch in nodelist:
+        if ch == "," and depth == 0:
+            break
+        if ch == "[":
+            depth, choice = 1, []
+        elif ch == "]":
+            depth = 0
+            out.append("".join(choice).split(",")[0].split("-")[0])
+        elif depth:
+            choice.append(ch)
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def shutdown() -> None:

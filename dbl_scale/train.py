@@ -12,6 +12,8 @@ import logging
 import os
 import random
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Optional
@@ -49,6 +51,7 @@ def train(cfg: Config) -> dict:
     method.start(target.module, loader.tokenize, loader.steps_per_epoch, rank)  # CODER's queues, AOQ's mining
     run = Run(cfg, method, branches, loader.tokenize)
     step = run.begin()  # a new run, or the newest checkpoint of this one
+    preemption = Preemption()
     meter = StepMeter(cfg, run.tracker, run.name, loader, target.scheduler,
                       lambda s: {**method.step_metrics(s), **anchor_metrics(branches)})
     status = "FAILED"
@@ -83,6 +86,13 @@ def train(cfg: Config) -> dict:
                 run.validate(step)
             if run.checkpoint_due(step):
                 run.save_checkpoint(step)
+            if step < cfg.train.steps and preemption.requested():
+                if not run.checkpoint_due(step):
+                    run.save_checkpoint(step)
+                run.mark_preempted(step)
+                status = "KILLED"  # to be resumed: `checkpoint.resume=latest`
+                raise Preempted(f"preempted at step {step}: checkpoint in {run.checkpoints}; continue with "
+                                f"tracking.run_name={run.name} checkpoint.resume=latest")
             if cfg.checkpoint.stop_at is not None and step == cfg.checkpoint.stop_at < cfg.train.steps:
                 if not run.checkpoint_due(step):
                     run.save_checkpoint(step)
@@ -224,6 +234,51 @@ def _injected(fault: str, step: int) -> bool:
     return int(rank) == distributed.rank() and str(step) in steps.split(",")
 
 
+def where_tags() -> dict[str, str]:
+    """Where a run comes from: the code's git commit (when run from a checkout), the host, and
+    the Slurm job when there is one."""
+    tags = {"host": socket.gethostname()}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # no git here: an installed package
+    tags.update({f"slurm_{k[6:].lower()}": os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_TASK_ID")
+                 if k in os.environ})
+    return tags
+
+
+class Preempted(Exception):
+    """The run stopped at a step boundary on a signal, with a checkpoint to resume from."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later (each rank exits with it; see cli.train)
+
+
+class Preemption:
+    """SIGUSR1 and SIGTERM (what Slurm sends before a job's time limit or a preemption, what
+    torchrun forwards when it is stopped) only set a flag, so a second signal during the
+    checkpoint changes nothing. At each step boundary every rank learns whether any rank
+    got one: one all-reduce of one integer."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            log.warning("rank %d got %s: stopping with a checkpoint at the next step boundary",
+                        distributed.rank(), signal.Signals(signum).name)
+        self.signum = signum
+
+    def requested(self) -> bool:
+        return distributed.all_reduce_max_int(self.signum) > 0
+
+
 def seed_everything(seed: int) -> None:
     """The same seed on every rank: towers start identical, as data parallelism requires."""
     random.seed(seed)
@@ -265,6 +320,8 @@ class Run:
             checkpoint.set_rng_state(rank_state["rng"])
             self.method.load_state_dict(state["method"], rank_state["method"])
             self.tracker.resume(state["mlflow_run_id"])
+            if rank == 0:
+                (self.dir / "PREEMPTED").unlink(missing_ok=True)
             log.info("resumed %s from %s (step %d)", self.name, resume_from, step)
         elif rank == 0:
             if cfg.checkpoint.resume:
@@ -275,7 +332,7 @@ class Run:
             self.tracker.start(self.name, flatten(to_dict(cfg)),
                                tags={"method": cfg.loss.method, "world_size": str(distributed.world_size()),
                                      "zero_stage": str(self.engine.zero_optimization_stage()),
-                                     "branches": ",".join(br.role for br in self.branches)})
+                                     "branches": ",".join(br.role for br in self.branches), **where_tags()})
             self.tracker.log_artifact(self.dir / "config.yaml")
             self.tracker.log_artifact(self.dir / "ds_config.json")
             (self.dir / "run.json").write_text(json.dumps({"mlflow_run_id": self.tracker.run_id,
@@ -285,6 +342,13 @@ class Run:
                      distributed.world_size(), cfg.data.batch_size, cfg.train.steps,
                      self.engine.zero_optimization_stage(), cfg.tracking.uri, self.tracker.run_id)
         return step
+
+    def mark_preempted(self, step: int) -> None:
+        """`<run>/PREEMPTED` tells a job script to requeue the job (a resume removes it)."""
+        if distributed.is_main():
+            (self.dir / "PREEMPTED").write_text(f"{step}\n")
+            log.info("preempted at step %d: checkpoint in %s", step, self.checkpoints)
+        distributed.barrier()
 
     def checkpoint_due(self, step: int) -> bool:
         every = self.cfg.checkpoint.every

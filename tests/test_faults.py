@@ -245,3 +245,47 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(shapes_ro
         _state(ckpts / "step_00000002")  # complete and loadable
     finally:
         subprocess.run(["umount", "-l", str(out)], check=False)
+
+
+def test_a_signal_on_one_rank_stops_every_rank_with_a_checkpoint_and_the_run_resumes(shapes_root, tmp_path):
+    """SIGUSR1 (Slurm's warning) reaches rank 1 only: at the next step boundary both ranks
+    agree, write a checkpoint, mark the run PREEMPTED and exit with 75; the MLflow run is
+    KILLED. `checkpoint.resume=latest` continues it: one history, FINISHED, tagged with its
+    commit and host."""
+    args = ["--config", TINY, f"data.root={shapes_root}", "loss.method=triplet", "train.steps=400",
+            "train.log_every=1", "eval.at_end=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.experiment=faults", "tracking.run_name=pre", f"train.output_dir={tmp_path / 'runs'}"]
+    env = dict(launch_env(2), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(torchrun_command(2, "dbl_scale.cli.train", args), cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "[pre] step 3/400" in line:
+                ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+                (rank1,) = [int(p) for p in ranks if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+                os.kill(rank1, signal.SIGUSR1)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    log = "".join(out)
+    assert proc.returncode != 0 and "exitcode  : 75" in log, log[-5000:]
+    run_dir = tmp_path / "runs" / "pre"
+    stopped = int((run_dir / "PREEMPTED").read_text())
+    assert 3 <= stopped < 400 and f"preempted at step {stopped}" in log
+    ckpts = run_dir / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == [f"step_{stopped:08d}"] and (ckpts / f"step_{stopped:08d}" / "COMPLETE").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    assert run.info.status == "KILLED"
+
+    resumed = subprocess.run(torchrun_command(2, "dbl_scale.cli.train", args[:4] + [
+        f"train.steps={stopped + 2}", *args[5:], "checkpoint.resume=latest"]), cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert not (run_dir / "PREEMPTED").exists()
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, stopped + 3))
+    assert run.data.tags["host"] and len(run.data.tags["mlflow.source.git.commit"]) == 40

@@ -17,7 +17,7 @@ from .. import distributed
 from ..config import load_config, resolve_config
 from ..methods import build_method
 from ..optim import deepspeed_config
-from ..train import train
+from ..train import Preempted, train
 from .data import prepare_data
 from .launch import config_args, run_ranks
 
@@ -57,7 +57,12 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     cfg = load_config(args.config, args.overrides)  # validated before any process group starts
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        distributed.shutdown()
+        return Preempted.exit_code
     distributed.shutdown()
     return 0
 

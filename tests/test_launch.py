@@ -1,0 +1,33 @@
+"""Rank discovery: which launcher's variables a rank reads, and the starts it refuses."""
+from __future__ import annotations
+
+import pytest
+
+from dbl_scale.distributed import first_host, rank_environment
+
+
+def test_a_launcher_that_sets_the_rank_wins():
+    assert rank_environment({"RANK": "3", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}) == {}
+
+
+def test_an_srun_step_without_torchrun_is_one_rank_per_task():
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+           "SLURM_STEP_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "4242"}
+    assert rank_environment(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                     "MASTER_ADDR": "gpu003", "MASTER_PORT": str(20000 + 4242)}
+
+
+@pytest.mark.parametrize("hint", ["SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_several_processes_without_a_rank_are_refused(hint):
+    with pytest.raises(RuntimeError, match=f"{hint}=4 processes are visible but this one has no rank"):
+        rank_environment({hint: "4", "SLURM_PROCID": "0"})
+
+
+def test_a_plain_python_run_is_one_process():
+    assert rank_environment({"SLURM_NTASKS": "1"})["WORLD_SIZE"] == "1"
+
+
+@pytest.mark.parametrize("nodes,first", [("gpu[003-005,9],cpu1", "gpu003"), ("n1,n2", "n1"), ("a[7]", "a7"),
+                                         ("host", "host"), ("r[10-11]c[1-2]", "r10c1")])
+def test_first_host_of_a_slurm_node_list(nodes, first):
+    assert first_host(nodes) == first
