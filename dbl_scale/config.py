@@ -201,7 +201,10 @@ class TrainConfig:
     # negatives are gathered across ranks, not across micro-batches); the gradient is the
     # mean of the micro-batches' gradients. `steps` counts optimizer steps.
     grad_accum: int = 1
-    deepspeed: str = "ds_configs/zero2.json"
+    # a DeepSpeed config by name, shipped with the package (zero0-3, zero2_bf16, zero3_bf16,
+    # zero2_offload, zero3_offload), or a path to your own JSON
+    deepspeed: str = "zero2"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: a named config's _bf16 twin; auto: as the file says
     seed: int = 0
     log_every: int = 10
     output_dir: str = "runs"

@@ -12,19 +12,38 @@ import torch
 from .config import Config, ConfigError, flatten
 
 
-def resolve_ds_config(path: str) -> Path:
-    """A DeepSpeed JSON path, relative to the working directory or to the dbl_scale checkout."""
-    for candidate in (Path(path), Path(__file__).resolve().parents[1] / path):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"config key 'train.deepspeed': no DeepSpeed config at '{path}'")
+PACKAGED = Path(__file__).resolve().parent / "ds_configs"  # shipped with the package, found when installed
+
+
+def resolve_ds_config(name_or_path: str, precision: str = "auto") -> Path:
+    """`train.deepspeed`: a name shipped with the package (`zero2`; with `precision: bf16` it
+    means `zero2_bf16`), or a path to a JSON (relative to the working directory; a checkout's
+    `ds_configs/NAME.json` also resolves inside the installed package)."""
+    if name_or_path.endswith(".json"):
+        path = Path(name_or_path)
+        packaged = PACKAGED / path.name if path.parent.name == "ds_configs" else None
+        for candidate in (path, packaged):
+            if candidate is not None and candidate.is_file():
+                return candidate
+        raise ConfigError(f"config key 'train.deepspeed': no DeepSpeed config at '{name_or_path}'")
+    name = name_or_path + ("_bf16" if precision == "bf16" and not name_or_path.endswith("_bf16") else "")
+    path = PACKAGED / f"{name}.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in PACKAGED.glob("*.json"))
+        raise ConfigError(f"config key 'train.deepspeed': no DeepSpeed config named '{name}'; "
+                          f"named ones: {', '.join(names)}; or give a path to a .json file")
+    return path
 
 
 def deepspeed_config(cfg: Config, world: int) -> dict:
     """Read the JSON of `train.deepspeed` (or, under `accelerate launch` with a DeepSpeed YAML,
     the file that YAML names) and fill its "auto" values from our config."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or cfg.train.deepspeed
-    ds = json.loads(resolve_ds_config(path).read_text())
+    ds = json.loads(resolve_ds_config(path, cfg.train.precision).read_text())
+    bf16 = bool(ds.get("bf16", {}).get("enabled"))
+    if cfg.train.precision != "auto" and bf16 != (cfg.train.precision == "bf16"):
+        raise ConfigError(f"{path}: bf16 is {'on' if bf16 else 'off'} there, but config key 'train.precision' is "
+                          f"{cfg.train.precision}; name a config (train.deepspeed=zero2) or make them agree")
     fills = {
         "train_micro_batch_size_per_gpu": ("data.batch_size", cfg.data.batch_size),
         "gradient_accumulation_steps": ("train.grad_accum", cfg.train.grad_accum),

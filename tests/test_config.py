@@ -94,3 +94,39 @@ def test_tracking_uri_follows_mlflow_tracking_uri(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5005")
     assert load_config("demo").tracking.uri == "http://127.0.0.1:5005"
     assert load_config("demo", ["tracking.uri=sqlite:///x.db"]).tracking.uri == "sqlite:///x.db"
+
+
+def test_deepspeed_configs_by_name_with_precision():
+    import json
+
+    from dbl_scale.optim import deepspeed_config
+
+    ds = deepspeed_config(load_config(None, ["train.deepspeed=zero3"]), 2)
+    assert ds["zero_optimization"]["stage"] == 3 and not ds.get("bf16", {}).get("enabled")
+    ds = deepspeed_config(load_config(None, ["train.deepspeed=zero3", "train.precision=bf16"]), 2)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    legacy = deepspeed_config(load_config(None, ["train.deepspeed=ds_configs/zero1.json"]), 2)
+    assert legacy["zero_optimization"]["stage"] == 1
+    with pytest.raises(ConfigError, match="bf16 is on there, but config key 'train.precision' is fp32"):
+        deepspeed_config(load_config(None, ["train.deepspeed=ds_configs/zero2_bf16.json", "train.precision=fp32"]), 2)
+    with pytest.raises(ConfigError, match="no DeepSpeed config named 'zero4'; named ones: zero0, zero1, zero2"):
+        deepspeed_config(load_config(None, ["train.deepspeed=zero4"]), 2)
+    assert json.loads((REPO / "ds_configs" / "zero2.json").read_text())  # the checkout's path still works
+
+
+def test_an_installed_package_finds_its_deepspeed_configs(tmp_path):
+    """A non-editable install (the wheel, installed to a folder) resolves `zero2` by name from
+    anywhere, outside the checkout."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
+                    "-w", str(tmp_path / "wheel")], check=True, timeout=300, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("dbl_scale-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, timeout=300, capture_output=True)
+    probe = ("import dbl_scale.optim as o; from dbl_scale.config import load_config; "
+             "print(o.resolve_ds_config('zero3', 'bf16')); print(load_config('demo').train.deepspeed)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out == [str(tmp_path / "site" / "dbl_scale" / "ds_configs" / "zero3_bf16.json"), "zero2"]

@@ -142,7 +142,7 @@ def _batch(cfg, vocab: int, rank: int, step: int) -> dict:
 
 def _ds_file(stage: int, bf16: bool, folder: Path) -> str:
     """ds_configs/zero{stage}.json, with bf16 switched on for --bf16 (written into `folder`)."""
-    path = resolve_ds_config(f"ds_configs/zero{stage}.json")
+    path = resolve_ds_config(f"zero{stage}")
     if not bf16:
         return str(path)
     ds = json.loads(path.read_text())
