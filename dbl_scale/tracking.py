@@ -48,6 +48,29 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "fuse.sshfs", "ceph", "glusterfs")
+
+
+def network_filesystem(uri: str, mounts: str | None = None) -> str | None:
+    """The network filesystem type an `sqlite:///` store lies on (None when local or not
+    sqlite): SQLite's locking is unreliable there, and several jobs writing one file on a
+    shared home is a known way to corrupt it. `mounts`: /proc/mounts' text."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    path = Path(uri[len("sqlite:///"):]).absolute()
+    best, kind = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and (path.as_posix() + "/").startswith(fields[1].rstrip("/") + "/") and len(fields[1]) > len(best):
+            best, kind = fields[1], fields[2]
+    return kind if kind in NETWORK_FILESYSTEMS else None
+
+
 class Tracker:
     """A run in MLflow, or a no-op on ranks other than 0 (`enabled=False`).
 
@@ -66,6 +89,11 @@ class Tracker:
             return
         self.uri, self.spool, self.final_wait_s = uri, spool, final_wait_s
         self.spool_max_mb, self.retry_max_s = spool_max_mb, retry_max_s
+        fs = network_filesystem(uri)
+        if fs:
+            log.warning("the MLflow store %s is on a network filesystem (%s), where SQLite's locking is not "
+                        "reliable: use a local path, or an `mlflow server` all jobs talk to (tracking.uri=http://...)",
+                        uri, fs)
         self.client = _client(uri)
         try:
             exp = self.client.get_experiment_by_name(experiment)

@@ -166,19 +166,27 @@ def _tracked_run(shapes_root, tmp_path, server: MlflowServer, name: str, when_st
             "train.log_every=1", "tracking.flush_every=1", "eval.at_end=false", "tracking.retry_max_s=2",
             f"tracking.uri={server.uri}", "tracking.experiment=outage", f"tracking.run_name={name}",
             f"train.output_dir={tmp_path / 'runs'}", *overrides]
-    env = dict(launch_env(1), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(torchrun_command(1, "dbl_scale.cli.train", args), cwd=tmp_path, env=env,
+    code, out = _watched(1, args, tmp_path, f"MLflow {server.uri} run ", lambda proc: when_started())
+    assert code == 0, out[-5000:]
+    return out
+
+
+def _watched(nproc: int, args: list[str], cwd: Path, trigger: str, action) -> tuple[int, str]:
+    """A training run on `nproc` ranks; `action(torchrun process)` runs once, at the first
+    output line that contains `trigger`. Returns the exit code and the output."""
+    env = dict(launch_env(nproc), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(torchrun_command(nproc, "dbl_scale.cli.train", args), cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = []
+    out, fired = [], False
     try:
         for line in proc.stdout:
             out.append(line)
-            if f"MLflow {server.uri} run " in line:
-                when_started()
-        assert proc.wait(timeout=300) == 0, "".join(out)[-5000:]
+            if trigger in line and not fired:
+                fired = True
+                action(proc)
+        return proc.wait(timeout=300), "".join(out)
     finally:
         proc.kill()
-    return "".join(out)
 
 
 def _assert_complete(server: MlflowServer, name: str) -> None:
@@ -255,22 +263,14 @@ def test_a_signal_on_one_rank_stops_every_rank_with_a_checkpoint_and_the_run_res
     args = ["--config", TINY, f"data.root={shapes_root}", "loss.method=triplet", "train.steps=400",
             "train.log_every=1", "eval.at_end=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "tracking.experiment=faults", "tracking.run_name=pre", f"train.output_dir={tmp_path / 'runs'}"]
-    env = dict(launch_env(2), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(torchrun_command(2, "dbl_scale.cli.train", args), cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = []
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if "[pre] step 3/400" in line:
-                ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-                (rank1,) = [int(p) for p in ranks if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
-                os.kill(rank1, signal.SIGUSR1)
-        proc.wait(timeout=300)
-    finally:
-        proc.kill()
-    log = "".join(out)
-    assert proc.returncode != 0 and "exitcode  : 75" in log, log[-5000:]
+
+    def signal_rank1(torchrun):
+        ranks = subprocess.run(["pgrep", "-P", str(torchrun.pid)], capture_output=True, text=True).stdout.split()
+        (rank1,) = [int(p) for p in ranks if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+        os.kill(rank1, signal.SIGUSR1)
+
+    code, log = _watched(2, args, tmp_path, "[pre] step 3/400", signal_rank1)
+    assert code != 0 and "exitcode  : 75" in log, log[-5000:]
     run_dir = tmp_path / "runs" / "pre"
     stopped = int((run_dir / "PREEMPTED").read_text())
     assert 3 <= stopped < 400 and f"preempted at step {stopped}" in log
@@ -280,6 +280,7 @@ def test_a_signal_on_one_rank_stops_every_rank_with_a_checkpoint_and_the_run_res
     (run,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
     assert run.info.status == "KILLED"
 
+    env = dict(launch_env(2), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     resumed = subprocess.run(torchrun_command(2, "dbl_scale.cli.train", args[:4] + [
         f"train.steps={stopped + 2}", *args[5:], "checkpoint.resume=latest"]), cwd=tmp_path, env=env,
         capture_output=True, text=True, timeout=600)

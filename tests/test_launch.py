@@ -1,4 +1,4 @@
-"""Rank discovery: which launcher's variables a rank reads, and the starts it refuses."""
+"""What a process learns from where it runs: its rank from the launcher (and the starts it refuses), and whether its MLflow store sits on a network filesystem."""
 from __future__ import annotations
 
 import pytest
@@ -31,3 +31,14 @@ def test_a_plain_python_run_is_one_process():
                                          ("host", "host"), ("r[10-11]c[1-2]", "r10c1")])
 def test_first_host_of_a_slurm_node_list(nodes, first):
     assert first_host(nodes) == first
+
+
+def test_an_sqlite_store_on_a_network_filesystem_is_named():
+    from dbl_scale.tracking import network_filesystem
+
+    mounts = ("/dev/vda / ext4 rw 0 0\nserver:/home /home nfs4 rw 0 0\n"
+              "tmpfs /home/me/scratch tmpfs rw 0 0\n")
+    assert network_filesystem("sqlite:////home/me/mlflow.db", mounts) == "nfs4"
+    assert network_filesystem("sqlite:////home/me/scratch/mlflow.db", mounts) is None  # the deeper mount wins
+    assert network_filesystem("sqlite:////tmp/mlflow.db", mounts) is None
+    assert network_filesystem("http://127.0.0.1:5000", mounts) is None
