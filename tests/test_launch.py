@@ -42,3 +42,31 @@ def test_an_sqlite_store_on_a_network_filesystem_is_named():
     assert network_filesystem("sqlite:////home/me/scratch/mlflow.db", mounts) is None  # the deeper mount wins
     assert network_filesystem("sqlite:////tmp/mlflow.db", mounts) is None
     assert network_filesystem("http://127.0.0.1:5000", mounts) is None
+
+
+def test_two_nodes_of_one_rank_train_what_one_node_of_two_ranks_trains(shapes_root, finished_run, tmp_path):
+    """`dbl-scale train --nnodes 2 --node-rank R --rdzv-endpoint` started twice on this machine
+    (two "nodes" meeting over c10d) ends with the same weights as the standalone 2-rank run
+    of the same config (the shared `finished_run`)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import REPO, TINY, free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = ["--config", TINY, f"data.root={shapes_root}", "loss.method=triplet", "train.steps=4", "eval.at_end=false",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.run_name=anchor",
+            f"train.output_dir={tmp_path / 'runs'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    nodes = [subprocess.Popen([sys.executable, "-m", "dbl_scale.cli", "train", "--nproc", "1", "--nnodes", "2",
+                               "--node-rank", str(r), "--rdzv-endpoint", endpoint, *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "2 ranks x batch 8" in outs[0] + outs[1]
+    ours = torch.load(tmp_path / "runs" / "anchor" / "model.pt", weights_only=True)
+    theirs = torch.load(finished_run / "model.pt", weights_only=True)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

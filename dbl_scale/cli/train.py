@@ -2,6 +2,7 @@
 point every launcher starts:
 
     torchrun --standalone --nproc_per_node 2 -m dbl_scale.cli.train --config demo loss.method=dbl
+    dbl-scale train --nnodes 2 --node-rank R --rdzv-endpoint node0:29400 --nproc gpu --config ...   # on each node
     deepspeed --num_gpus 2 --module dbl_scale.cli.train --config demo
     accelerate launch --config_file ds_configs/accelerate_zero2.yaml -m dbl_scale.cli.train --config demo
 """
@@ -19,7 +20,7 @@ from ..methods import build_method
 from ..optim import deepspeed_config
 from ..train import Preempted, train
 from .data import prepare_data
-from .launch import config_args, run_ranks
+from .launch import config_args, local_ranks, run_ranks
 
 MODULE = "dbl_scale.cli.train"
 
@@ -28,16 +29,22 @@ def cmd_train(args) -> int:
     config = resolve_config(args.config)
     cfg = load_config(config, args.overrides)  # fail here, before any process starts
     build_method(cfg)  # and on what the method itself needs
-    deepspeed_config(cfg, args.nproc)  # and on a DeepSpeed file that contradicts the config
+    nproc = local_ranks(args.nproc)
+    deepspeed_config(cfg, nproc * args.nnodes)  # and on a DeepSpeed file that contradicts the config
     if args.build_data:
         prepare_data(cfg)
-    return run_ranks(args.nproc, MODULE, config_args(config, args.overrides))
+    return run_ranks(nproc, MODULE, config_args(config, args.overrides), args.nnodes, args.node_rank,
+                     args.rdzv_endpoint)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="one training run under torchrun")
     p.add_argument("--config", default=None, help="preset name or YAML path")
-    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine")
+    p.add_argument("--nproc", default="2", help="ranks on this machine: a number, or gpu (one per GPU)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines in the run (start the command on each)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="where the machines meet (the first node); needed when --nnodes > 1")
     p.add_argument("--build-data", action="store_true", help="build ShapesCaptions under data.root if missing")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_train)
