@@ -62,6 +62,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
         raise ConfigError(f"{path}: 'train_batch_size' is {ds['train_batch_size']}, but data.batch_size "
                           f"{cfg.data.batch_size} x {world} ranks x train.grad_accum {cfg.train.grad_accum} is "
                           f"{global_batch}; set it to \"auto\" (or a multiple that the world size divides)")
+    _check_zero_options(ds.get("zero_optimization", {}), path)
     params = ds.get("optimizer", {}).get("params", {})
     opt_fills = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                  "weight_decay": cfg.optim.weight_decay,
@@ -73,6 +74,21 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     if leftover:
         raise ConfigError(f"{path}: cannot fill 'auto' for {leftover}")
     return ds
+
+
+STAGE3_ONLY = ("offload_param", "sub_group_size", "zero_hpz_partition_size")  # and every "stage3_*" key
+STAGE12_ONLY = ("round_robin_gradients", "cpu_offload", "elastic_checkpoint")
+
+
+def _check_zero_options(zero: dict, path: str) -> None:
+    """Options that only one side of ZeRO-3 reads: DeepSpeed would ignore them silently."""
+    stage = zero.get("stage", 0)
+    wrong = ([k for k in zero if k in STAGE12_ONLY] if stage == 3 else
+             [k for k in zero if k in STAGE3_ONLY or k.startswith("stage3_")])
+    if wrong:
+        needs = "stages 1-2" if stage == 3 else "stage 3"
+        raise ConfigError(f"{path}: zero_optimization.stage is {stage}, but {wrong} only apply to ZeRO {needs}; "
+                          "remove them or change the stage")
 
 
 def is_zero3(ds: dict | None) -> bool:

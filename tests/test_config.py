@@ -114,6 +114,21 @@ def test_deepspeed_configs_by_name_with_precision():
     assert json.loads((REPO / "ds_configs" / "zero2.json").read_text())  # the checkout's path still works
 
 
+def test_zero_options_of_the_other_side_of_stage_3_are_refused(tmp_path):
+    import json
+
+    from dbl_scale.optim import deepspeed_config
+
+    for stage, extra, key in ((2, {"stage3_max_live_parameters": 10**9}, "stage3_max_live_parameters"),
+                              (2, {"offload_param": {"device": "cpu"}}, "offload_param"),
+                              (3, {"round_robin_gradients": True}, "round_robin_gradients")):
+        ds = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+        ds["zero_optimization"].update(extra)
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        with pytest.raises(ConfigError, match=f"stage is {stage}, but \\['{key}'\\] only apply"):
+            deepspeed_config(load_config(None, [f"train.deepspeed={tmp_path / 'ds.json'}"]), 2)
+
+
 def test_an_installed_package_finds_its_deepspeed_configs(tmp_path):
     """A non-editable install (the wheel, installed to a folder) resolves `zero2` by name from
     anywhere, outside the checkout."""
