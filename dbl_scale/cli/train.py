@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.method=dbl data.batch_size=64")
     # the `deepspeed` launcher appends --local_rank=N; the LOCAL_RANK environment variable says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after --config (as slurm/ passes them)
     faulthandler.enable()  # a native crash prints the Python stack of every thread
     # DeepSpeed 0.19 calls a torch collective that torch 2.13 marks deprecated, on every step
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
