@@ -241,6 +241,7 @@ class TrackingConfig:
     spool_max_mb: float = 256
     retry_max_s: float = 60
     final_wait_s: float = 120
+    system_metrics_s: float = 30  # rank 0 samples CPU / memory / GPU into system/* every N s; 0: off
 
 
 @dataclass
@@ -456,6 +457,7 @@ def validate(cfg: Config) -> None:
         "loss.coder.temperature": (lc.coder.temperature, 0.0, False), "loss.aoq.a": (lc.aoq.a, 0.0, False),
         "optim.warmup_steps": (cfg.optim.warmup_steps, 0, True),
         "tracking.final_wait_s": (cfg.tracking.final_wait_s, 0.0, True),
+        "tracking.system_metrics_s": (cfg.tracking.system_metrics_s, 0.0, True),
     }
     for key, (value, low, inclusive) in ranges.items():
         if value < low or (value == low and not inclusive):

@@ -17,7 +17,7 @@ PACKAGED = Path(__file__).resolve().parent / "ds_configs"  # shipped with the pa
 
 def resolve_ds_config(name_or_path: str, precision: str = "auto") -> Path:
     """`train.deepspeed`: a name shipped with the package (`zero2`; with `precision: bf16` it
-    means `zero2_bf16`), or a path to a JSON (relative to the working directory; a checkout's
+    means `zero2_bf16`; `zero2_gpu` / `zero3_gpu` are bf16 and tuned for GPUs), or a path to a JSON (relative to the working directory; a checkout's
     `ds_configs/NAME.json` also resolves inside the installed package)."""
     if name_or_path.endswith(".json"):
         path = Path(name_or_path)
@@ -26,7 +26,8 @@ def resolve_ds_config(name_or_path: str, precision: str = "auto") -> Path:
             if candidate is not None and candidate.is_file():
                 return candidate
         raise ConfigError(f"config key 'train.deepspeed': no DeepSpeed config at '{name_or_path}'")
-    name = name_or_path + ("_bf16" if precision == "bf16" and not name_or_path.endswith("_bf16") else "")
+    twin = PACKAGED / f"{name_or_path}_bf16.json"  # with precision bf16, `zero2` means `zero2_bf16`
+    name = twin.stem if precision == "bf16" and twin.is_file() else name_or_path
     path = PACKAGED / f"{name}.json"
     if not path.is_file():
         names = sorted(p.stem for p in PACKAGED.glob("*.json"))

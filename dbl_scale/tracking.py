@@ -80,14 +80,16 @@ class Tracker:
     MLflow before it leaves the rest in the spool."""
 
     def __init__(self, uri: str, experiment: str, enabled: bool = True, spool: Optional[Path] = None,
-                 spool_max_mb: float = 256, retry_max_s: float = 60, final_wait_s: float = 120):
+                 spool_max_mb: float = 256, retry_max_s: float = 60, final_wait_s: float = 120,
+                 system_metrics_s: float = 0):
         self.enabled = enabled
         self.run_id: Optional[str] = None
         self._buffer: list = []
         self._sender: Optional[_Sender] = None
+        self._system = None
         if not enabled:
             return
-        self.uri, self.spool, self.final_wait_s = uri, spool, final_wait_s
+        self.uri, self.spool, self.final_wait_s, self.system_metrics_s = uri, spool, final_wait_s, system_metrics_s
         self.spool_max_mb, self.retry_max_s = spool_max_mb, retry_max_s
         fs = network_filesystem(uri)
         if fs:
@@ -128,6 +130,12 @@ class Tracker:
         spool = self.spool or Path("mlflow_spool") / f"{self.run_id}.jsonl"
         self._sender = _Sender(self.client, self.uri, self.run_id, Path(spool),
                                int(self.spool_max_mb * 2**20), self.retry_max_s)
+        if self.system_metrics_s > 0:  # CPU, memory, disk, network (and GPUs with nvidia-ml-py) as system/*
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # heavy, as MlflowClient
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_s,
+                                                tracking_uri=self.uri)
+            self._system.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.enabled:
@@ -154,6 +162,9 @@ class Tracker:
         unreachable MLflow, then say where the spool is and how to replay it."""
         if not self.enabled or self._sender is None:
             return
+        if self._system is not None:
+            self._system.finish()
+            self._system = None
         self.flush()
         self._sender.put({"kind": "status", "status": status})
         if not self._sender.close(self.final_wait_s):

@@ -235,18 +235,22 @@ def _injected(fault: str, step: int) -> bool:
 
 
 def where_tags() -> dict[str, str]:
-    """Where a run comes from: the code's git commit (when run from a checkout), the host, and
-    the Slurm job when there is one."""
+    """Where a run comes from: the code's git commit and whether the checkout had changes
+    (when run from a checkout), the host, and the Slurm job when there is one."""
     tags = {"host": socket.gethostname()}
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10)
+        git = ["git", "-C", str(Path(__file__).parent)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
             tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=30).stdout.strip()
+            tags["git_dirty"] = str(bool(dirty)).lower()
     except (OSError, subprocess.TimeoutExpired):
         pass  # no git here: an installed package
-    tags.update({f"slurm_{k[6:].lower()}": os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_TASK_ID")
-                 if k in os.environ})
+    slurm = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
+             "SLURM_RESTART_COUNT")
+    tags.update({k.lower(): os.environ[k] for k in slurm if k in os.environ})
     return tags
 
 
@@ -297,7 +301,8 @@ class Run:
         self.checkpoints = self.dir / "checkpoints"
         tc = cfg.tracking
         self.tracker = Tracker(tc.uri, tc.experiment, enabled=distributed.is_main(), spool=self.dir / "mlflow_spool.jsonl",
-                               spool_max_mb=tc.spool_max_mb, retry_max_s=tc.retry_max_s, final_wait_s=tc.final_wait_s)
+                               spool_max_mb=tc.spool_max_mb, retry_max_s=tc.retry_max_s, final_wait_s=tc.final_wait_s,
+                               system_metrics_s=tc.system_metrics_s)
         self.best_val = float("-inf")
 
     @property

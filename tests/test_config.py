@@ -1,6 +1,8 @@
 """Configuration: YAML + dotted overrides, validated with errors that name the key."""
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 
@@ -129,12 +131,10 @@ def test_zero_options_of_the_other_side_of_stage_3_are_refused(tmp_path):
             deepspeed_config(load_config(None, [f"train.deepspeed={tmp_path / 'ds.json'}"]), 2)
 
 
-def test_an_installed_package_finds_its_deepspeed_configs(tmp_path):
+def test_an_installed_package_finds_its_deepspeed_configs_and_trains(tmp_path, shapes_root):
     """A non-editable install (the wheel, installed to a folder) resolves `zero2` by name from
-    anywhere, outside the checkout."""
-    import subprocess
-    import sys
-
+    anywhere, and trains 2 steps on 2 ranks from a folder outside the checkout with a named
+    preset and a named DeepSpeed config."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
                     "-w", str(tmp_path / "wheel")], check=True, timeout=300, capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("dbl_scale-*.whl")
@@ -145,3 +145,11 @@ def test_an_installed_package_finds_its_deepspeed_configs(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
                          capture_output=True, text=True, timeout=120, check=True).stdout.split()
     assert out == [str(tmp_path / "site" / "dbl_scale" / "ds_configs" / "zero3_bf16.json"), "zero2"]
+    env = {"PYTHONPATH": str(tmp_path / "site"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PATH": os.environ["PATH"]}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "dbl_scale.cli.train", "--config", "tiny", f"data.root={shapes_root}", "train.steps=2",
+                          "train.deepspeed=zero1", "eval.at_end=false", "tracking.run_name=installed"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert "ZeRO-1" in run.stderr and (tmp_path / "runs" / "installed" / "model.pt").exists()

@@ -25,7 +25,8 @@ def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "loss.method=dbl",
                      "train.steps=8", "train.log_every=2", "eval.every=4", f"tracking.uri={uri}",
-                     "tracking.experiment=e2e", "tracking.run_name=e2e-dbl", f"train.output_dir={tmp_path / 'runs'}"],
+                     "tracking.experiment=e2e", "tracking.run_name=e2e-dbl", f"train.output_dir={tmp_path / 'runs'}",
+                     "tracking.system_metrics_s=1"],
                     cwd=tmp_path)
     assert "step 8/8" in proc.stdout and "rSum" in proc.stdout
 
@@ -35,7 +36,9 @@ def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path
     run = runs.iloc[0]
     assert run["status"] == "FINISHED" and run["tags.mlflow.runName"] == "e2e-dbl"
     assert run["params.loss.method"] == "dbl" and run["params.model.text.layers"] == "1"
-    assert run["tags.world_size"] == "2" and run["tags.zero_stage"] == "2"
+    assert run["tags.world_size"] == "2" and run["tags.zero_stage"] == "2" and run["tags.host"]
+    assert len(run["tags.mlflow.source.git.commit"]) == 40 and run["tags.git_dirty"] in ("true", "false")
+    assert run["metrics.system/cpu_utilization_percentage"] >= 0  # sampled on rank 0 every second
     assert 0 < run["metrics.test/rsum"] <= 600
 
     client = MlflowClient(uri)

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -159,22 +160,26 @@ class MlflowServer:
         self.proc.wait(timeout=30)
 
 
-def _tracked_run(shapes_root, tmp_path, server: MlflowServer, name: str, when_started, *overrides) -> str:
-    """An 8-step 1-rank triplet run logging every step to `server`; `when_started()` runs as
-    soon as its MLflow run exists (before the first step). Returns its output."""
+def _tracked_run(shapes_root, tmp_path, server: MlflowServer, name: str, when_started, *overrides,
+                 uri_from_env: bool = False) -> str:
+    """An 8-step 1-rank triplet run logging every step to `server` (named by tracking.uri, or by
+    MLFLOW_TRACKING_URI); `when_started()` runs as soon as its MLflow run exists (before the
+    first step). Returns its output."""
     args = ["--config", TINY, f"data.root={shapes_root}", "loss.method=triplet", "train.steps=8",
             "train.log_every=1", "tracking.flush_every=1", "eval.at_end=false", "tracking.retry_max_s=2",
-            f"tracking.uri={server.uri}", "tracking.experiment=outage", f"tracking.run_name={name}",
-            f"train.output_dir={tmp_path / 'runs'}", *overrides]
-    code, out = _watched(1, args, tmp_path, f"MLflow {server.uri} run ", lambda proc: when_started())
+            "tracking.experiment=outage", f"tracking.run_name={name}", f"train.output_dir={tmp_path / 'runs'}",
+            *([] if uri_from_env else [f"tracking.uri={server.uri}"]), *overrides]
+    env = {"MLFLOW_TRACKING_URI": server.uri} if uri_from_env else {}
+    code, out = _watched(1, args, tmp_path, f"MLflow {server.uri} run ", lambda proc: when_started(), env)
     assert code == 0, out[-5000:]
     return out
 
 
-def _watched(nproc: int, args: list[str], cwd: Path, trigger: str, action) -> tuple[int, str]:
+def _watched(nproc: int, args: list[str], cwd: Path, trigger: str, action, env: Optional[dict] = None
+             ) -> tuple[int, str]:
     """A training run on `nproc` ranks; `action(torchrun process)` runs once, at the first
     output line that contains `trigger`. Returns the exit code and the output."""
-    env = dict(launch_env(nproc), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(launch_env(nproc), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
     proc = subprocess.Popen(torchrun_command(nproc, "dbl_scale.cli.train", args), cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, fired = [], False
@@ -203,8 +208,9 @@ def _assert_complete(server: MlflowServer, name: str) -> None:
 def test_an_mlflow_outage_loses_no_metric(shapes_root, tmp_path):
     """A real `mlflow server` dies as training starts. (1) It comes back while the run is still
     up: the run trains through the outage, replays its spool and ends with the full history.
-    (2) It does not come back in time: the run still finishes, says where its spool is, and
-    `dbl-scale tracking replay` later completes the history; a second replay finds nothing."""
+    (2) It does not come back in time: the run (told the server by MLFLOW_TRACKING_URI) still
+    finishes, says where its spool is, and `dbl-scale tracking replay` later completes the
+    history; a second replay finds nothing."""
     server = MlflowServer(tmp_path)
     server.start()
     server.wait_up()
@@ -219,7 +225,7 @@ def test_an_mlflow_outage_loses_no_metric(shapes_root, tmp_path):
     server.wait_up()
     _assert_complete(server, "back")
 
-    out = _tracked_run(shapes_root, tmp_path, server, "gone", server.kill, "tracking.final_wait_s=1")
+    out = _tracked_run(shapes_root, tmp_path, server, "gone", server.kill, "tracking.final_wait_s=1", uri_from_env=True)
     spool = tmp_path / "runs" / "gone" / "mlflow_spool.jsonl"
     assert f"Once MLflow is back: dbl-scale tracking replay {spool}" in out and spool.exists()
     server.start()

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, free_port
+from conftest import REPO, TINY, free_port, torchrun
 
 
 def _sh(*cmd, env=None, check=True, timeout=120) -> str:
@@ -78,7 +79,7 @@ def test_train_sbatch_is_preempted_requeued_and_resumes_in_the_same_mlflow_run(s
     env = dict(slurm, DBL_SCALE_NPROC_PER_NODE="2", DBL_SCALE_PYTHON=sys.executable, PYTHONPATH=str(REPO),
                OMP_NUM_THREADS="1")
     args = ["--config", TINY, f"data.root={shapes_root}", "loss.method=triplet", "train.steps=40",
-            "train.log_every=1", "eval.at_end=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "train.log_every=1", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "tracking.experiment=slurm", f"train.output_dir={tmp_path / 'runs'}"]
     job = _sh("sbatch", "--parsable", "-N", "1", "--job-name=sb", f"--chdir={tmp_path}",
               str(REPO / "slurm" / "train.sbatch"), *args, env=env).strip().split(";")[0]
@@ -100,6 +101,33 @@ def test_train_sbatch_is_preempted_requeued_and_resumes_in_the_same_mlflow_run(s
     assert run.info.run_name == f"sb-{job}" and run.info.status == "FINISHED"
     assert run.data.tags["slurm_job_id"] == job and run.data.tags["world_size"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 41))
+    assert run.data.tags["slurm_job_nodelist"] and 0 < run.data.metrics["test/rsum"] <= 600
+
+    torchrun(["-m", "dbl_scale.cli.train", *args, "tracking.run_name=uninterrupted", "eval.at_end=false"], cwd=tmp_path)
+    ours = torch.load(run_dir / "model.pt", weights_only=True)
+    reference = torch.load(tmp_path / "runs" / "uninterrupted" / "model.pt", weights_only=True)
+    assert max((ours[k].float() - reference[k].float()).abs().max().item() for k in ours) <= 1e-6
+
+
+def test_srun_without_torchrun_is_one_rank_per_task_and_a_batch_script_without_srun_is_refused(
+        slurm, shapes_root, tmp_path):
+    env = dict(slurm, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    train = [sys.executable, "-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}",
+             "train.steps=2", "eval.at_end=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+             "tracking.experiment=srun", f"train.output_dir={tmp_path / 'runs'}"]
+    proc = subprocess.run(["srun", "-n", "2", f"--chdir={tmp_path}", *train, "tracking.run_name=srun2"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("srun").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+
+    job = _sh("sbatch", "--parsable", "-n", "2", "--job-name=nosrun", f"--chdir={tmp_path}", "--wrap",
+              " ".join(train + ["tracking.run_name=nosrun"]), env=env).strip().split(";")[0]
+    log = tmp_path / f"slurm-{job}.out"
+    _wait(lambda: _job_state(env, job).get("JobState") in ("COMPLETED", "FAILED"), 300, "the job's end", log)
+    assert _job_state(env, job)["JobState"] == "FAILED"
+    assert "SLURM_NTASKS=2 processes are visible but this one has no rank" in log.read_text()
 
 
 def test_sweep_sbatch_trains_one_seed_per_array_task_and_eval_sbatch_scores_one(slurm, shapes_root, tmp_path):
