@@ -265,15 +265,16 @@ class _Sender:
             os.fsync(f.fileno())
 
     def _replay(self) -> None:
-        records = read_spool(self.spool)
-        for i, record in enumerate(records):
-            if not self._try(record):
-                if i:  # what was sent need not be sent again
-                    _rewrite_spool(self.spool, records[i:])
-                return
-        self.spool.unlink()
+        try:
+            sent = send_spool(self.spool, self._apply)
+        except Exception:
+            return  # _apply scheduled the next try
         self.backoff = 1.0
-        log.info("MLflow at %s answers again: %d spooled tracking records replayed", self.uri, len(records))
+        log.info("MLflow at %s answers again: %d spooled tracking records replayed", self.uri, sent)
+
+    def _apply(self, record: dict) -> None:
+        if not self._try(record):
+            raise ConnectionError("MLflow did not take a spooled record")
 
 
 def apply_record(client, record: dict) -> None:
@@ -314,25 +315,31 @@ def _rewrite_spool(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def replay_spool(path: Path, uri: Optional[str] = None) -> int:
-    """Send a spool left by a run that could not reach MLflow (to its own URI unless `uri` is
-    given), in order; the spool is removed when all of it is in. Returns the records sent.
-    Safe to repeat: a metric already in MLflow is not added twice."""
-    path = Path(path)
+def send_spool(path: Path, apply: Callable[[dict], None]) -> int:
+    """Apply a spool's records in order and remove it; when one fails, keep it and what follows
+    (what was sent need not be sent again) and raise. Returns the records sent."""
     records = read_spool(path)
-    if not records:
-        path.unlink(missing_ok=True)
-        return 0
-    client = _client(uri or records[0]["uri"])
     for i, record in enumerate(records):
         try:
-            apply_record(client, record)
+            apply(record)
         except Exception:
             if i:
                 _rewrite_spool(path, records[i:])
             raise
-    path.unlink()
+    path.unlink(missing_ok=True)
     return len(records)
+
+
+def replay_spool(path: Path, uri: Optional[str] = None) -> int:
+    """Send a spool left by a run that could not reach MLflow (to its own URI unless `uri` is
+    given), in order; the spool is removed when all of it is in. Returns the records sent.
+    Safe to repeat: a metric already in MLflow is not added twice."""
+    records = read_spool(Path(path))
+    if not records:
+        Path(path).unlink(missing_ok=True)
+        return 0
+    client = _client(uri or records[0]["uri"])
+    return send_spool(Path(path), lambda record: apply_record(client, record))
 
 
 class StepMeter:

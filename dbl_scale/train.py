@@ -86,7 +86,7 @@ def train(cfg: Config) -> dict:
                 run.validate(step)
             if run.checkpoint_due(step):
                 run.save_checkpoint(step)
-            if step < cfg.train.steps and preemption.requested():
+            if step % cfg.train.log_every == 0 and step < cfg.train.steps and preemption.requested():
                 if not run.checkpoint_due(step):
                     run.save_checkpoint(step)
                 run.mark_preempted(step)
@@ -194,9 +194,9 @@ def _drop_nonfinite_gradients(branches: list[Branch]) -> bool:
     finite on some rank, every rank drops its gradients and no engine steps (as for a
     non-finite loss). One all-reduce of one flag; ZeRO 1-3 runs skip this."""
     engines = [br.engine for br in branches if br.engine is not None and br.engine.zero_optimization_stage() == 0]
-    grads = [p.grad for e in engines for p in e.module.parameters() if p.grad is not None]
     if not engines:
         return False
+    grads = [p.grad for e in engines for p in e.module.parameters() if p.grad is not None]
     bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any() if grads else torch.tensor(False)
     if distributed.all_reduce_max(bad.float().reshape(1)).item() == 0:
         return False
@@ -264,7 +264,8 @@ class Preemption:
     """SIGUSR1 and SIGTERM (what Slurm sends before a job's time limit or a preemption, what
     torchrun forwards when it is stopped) only set a flag, so a second signal during the
     checkpoint changes nothing. At each step boundary every rank learns whether any rank
-    got one: one all-reduce of one integer."""
+    got one: one all-reduce of one integer, at log steps only (the step already syncs there),
+    so a run stops within `train.log_every` steps of the signal."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
