@@ -33,13 +33,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from .shards import INDEX, write_json_atomic, write_shard
+
 GENERATOR = "shapes_captions v1"
 SPLITS = ("train", "val", "test")
 CAPTIONS_PER_IMAGE = 5
 MAX_WORDS = 28  # longer drafts are redrawn, so captions fit a 32-token text encoder
 
 # Fixed tar header time so that identical arguments give byte-identical shards.
-_TAR_MTIME = 1704067200  # 2024-01-01T00:00:00Z
 
 # --------------------------------------------------------------------------- vocabulary
 
@@ -461,32 +462,6 @@ def _iter_samples(split: str, n: int, image_size: int, seed: int, jpeg_quality: 
         }
 
 
-def _write_shard(path: str, samples: Iterable[dict]) -> None:
-    import webdataset as wds
-
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, encoder=False, mtime=_TAR_MTIME) as w:
-                for sample in samples:
-                    w.write(sample)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 _SHARD_RE = re.compile(r"^(train|val|test)-\d{5}\.tar$")
 
 
@@ -501,7 +476,7 @@ def build_shapes_captions(
     jpeg_quality: int = 90,
     variant: str = "standard",
 ) -> dict:
-    """Write ShapesCaptions shards and sizes.json into out_dir; returns the sizes.json dict.
+    """Write ShapesCaptions shards and the index into out_dir; returns the index (dbl_index.json) as a dict.
     `variant`: "standard" (1-3 shapes) or "dense" (3 shapes, each solid or hollow).
 
     Shards are named ``{split}-{index:05d}.tar``; each is written under a temporary name
@@ -529,7 +504,7 @@ def build_shapes_captions(
         for index, start in enumerate(range(0, n, shard_size)):
             name = f"{split}-{index:05d}.tar"
             count = min(shard_size, n - start)
-            _write_shard(os.path.join(out_dir, name), (next(samples) for _ in range(count)))
+            write_shard(os.path.join(out_dir, name), (next(samples) for _ in range(count)))
             bar.update(count)
             shards.append(name)
         written.update(shards)
@@ -548,16 +523,16 @@ def build_shapes_captions(
     for name in os.listdir(out_dir):
         if _SHARD_RE.match(name) and name not in written:
             os.remove(os.path.join(out_dir, name))
-    _write_json_atomic(os.path.join(out_dir, "sizes.json"), sizes)
+    write_json_atomic(os.path.join(out_dir, INDEX), sizes)
     return sizes
 
 
 def build_if_missing(out_dir: str, **kwargs) -> dict:
-    """Return out_dir/sizes.json if it records the requested n_train/n_val/n_test,
+    """Return out_dir/dbl_index.json if it records the requested n_train/n_val/n_test,
     image_size and seed (and its shards exist); otherwise build and return the new one."""
     defaults = {"n_train": 4000, "n_val": 250, "n_test": 500, "image_size": 64, "seed": 0}
     want = {k: kwargs.get(k, v) for k, v in defaults.items()}
-    path = os.path.join(out_dir, "sizes.json")
+    path = os.path.join(out_dir, INDEX)
     try:
         with open(path) as f:
             sizes = json.load(f)
@@ -628,7 +603,7 @@ def read_split_jsons(out_dir: str, split: str) -> list[dict]:
     """The json records of one split, in image_id order (reads the shards with tarfile)."""
     import tarfile
 
-    with open(os.path.join(out_dir, "sizes.json")) as f:
+    with open(os.path.join(out_dir, INDEX)) as f:
         sizes = json.load(f)
     metas = []
     for name in sizes[split]["shards"]:
@@ -646,7 +621,7 @@ def read_split_jsons(out_dir: str, split: str) -> list[dict]:
 def add_arguments(p: argparse.ArgumentParser, default_out: str | None = None) -> None:
     """The build options, shared by this module's command line and `dbl-scale data build`."""
     p.add_argument("--out", required=default_out is None, default=default_out,
-                   help="output folder for shards and sizes.json")
+                   help="output folder for the shards and their index, dbl_index.json")
     p.add_argument("--train", type=int, default=4000)
     p.add_argument("--val", type=int, default=250)
     p.add_argument("--test", type=int, default=500)

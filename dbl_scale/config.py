@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from data_tools.shards import is_shard_list
+
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key and what is allowed."""
@@ -57,14 +59,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/shapes_captions"  # folder with shards and sizes.json
+    # a folder with shards and dbl_index.json, or the training shards themselves as any
+    # WebDataset URL: "shards/{00000..00099}.tar", "pipe:curl -s URL", "s3://bucket/{0..9}.tar"
+    root: str = "data/shapes_captions"
+    eval_root: Optional[str] = None  # folder whose index holds val/test; None: root
+    samples_per_epoch: Optional[int] = None  # training samples per epoch; None: from the index
     train_split: str = "train"
     eval_split: str = "test"
     batch_size: int = 32  # per rank
     workers: int = 1  # loader processes per rank
     shuffle_buffer: int = 1000  # samples; 0 turns sample shuffling off
     tokenizer: Optional[str] = None  # local HF tokenizer folder; None: <root>/tokenizer
-    # ShapesCaptions, built under `root` when it holds no sizes.json.
+    # ShapesCaptions, built under `root` when it is absent or empty (--build-data, the demo).
     build_train: int = 4000
     build_val: int = 250
     build_test: int = 500
@@ -417,6 +423,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'checkpoint.resume' needs 'tracking.run_name': the run to continue")
     if cfg.data.workers < 0:
         raise ConfigError(f"config key 'data.workers': got {cfg.data.workers}, expected >= 0")
+    if is_shard_list(cfg.data.root) and not cfg.data.eval_root and (cfg.eval.at_end or cfg.eval.every):
+        raise ConfigError(f"config key 'data.eval_root': data.root '{cfg.data.root}' names training shards "
+                          "only; set data.eval_root to a folder with the val/test splits (dbl-scale data "
+                          "convert writes one), or eval.at_end=false and eval.every=0")
     if cfg.model.vision.image_size % cfg.model.vision.patch_size:
         raise ConfigError("config key 'model.vision.patch_size': must divide model.vision.image_size "
                           f"({cfg.model.vision.patch_size} does not divide {cfg.model.vision.image_size})")

@@ -1,8 +1,16 @@
 """WebDataset input pipeline: shards -> (split by rank, by worker) -> samples -> batches.
 
-A shard set is a folder with `{split}-NNNNN.tar` shards and a `sizes.json` that lists them
-with their sample counts. One sample is one image (`jpg`) with all its captions (`json`:
-`{"image_id", "captions"}`); training draws one caption per visit.
+A shard set is a folder with `{split}-NNNNN.tar` shards and an index, `dbl_index.json`, that
+lists each split's shards with their sample counts (`dbl-scale data convert` writes both).
+One sample is one image with all its captions: an image (`jpg`, also `jpeg`/`png`/`webp`) and
+a `json` `{"image_id", "captions"}`; training draws one caption per visit. Shards written by
+other tools (img2dataset, open_clip's) are read as they are: one caption per sample from `txt`
+or `json["caption"]`, the image id from `json["image_id"]` or else from the sample's key.
+
+`data.root` is either such a folder or the training shards themselves as any WebDataset URL
+(`data/{00000..00099}.tar`, `pipe:...`, `s3://...`). Without our index, counts come from
+img2dataset's `*_stats.json` or open_clip's `sizes.json` next to local shards, else from
+`data.samples_per_epoch`.
 
 Epochs are exact: the shard order of epoch e is a permutation seeded by (seed, e), shared
 by all ranks; rank r takes every W-th shard, worker k of that every K-th; samples are
@@ -28,11 +36,15 @@ import torch
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
+from data_tools.shards import INDEX, index_splits, is_shard_list, is_url, string_id
+
 log = logging.getLogger(__name__)
 
 # CLIP's image statistics; any fixed choice works for towers trained from scratch.
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 class DataError(RuntimeError):
@@ -41,20 +53,76 @@ class DataError(RuntimeError):
 
 # ----------------------------------------------------------------------------- shard sets
 
-def load_sizes(root: str | Path) -> dict:
-    path = Path(root) / "sizes.json"
-    if not path.exists():
-        raise DataError(f"{path} not found: build shards first (dbl-scale data build --out {root})")
-    return json.loads(path.read_text())
+def join(root: str | Path, name: str) -> str:
+    """A shard's URL under a root; `s3://b/x` must not become the path `s3:/b/x`."""
+    root = str(root)
+    return f"{root.rstrip('/')}/{name}" if is_url(root) else str(Path(root) / name)
 
 
-def split_shards(root: str | Path, split: str) -> tuple[list[str], int]:
-    sizes = load_sizes(root)
-    if split not in sizes:
-        allowed = [k for k, v in sizes.items() if isinstance(v, dict) and "shards" in v]
-        raise DataError(f"split '{split}' not in {Path(root) / 'sizes.json'}; splits there: {allowed}")
-    info = sizes[split]
-    return [str(Path(root) / s) for s in info["shards"]], int(info["samples"])
+def load_index(root: str | Path) -> dict:
+    """The folder's index: `dbl_index.json` ({split: {"shards", "samples", ...}, ...})."""
+    path = Path(root) / INDEX
+    if path.exists():
+        return json.loads(path.read_text())
+    legacy = Path(root) / "sizes.json"  # what versions before 0.3 called the index
+    if legacy.exists():
+        sizes = json.loads(legacy.read_text())
+        if index_splits(sizes):
+            return sizes
+    found = sorted(p.name for p in Path(root).iterdir())[:5] if Path(root).is_dir() else []
+    raise DataError(f"{path} not found"
+                    + (f" ({root} holds {', '.join(found)}, ...)" if found else "")
+                    + ": convert your data first (dbl-scale data convert ...), point data.root at "
+                    "the shards themselves (e.g. 'shards/{00000..00099}.tar'), or build ShapesCaptions "
+                    f"(dbl-scale data build --out {root})")
+
+
+def eval_root(data_cfg) -> str:
+    """Where the val and test splits live."""
+    return data_cfg.eval_root or data_cfg.root
+
+
+def split_shards(root: str | Path, split: str, samples_per_epoch: Optional[int] = None) -> tuple[list[str], int]:
+    """(shard URLs, samples) of one split. A shard-list root is its own (only) split."""
+    root = str(root)
+    if is_shard_list(root):
+        return _listed_shards(root, samples_per_epoch)
+    index = load_index(root)
+    if split not in index_splits(index):
+        raise DataError(f"split '{split}' not in {Path(root) / INDEX}; splits there: {index_splits(index)}")
+    info = index[split]
+    return [join(root, s) for s in info["shards"]], int(samples_per_epoch or info["samples"])
+
+
+def _listed_shards(pattern: str, samples_per_epoch: Optional[int]) -> tuple[list[str], int]:
+    from braceexpand import braceexpand
+
+    urls = list(braceexpand(pattern))
+    if samples_per_epoch:
+        return urls, int(samples_per_epoch)
+    counts = {} if is_url(pattern) else _sidecar_counts(urls)
+    missing = [u for u in urls if Path(u).name not in counts]
+    if missing:
+        raise DataError(f"no sample count for {len(missing)} of the {len(urls)} shards of {pattern} "
+                        f"(e.g. {missing[0]}): no {INDEX}, img2dataset *_stats.json or open_clip sizes.json "
+                        "beside them; set data.samples_per_epoch")
+    return urls, sum(counts[Path(u).name] for u in urls)
+
+
+def _sidecar_counts(urls: list[str]) -> dict[str, int]:
+    """Sample counts per shard file name from the files other tools leave beside their shards:
+    img2dataset's `NNNNN_stats.json` ({"successes"}) and open_clip's `sizes.json` ({name: n})."""
+    counts: dict[str, int] = {}
+    for folder in sorted({Path(u).parent for u in urls}):
+        sizes = folder / "sizes.json"
+        if sizes.exists():
+            data = json.loads(sizes.read_text())
+            counts.update({k: int(v) for k, v in data.items() if isinstance(v, int)})
+        for stats in folder.glob("*_stats.json"):
+            data = json.loads(stats.read_text())
+            if "successes" in data:
+                counts[stats.name[:-len("_stats.json")] + ".tar"] = int(data["successes"])
+    return counts
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -90,7 +158,7 @@ def tokenizer_path(data_cfg, text_cfg) -> Path:
         return Path(data_cfg.tokenizer)
     if text_cfg.pretrained:
         return Path(text_cfg.pretrained)
-    return Path(data_cfg.root) / "tokenizer"
+    return Path(eval_root(data_cfg) if is_shard_list(data_cfg.root) else data_cfg.root) / "tokenizer"
 
 
 def ensure_tokenizer(data_cfg, text_cfg):
@@ -101,8 +169,8 @@ def ensure_tokenizer(data_cfg, text_cfg):
     if not path.exists():
         if data_cfg.tokenizer or text_cfg.pretrained:
             raise DataError(f"tokenizer folder {path} does not exist")
-        urls, _ = split_shards(data_cfg.root, data_cfg.train_split)
-        captions = [c for s in read_samples(urls) for c in json.loads(s["json"])["captions"]]
+        urls, _ = split_shards(data_cfg.root, data_cfg.train_split, data_cfg.samples_per_epoch)
+        captions = [c for s in read_samples(urls) for c in sample_meta(s)[1]]
         build_tokenizer(captions, path)
     return AutoTokenizer.from_pretrained(str(path))
 
@@ -139,14 +207,41 @@ class SkipCounter:
 
 
 def read_samples(urls: Iterable[str], errors: Optional[SkipCounter] = None) -> Iterator[dict]:
-    """The samples of these shards, in order: raw dicts with a `jpg` and a `json` entry (members
-    of other samples are left out). Unreadable tar content is skipped and counted in `errors`.
-    Every reader of shards goes through here."""
+    """The samples of these shards, in order: raw dicts with the encoded image under `jpg` (whatever
+    its format) and a `json` or `txt` entry; members of other samples are left out. Unreadable tar
+    content is skipped and counted in `errors`. Every reader of shards goes through here."""
     errors = errors if errors is not None else SkipCounter()
     for url in urls:
-        for sample in tarfile_samples([{"url": url}], handler=errors):
-            if "jpg" in sample and "json" in sample:
+        for sample in tarfile_samples([{"url": shard_url(url)}], handler=errors):
+            image = next((k for k in IMAGE_KEYS if k in sample), None)
+            if image and ("json" in sample or "txt" in sample):
+                sample["jpg"] = sample[image]
                 yield sample
+
+
+def shard_url(url: str) -> str:
+    """What WebDataset opens for a shard: `s3://` goes through the AWS CLI (WebDataset has no
+    s3 opener of its own); every other URL, `pipe:` included, as it is."""
+    return f"pipe:aws s3 cp {url} -" if url.startswith("s3://") else url
+
+
+def sample_meta(sample: dict) -> tuple[int, list[str]]:
+    """(image id, non-empty captions) of a raw sample: our `json` {"image_id", "captions"}, or one
+    caption from `txt` / `json["caption"]` (img2dataset, open_clip). Without a numeric image id
+    the key is hashed to one (stable across runs and machines)."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    if "captions" in meta:
+        captions = meta["captions"]
+    elif "txt" in sample:
+        captions = [sample["txt"].decode("utf-8")]
+    else:
+        captions = [meta.get("caption")]
+    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    image_id = meta.get("image_id")
+    if not isinstance(image_id, int):
+        key = str(image_id) if image_id is not None else sample["__key__"]
+        image_id = string_id(key)
+    return image_id, captions
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -177,11 +272,10 @@ def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
 
 
 def decode_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, list[str], int]:
-    meta = json.loads(sample["json"])
-    captions = [c for c in meta["captions"] if isinstance(c, str) and c.strip()]
+    image_id, captions = sample_meta(sample)
     if not captions:
         raise ValueError("sample has no caption")
-    return normalize(decode_image(sample["jpg"], image_size)), captions, int(meta["image_id"])
+    return normalize(decode_image(sample["jpg"], image_size)), captions, image_id
 
 
 # ----------------------------------------------------------------------------- training stream
@@ -309,7 +403,7 @@ class TrainLoader:
     `steps_per_epoch` steps per epoch."""
 
     def __init__(self, data_cfg, image_size: int, tokenizer, max_length: int, rank: int, world: int, seed: int):
-        urls, samples = split_shards(data_cfg.root, data_cfg.train_split)
+        urls, samples = split_shards(data_cfg.root, data_cfg.train_split, data_cfg.samples_per_epoch)
         if len(urls) < world:
             raise DataError(f"{len(urls)} '{data_cfg.train_split}' shard(s) for {world} ranks: every rank "
                             "needs at least one shard (write more, smaller shards)")
@@ -318,10 +412,11 @@ class TrainLoader:
             raise DataError(f"{samples} samples cannot fill one batch of {data_cfg.batch_size} on each of "
                             f"{world} ranks")
         workers = data_cfg.workers
-        if workers and len(urls) < world * workers:
-            workers = max(1, len(urls) // world)
-            log.warning("%d shards for %d ranks x %d workers: using %d worker(s) per rank",
-                        len(urls), world, data_cfg.workers, workers)
+        if len(urls) < world * max(workers, 1):
+            raise DataError(f"{len(urls)} '{data_cfg.train_split}' shard(s) for {world} ranks x "
+                            f"{max(workers, 1)} loader worker(s): every worker needs a shard of its own, or "
+                            f"it waits for data that never comes; write smaller shards (dbl-scale data "
+                            f"convert --shard-size) or set data.workers={max(1, len(urls) // world)}")
         if len(urls) % (world * max(workers, 1)):
             log.warning("%d shards do not divide evenly over %d ranks x %d workers: epochs stay equal in "
                         "length but a few samples may repeat or wait for the next epoch",
@@ -370,16 +465,16 @@ def load_eval_split(root: str | Path, split: str, image_size: int, rank: int = 0
     return (torch.stack(pixels) if pixels else empty), torch.tensor(ids, dtype=torch.long), captions
 
 
-def read_thumbnails(root: str | Path, split: str, ids: torch.Tensor, size: int = 96):
-    """Small PIL images and the first 5 captions of each image of a split, in the order of
+def read_thumbnails(root: str | Path, split: str, ids: torch.Tensor, captions_per_image: int = 5, size: int = 96):
+    """Small PIL images and the first K captions of each image of a split, in the order of
     `ids` (for the HTML retrieval report)."""
     want = {int(i): n for n, i in enumerate(ids.tolist())}
     images, captions = [None] * len(want), [None] * len(want)
     for sample in read_samples(split_shards(root, split)[0]):
-        meta = json.loads(sample["json"])
-        row = want.get(int(meta["image_id"]))
+        image_id, caps = sample_meta(sample)
+        row = want.get(image_id)
         if row is not None:
             with Image.open(io.BytesIO(sample["jpg"])) as im:
                 images[row] = im.convert("RGB").resize((size, size))
-            captions[row] = meta["captions"][:5]
+            captions[row] = caps[:captions_per_image]
     return images, [c for caps in captions for c in caps]

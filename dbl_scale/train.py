@@ -24,7 +24,7 @@ import torch
 from . import checkpoint, distributed
 from .branches import Branch, anchor_metrics, build_branches, ema_update, load_model, param_dtype
 from .config import Config, flatten, save_config, to_dict
-from .data import TrainLoader, ensure_tokenizer
+from .data import TrainLoader, ensure_tokenizer, eval_root
 from .evaluation import evaluate, format_table, report
 from .methods import Method, build_method
 from .models import FrozenEncoders
@@ -374,7 +374,7 @@ class Run:
         """Collective; the evaluation split is scored under `eval.protocol`, others as standard."""
         cfg = self.cfg
         protocol = cfg.eval.protocol if split == cfg.data.eval_split else "standard"
-        return evaluate(model, cfg.data.root, split, cfg.model.vision.image_size, self.tokenize,
+        return evaluate(model, eval_root(cfg.data), split, cfg.model.vision.image_size, self.tokenize,
                         cfg.eval.batch_size, protocol)
 
     def validate(self, step: int) -> None:
@@ -397,7 +397,7 @@ class Run:
         cfg, split, t0 = self.cfg, self.cfg.data.eval_split, time.time()
         ev = self.evaluate(self.engine.module, split)
         if distributed.is_main():
-            report(ev, self.tracker, self.dir / "reports", cfg.data.root, split)
+            report(ev, self.tracker, self.dir / "reports", eval_root(cfg.data), split)
             np.savez(self.dir / "reports" / f"{split}_ranks.npz", **ev.ranks)  # for `dbl-scale compare --plot`
             self.tracker.log_artifact(self.dir / "reports" / f"{split}_ranks.npz", "reports")
         self.tracker.log_metrics({f"{split}/{k}": v for k, v in ev.metrics.items()}, step)

@@ -52,7 +52,7 @@ def test_two_ranks_two_workers_see_every_sample_once(shapes_root, tokenizer):
 
 
 def test_uneven_shards_still_give_equal_steps(shapes_root, tokenizer, tmp_path):
-    sizes = json.loads((shapes_root / "sizes.json").read_text())
+    sizes = json.loads((shapes_root / "dbl_index.json").read_text())
     sizes["train"]["shards"] = sizes["train"]["shards"][:5]  # 5 shards over 2 ranks x 1 worker
     sizes["train"]["samples"] = 80
     root = _copy_root(shapes_root, tmp_path, sizes)
@@ -67,15 +67,15 @@ def test_rank_without_shards_is_an_error(shapes_root, tokenizer):
         _loader(shapes_root, tokenizer, 0, 9, 0)
 
 
-def test_missing_sizes_json_is_a_clear_error(tmp_path, tokenizer):
-    with pytest.raises(DataError, match="sizes.json not found"):
+def test_missing_index_is_a_clear_error(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="dbl_index.json not found"):
         _loader(tmp_path, tokenizer, 0, 1, 0)
 
 
 def _copy_root(src: Path, dst: Path, sizes: dict) -> Path:
     for shard in sizes["train"]["shards"] + sizes["test"]["shards"]:
         (dst / shard).write_bytes((src / shard).read_bytes())
-    (dst / "sizes.json").write_text(json.dumps(sizes))
+    (dst / "dbl_index.json").write_text(json.dumps(sizes))
     return dst
 
 
@@ -104,7 +104,7 @@ def test_corrupt_samples_are_skipped_and_counted(shapes_root, tokenizer, tmp_pat
     whole = (shapes_root / "train-00001.tar").read_bytes()
     truncated.write_bytes(whole[: len(whole) // 2 + 100])  # cut mid-member
     sizes = {"train": {"shards": [bad.name, truncated.name], "samples": 24, "captions_per_image": 5}}
-    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    (tmp_path / "dbl_index.json").write_text(json.dumps(sizes))
 
     loader = _loader(tmp_path, tokenizer, 0, 1, 0, batch=4, shuffle=0)
     assert loader.steps_per_epoch == 6
@@ -172,14 +172,14 @@ def test_a_split_with_no_usable_sample_is_an_error_not_a_hang(shapes_root, token
     (tmp_path / "bad-00002.tar").write_bytes(b"")  # an empty file
     sizes = {"train": {"shards": ["bad-00000.tar", "bad-00001.tar", "bad-00002.tar", "gone-00003.tar"],
                        "samples": 48, "captions_per_image": 5}}
-    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    (tmp_path / "dbl_index.json").write_text(json.dumps(sizes))
     loader = _loader(tmp_path, tokenizer, 0, 1, 0, batch=4)
     with pytest.raises(DataError, match="no usable sample in the last 8 shards.*empty, missing or every sample"):
         next(loader.batches())
 
 
 def test_a_shard_that_disappears_mid_run_is_skipped_and_counted(shapes_root, tokenizer, tmp_path):
-    sizes = json.loads((shapes_root / "sizes.json").read_text())
+    sizes = json.loads((shapes_root / "dbl_index.json").read_text())
     _copy_root(shapes_root, tmp_path, sizes)
     loader = _loader(tmp_path, tokenizer, 0, 1, 0, batch=8, shuffle=0)
     batches = loader.batches()
@@ -190,9 +190,29 @@ def test_a_shard_that_disappears_mid_run_is_skipped_and_counted(shapes_root, tok
     assert loader.skipped >= 2  # the missing shard, once per epoch it was due
 
 
-def test_fewer_shards_than_ranks_times_workers_uses_fewer_workers(shapes_root, tokenizer):
-    """8 shards for 2 ranks x 8 workers: each rank starts 4 workers (one shard or more each),
-    so no worker waits for a shard it never gets, and batches come."""
-    loader = _loader(shapes_root, tokenizer, 0, 2, 8)
-    assert loader.workers == 4
-    assert len(list(itertools.islice(loader.batches(), 3))) == 3
+def test_fewer_shards_than_ranks_times_workers_is_an_error_at_start(shapes_root, tokenizer):
+    """8 shards for 2 ranks x 8 workers: some worker would wait for a shard it never gets;
+    the loader says so when it is built, before any batch is asked for."""
+    with pytest.raises(DataError, match=r"8 'train' shard\(s\) for 2 ranks x 8 loader worker\(s\).*"
+                                        r"data.workers=4"):
+        _loader(shapes_root, tokenizer, 0, 2, 8)
+    assert _loader(shapes_root, tokenizer, 0, 2, 4).workers == 4
+
+
+def test_build_data_writes_only_into_an_absent_or_empty_folder(tmp_path):
+    """--build-data and the demo build ShapesCaptions into data.root only when it is absent or
+    empty; a folder with anything in it but no index is someone's data: an error that says what
+    it holds, and nothing is written."""
+    from dbl_scale.cli.data import prepare_data
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "IMG_0001.jpg").write_bytes(b"my photo")
+    cfg = load_config(TINY, [f"data.root={mine}", "data.build_train=16", "data.build_val=4", "data.build_test=4"])
+    with pytest.raises(DataError, match=r"dbl_index.json not found \(.*mine holds IMG_0001.jpg, \.\.\.\)"):
+        prepare_data(cfg)
+    assert [p.name for p in mine.iterdir()] == ["IMG_0001.jpg"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = load_config(TINY, [f"data.root={empty}", "data.build_train=16", "data.build_val=4", "data.build_test=4"])
+    assert prepare_data(cfg)["train"]["samples"] == 16 and (empty / "dbl_index.json").exists()

@@ -57,7 +57,7 @@ def test_deterministic_and_seed_dependent(built, tmp_path):
 
 def test_sizes_match_shards_and_samples_are_valid(built):
     out, sizes = built
-    with open(os.path.join(out, "sizes.json")) as f:
+    with open(os.path.join(out, "dbl_index.json")) as f:
         assert json.load(f) == sizes
     assert sizes["image_size"] == 64 and sizes["seed"] == 0 and sizes["generator"] == "shapes_captions v1"
     for split in ("train", "val", "test"):

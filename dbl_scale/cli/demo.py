@@ -29,7 +29,7 @@ def cmd_demo(args) -> int:
     overrides = [f"tracking.uri={args.tracking_uri}", f"tracking.experiment={args.experiment}"] + args.overrides
     cfg = load_config(config, overrides)
     t0 = time.time()
-    sizes = prepare_data(cfg)
+    index = prepare_data(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = {}
     for method in ("triplet", "dbl"):
@@ -46,10 +46,10 @@ def cmd_demo(args) -> int:
     mlflow.set_tracking_uri(args.tracking_uri)
     runs = mlflow.search_runs(experiment_names=[args.experiment],
                               filter_string=f"tags.mlflow.runName LIKE 'demo-%-{stamp}'")
-    n_test = sizes[cfg.data.eval_split]["samples"]
+    n_test = index[cfg.data.eval_split]["samples"]
     rows = {"triplet (VSE++)": results["triplet"], "DBL (momentum)": results["dbl"],
             "chance": chance_metrics(n_test)}
-    if sizes.get("generator", "").startswith("shapes_captions"):
+    if index.get("generator", "").startswith("shapes_captions"):
         rows["oracle ceiling"] = {"rsum": oracle_rsum(read_split_jsons(cfg.data.root, cfg.data.eval_split))}
     print(f"\nShapesCaptions {cfg.data.eval_split} split: {n_test} images x 5 captions; "
           f"{cfg.train.steps} steps each, {args.nproc} ranks x batch {cfg.data.batch_size}")

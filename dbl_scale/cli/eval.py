@@ -20,7 +20,7 @@ import numpy as np
 from .. import distributed
 from ..branches import load_model
 from ..config import load_config
-from ..data import Tokenize, ensure_tokenizer
+from ..data import Tokenize, ensure_tokenizer, eval_root
 from ..evaluation import evaluate, format_table, report
 from ..tracking import Tracker
 from .launch import run_ranks
@@ -38,17 +38,17 @@ def main(argv=None) -> int:
     distributed.init_distributed()
     model_dir = Path(args.run_dir)
     run_dir = model_dir.parent if model_dir.name == "best" else model_dir
-    cfg = load_config(model_dir / "config.yaml", [f"data.root={args.data}"] if args.data else [])
+    cfg = load_config(model_dir / "config.yaml", [f"data.eval_root={args.data}"] if args.data else [])
     tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
     model = load_model(model_dir, tokenizer).to(distributed.device()).eval()
-    ev = evaluate(model, cfg.data.root, args.split, cfg.model.vision.image_size,
+    ev = evaluate(model, eval_root(cfg.data), args.split, cfg.model.vision.image_size,
                   Tokenize(tokenizer, cfg.model.text.max_length), args.batch_size, args.protocol)
     if distributed.is_main():
         out = Path(args.out or run_dir / "eval" / f"{args.split}-{args.protocol}")
         out.mkdir(parents=True, exist_ok=True)
         np.savez(out / "ranks.npz", i2t=ev.ranks["i2t"], t2i=ev.ranks["t2i"], image_ids=ev.image_ids.numpy())
         (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2))
-        print(f"{model_dir} on {cfg.data.root} / {args.split} ({args.protocol}, {len(ev.image_ids)} images)\n"
+        print(f"{model_dir} on {eval_root(cfg.data)} / {args.split} ({args.protocol}, {len(ev.image_ids)} images)\n"
               + format_table({"model": ev.metrics}), flush=True)
         run_file = run_dir / "run.json"
         tracker = Tracker(args.tracking_uri or cfg.tracking.uri, cfg.tracking.experiment)
@@ -58,13 +58,13 @@ def main(argv=None) -> int:
             tracker.resume(parent)
         else:
             tags = {"mlflow.parentRunId": parent} if parent else {}
-            tracker.start(f"eval-{run_dir.name}-{args.split}", {"model_dir": str(model_dir), "data": cfg.data.root,
+            tracker.start(f"eval-{run_dir.name}-{args.split}", {"model_dir": str(model_dir), "data": eval_root(cfg.data),
                                                                 "split": args.split, "protocol": args.protocol}, tags)
         tracker.log_metrics({f"{prefix}/{k}": v for k, v in ev.metrics.items()}, 0)
         tracker.log_artifact(out / "ranks.npz", prefix)
         tracker.log_artifact(out / "metrics.json", prefix)
         if args.protocol == "standard":
-            report(ev, tracker, out, cfg.data.root, args.split, artifact_path=prefix)
+            report(ev, tracker, out, eval_root(cfg.data), args.split, artifact_path=prefix)
         tracker.finish("FINISHED")
         print(f"ranks, metrics and reports in {out}; logged to MLflow run {tracker.run_id}")
     distributed.barrier()

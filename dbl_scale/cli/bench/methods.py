@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from ...config import default_tracking_uri, load_config, resolve_config
+from ...data import eval_root, split_shards
 from ...evaluation import RECALL_HEADS, RECALL_KEYS, chance_metrics, format_table
 from ..compare import plot_runs
 from ..data import prepare_data
@@ -197,7 +198,7 @@ def cmd_bench_methods(args) -> int:
     results = run_table(args.config, args.nproc, args.tracking_uri, args.experiment, args.overrides, rows,
                         args.seeds, args.val_every, tuple(args.from_checkpoint.split()))
     cfg = load_config(resolve_config(args.config), args.overrides)
-    n_test = json.loads((Path(cfg.data.root) / "sizes.json").read_text())[cfg.data.eval_split]["samples"]
+    n_test = split_shards(eval_root(cfg.data), cfg.data.eval_split)[1]
     means = {name: {k: statistics.fmean(r["final"][k] for r in e["runs"]) for k in RECALL_KEYS}
              for name, e in results.items()}
     print("\n" + format_table({**means, "chance": chance_metrics(n_test)}))

@@ -1,0 +1,63 @@
+"""Writing shard sets: the index's name, and the atomic writes every writer of shards uses
+(a reader, or a resumed converter, sees a whole file or none)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable
+
+INDEX = "dbl_index.json"  # our own name: open_clip's `sizes.json` is a different file
+TAR_MTIME = 1704067200  # fixed member times (2024-01-01): the same input gives byte-identical shards
+
+
+def write_shard(path: str, samples: Iterable[dict]) -> None:
+    """Write WebDataset samples (dicts of `__key__` and encoded members) to `path`, through a
+    temporary file that is fsync'd and renamed only when complete."""
+    import webdataset as wds  # heavy-ish: only writers need it
+
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as w:
+                for sample in samples:
+                    w.write(sample)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def string_id(key: str) -> int:
+    """A string id as a non-negative int64 (60 bits of its SHA-1): the same on every machine,
+    for the converters and for the training reader of shards without numeric ids."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:15], 16)
+
+
+def index_splits(index: dict) -> list[str]:
+    """The splits an index lists: entries {"shards": [...], "samples": N}. Other entries describe
+    the conversion (its source, image options, problems)."""
+    return [k for k, v in index.items() if isinstance(v, dict) and isinstance(v.get("shards"), list)
+            and "samples" in v]
+
+
+def is_url(root: str) -> bool:
+    return "://" in root or root.startswith("pipe:")
+
+
+def is_shard_list(root: str) -> bool:
+    """`data.root` names shards (a brace pattern, one tar, a URL) rather than a folder."""
+    return is_url(root) or "{" in root or root.endswith(".tar")
