@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .shards import INDEX, string_id, write_json_atomic, write_shard
+from .shards import INDEX, shard_url, string_id, write_json_atomic, write_shard
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTIONS_PER_IMAGE = 5  # the COCO / Flickr30K protocol
@@ -52,11 +53,18 @@ class TarMember:
 
 
 @dataclass
+class FeatureRow:
+    """One image's region features: a row of a (memory-mapped) `*_ims.npy`."""
+    path: str
+    row: int
+
+
+@dataclass
 class Item:
     """One image with all its captions. `name` says where it came from, in messages."""
     image_id: int
     captions: list[str]
-    image: Union[str, bytes, TarMember]  # a file path, encoded bytes, or a member of a local tar
+    image: Union[str, bytes, TarMember, FeatureRow]  # a file path, bytes, a member of a local tar, features
     name: str
     empty_captions: int = 0  # empty captions dropped while reading the source
 
@@ -124,6 +132,13 @@ def _write_one(task) -> dict:
         if not captions:
             problems.append({"sample": item.name, "problem": "no caption: image skipped", "skipped": True})
             continue
+        if isinstance(item.image, FeatureRow):
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(np.load(item.image.path, mmap_mode="r")[item.image.row]), allow_pickle=False)
+            meta = {"image_id": item.image_id, "captions": captions, "source": item.name}
+            samples.append({"__key__": f"{item.image_id:012d}", "npy": buf.getvalue(),
+                            "json": json.dumps(meta).encode()})
+            continue
         try:
             jpg = encode_image(item.image, max_side, quality)
         except FileNotFoundError:
@@ -173,9 +188,14 @@ def encode_image(image: Union[str, bytes, TarMember], max_side: int, quality: in
 def _plan_hash(items: list[Item], opts: Options) -> str:
     h = hashlib.sha1(json.dumps([opts.max_side, opts.quality]).encode())
     for it in items:
-        image = it.image if isinstance(it.image, str) else (
-            [it.image.path, it.image.offset, it.image.size] if isinstance(it.image, TarMember)
-            else hashlib.sha1(it.image).hexdigest())
+        if isinstance(it.image, str):
+            image = it.image
+        elif isinstance(it.image, TarMember):
+            image = [it.image.path, it.image.offset, it.image.size]
+        elif isinstance(it.image, FeatureRow):
+            image = [it.image.path, it.image.row]
+        else:
+            image = hashlib.sha1(it.image).hexdigest()
         h.update(json.dumps([it.image_id, it.captions, image, it.empty_captions]).encode())
     return h.hexdigest()
 
@@ -391,6 +411,41 @@ def wds(shards: str, val_frac: float = 0.0, test_frac: float = 0.0) -> dict[str,
     return splits
 
 
+PRECOMP_SPLITS = {"train": "train", "dev": "val", "test": "test", "testall": "testall"}
+
+
+def precomp(folder: str) -> dict[str, list[Item]]:
+    """SCAN / VSE-infinity precomputed region features (`{split}_ims.npy`: one row of R x D
+    features per image, or 5 identical rows per image as some test files have, and
+    `{split}_caps.txt`: 5 captions per image, in order). `dev` becomes `val`, `testall`
+    (COCO 5K) stays. Image ids count up over the splits in that order."""
+    root = Path(folder)
+    splits: dict[str, list[Item]] = {}
+    next_id = 0
+    for src, split in PRECOMP_SPLITS.items():
+        ims, caps = root / f"{src}_ims.npy", root / f"{src}_caps.txt"
+        if not ims.exists() and not caps.exists():
+            continue
+        for path in (ims, caps):
+            if not path.exists():
+                raise ConvertError(f"{path} not found (its partner {ims.name if path == caps else caps.name} is there)")
+        features = np.load(ims, mmap_mode="r")
+        lines = caps.read_text(encoding="utf-8").splitlines()
+        if len(lines) % CAPTIONS_PER_IMAGE:
+            raise ConvertError(f"{caps}: {len(lines)} lines, not {CAPTIONS_PER_IMAGE} captions per image")
+        n = len(lines) // CAPTIONS_PER_IMAGE
+        if features.ndim != 3 or features.shape[0] not in (n, CAPTIONS_PER_IMAGE * n):
+            raise ConvertError(f"{ims}: shape {features.shape}; expected ({n} or {CAPTIONS_PER_IMAGE * n}, regions, "
+                               f"dim) for the {n} images of {caps.name}")
+        div = features.shape[0] // n
+        splits[split] = [Item(next_id + i, lines[CAPTIONS_PER_IMAGE * i:CAPTIONS_PER_IMAGE * (i + 1)],
+                              FeatureRow(str(ims), i * div), f"{ims.name} row {i * div}") for i in range(n)]
+        next_id += n
+    if not splits:
+        raise ConvertError(f"{folder}: no {{train,dev,test,testall}}_ims.npy with _caps.txt")
+    return splits
+
+
 def _tar_samples(url: str) -> Iterator[tuple[str, object, dict, Optional[str]]]:
     """(key, image, json, txt) per sample of one tar: the image as a TarMember for a local file,
     as bytes otherwise."""
@@ -404,8 +459,6 @@ def _tar_samples(url: str) -> Iterator[tuple[str, object, dict, Optional[str]]]:
             tf = tarfile.open(url, "r:")
         else:
             from webdataset.gopen import gopen
-
-            from dbl_scale.data import shard_url
 
             tf = tarfile.open(fileobj=gopen(shard_url(url)), mode="r|")
         with tf:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 from PIL import Image
 
 from .shards import INDEX, index_splits
@@ -21,9 +22,10 @@ from .shards import INDEX, index_splits
 class Sample:
     shard: str
     key: str
-    image: Optional[bytes]
+    image: Optional[bytes]  # encoded image, or region features (.npy) when `features`
     meta: dict
     txt: Optional[str]
+    features: bool = False
 
     @property
     def captions(self) -> list:
@@ -61,10 +63,10 @@ def samples(path: str) -> Iterator[Sample]:
 
 
 def _sample(path: str, members: dict) -> Sample:
-    image = next((members[k] for k in ("jpg", "jpeg", "png", "webp") if k in members), None)
+    image = next((members[k] for k in ("jpg", "jpeg", "png", "webp", "npy") if k in members), None)
     meta = json.loads(members["json"]) if "json" in members else {}
     txt = members["txt"].decode("utf-8") if "txt" in members else None
-    return Sample(Path(path).name, members["key"], image, meta, txt)
+    return Sample(Path(path).name, members["key"], image, meta, txt, "npy" in members)
 
 
 # ----------------------------------------------------------------------------- verify
@@ -92,10 +94,16 @@ def verify(root: str) -> Report:
                         report.errors.append(f"{where}: no image")
                     else:
                         try:
-                            with Image.open(io.BytesIO(s.image)) as img:
-                                img.load()
+                            if s.features:
+                                f = np.load(io.BytesIO(s.image), allow_pickle=False)
+                                if f.ndim != 2 or not np.isfinite(f).all():
+                                    raise ValueError(f"shape {f.shape}, or values not finite")
+                            else:
+                                with Image.open(io.BytesIO(s.image)) as img:
+                                    img.load()
                         except Exception as exc:
-                            report.errors.append(f"{where}: image does not decode: {exc}")
+                            report.errors.append(f"{where}: {'features do' if s.features else 'image does'} "
+                                                 f"not decode: {exc}")
                     if not any(isinstance(c, str) and c.strip() for c in s.captions):
                         report.errors.append(f"{where}: no non-empty caption")
                     image_id = s.meta.get("image_id")
@@ -107,7 +115,8 @@ def verify(root: str) -> Report:
                 report.errors.append(f"{shard}: unreadable tar: {exc}")
         report.samples[split] = n
         if n != index[split]["samples"]:
-            report.errors.append(f"split '{split}': {n} samples in its shards, the index says {index[split]['samples']}")
+            report.errors.append(f"split '{split}': {n} samples in its shards, the index says "
+                                 f"{index[split]['samples']}")
     report.warnings = [f"{p.get('split', '?')}: {p['sample']}: {p['problem']}" for p in index.get("problems", [])]
     return report
 
@@ -126,7 +135,7 @@ def stats(root: str, png: Optional[str] = None) -> str:
                 good = [c for c in s.captions if isinstance(c, str) and c.strip()]
                 caps[len(good)] += 1
                 words += [len(c.split()) for c in good]
-                if s.image is not None:
+                if s.image is not None and not s.features:
                     with Image.open(io.BytesIO(s.image)) as img:
                         sides.append(max(img.size))
                         aspect.append(img.size[0] / img.size[1])
@@ -134,8 +143,8 @@ def stats(root: str, png: Optional[str] = None) -> str:
                             "words": words, "sides": sides, "aspect": aspect}
     lines = []
     for split, st in per_split.items():
-        lines.append(f"{split}: {st['images']} images, {st['captions']} captions "
-                     f"(captions per image: {', '.join(f'{k}: {v}' for k, v in sorted(st['captions_per_image'].items()))})")
+        per_image = ", ".join(f"{k}: {v}" for k, v in sorted(st["captions_per_image"].items()))
+        lines.append(f"{split}: {st['images']} images, {st['captions']} captions (captions per image: {per_image})")
         lines.append("  caption words: " + _summary(st["words"]))
         lines.append("  image longer side (px): " + _summary(st["sides"]))
         lines.append("  aspect ratio (w/h): " + _summary(st["aspect"], digits=2))
@@ -188,16 +197,20 @@ def preview(root: str, out: str, split: Optional[str] = None, n: int = 48, thumb
         for s in samples(str(Path(root) / shard)):
             if len(cells) == n:
                 break
-            with Image.open(io.BytesIO(s.image)) as img:
-                img = img.convert("RGB")
-                size = img.size
-                img.thumbnail((thumb, thumb))
-                buf = io.BytesIO()
-                img.save(buf, format="JPEG", quality=85)
             caps = "".join(f"<li>{html.escape(str(c))}</li>" for c in s.captions)
-            cells.append(f'<div class="c"><img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-                         f'<div class="k">{html.escape(s.key)} ({size[0]}x{size[1]}, {html.escape(s.shard)})</div>'
-                         f"<ol>{caps}</ol></div>")
+            if s.features:  # region features: their shape instead of a picture
+                shape = np.load(io.BytesIO(s.image), allow_pickle=False).shape
+                picture, what = f"<div>region features {shape[0]} x {shape[1]}</div>", "features"
+            else:
+                with Image.open(io.BytesIO(s.image)) as img:
+                    img = img.convert("RGB")
+                    what = f"{img.size[0]}x{img.size[1]}"
+                    img.thumbnail((thumb, thumb))
+                    buf = io.BytesIO()
+                    img.save(buf, format="JPEG", quality=85)
+                picture = f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+            cells.append(f'<div class="c">{picture}<div class="k">{html.escape(s.key)} ({what}, '
+                         f'{html.escape(s.shard)})</div><ol>{caps}</ol></div>')
         if len(cells) == n:
             break
     page = ("<!doctype html><meta charset='utf-8'><title>preview</title><style>"

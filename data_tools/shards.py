@@ -61,3 +61,9 @@ def is_url(root: str) -> bool:
 def is_shard_list(root: str) -> bool:
     """`data.root` names shards (a brace pattern, one tar, a URL) rather than a folder."""
     return is_url(root) or "{" in root or root.endswith(".tar")
+
+
+def shard_url(url: str) -> str:
+    """What WebDataset opens for a shard: `s3://` goes through the AWS CLI (WebDataset has no
+    s3 opener of its own); every other URL, `pipe:` included, as it is."""
+    return f"pipe:aws s3 cp {url} -" if url.startswith("s3://") else url

@@ -25,28 +25,33 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
-    kind: Literal["clip_vision", "vit"] = "clip_vision"
-    pretrained: Optional[str] = None  # local folder for from_pretrained; None: build from config
+    # precomp: pre-extracted region features (data convert precomp), `feature_dim` wide
+    kind: Literal["clip_vision", "vit", "precomp"] = "clip_vision"
+    # a local folder (save_pretrained) or a hub id in the local HF cache; None: build from config
+    pretrained: Optional[str] = None
     image_size: int = 64
     patch_size: int = 8
     hidden: int = 128
     layers: int = 2
     heads: int = 4
     mlp_ratio: int = 4
-    pooling: Literal["cls", "mean"] = "cls"
+    # model: the checkpoint's own pooling and projection (CLIP: its pooled output and projection);
+    # gpo and max: over the regions of a precomp tower (gpo: VSE-infinity's generalized pooling)
+    pooling: Literal["cls", "mean", "model", "gpo", "max"] = "cls"
+    feature_dim: int = 2048  # precomp: width of each region feature (bottom-up attention: 2048)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
 
 
 @dataclass
 class TextConfig:
     kind: Literal["bert", "clip_text", "roberta"] = "bert"
-    pretrained: Optional[str] = None  # local folder (model and tokenizer); None: from config
+    pretrained: Optional[str] = None  # folder or cached hub id (model and tokenizer); None: from config
     hidden: int = 128
     layers: int = 2
     heads: int = 4
     mlp_ratio: int = 4
     max_length: int = 32
-    pooling: Literal["cls", "mean"] = "mean"
+    pooling: Literal["cls", "mean", "model"] = "mean"  # model: as above (CLIP: the EOS token)
     gradient_checkpointing: bool = False
 
 
@@ -58,6 +63,21 @@ class ModelConfig:
 
 
 @dataclass
+class ImageConfig:
+    """How an encoded image becomes the vision tower's input. Left at None, each value comes from
+    the vision checkpoint's image processor (preprocessor_config.json), else CLIP's statistics and
+    a centre crop; the run's saved config.yaml records the values it used."""
+    mean: Optional[tuple] = None  # per channel, on [0, 1] pixels
+    std: Optional[tuple] = None
+    # crop: the shorter side to model.vision.image_size, then a centre crop (aspect ratio kept);
+    # squash: both sides to image_size
+    resize: Optional[Literal["crop", "squash"]] = None
+    # train-time augmentation, on uint8 images before normalising; evaluation never augments
+    crop_scale: tuple = (1.0, 1.0)  # random resized crop: the share of the area kept; (1, 1): off
+    hflip: bool = False  # off: captions say "left" and "right"
+
+
+@dataclass
 class DataConfig:
     # a folder with shards and dbl_index.json, or the training shards themselves as any
     # WebDataset URL: "shards/{00000..00099}.tar", "pipe:curl -s URL", "s3://bucket/{0..9}.tar"
@@ -66,6 +86,7 @@ class DataConfig:
     samples_per_epoch: Optional[int] = None  # training samples per epoch; None: from the index
     train_split: str = "train"
     eval_split: str = "test"
+    image: ImageConfig = field(default_factory=ImageConfig)
     batch_size: int = 32  # per rank
     workers: int = 1  # loader processes per rank
     shuffle_buffer: int = 1000  # samples; 0 turns sample shuffling off
@@ -427,6 +448,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.eval_root': data.root '{cfg.data.root}' names training shards "
                           "only; set data.eval_root to a folder with the val/test splits (dbl-scale data "
                           "convert writes one), or eval.at_end=false and eval.every=0")
+    vc = cfg.model.vision
+    allowed = ("gpo", "max", "mean") if vc.kind == "precomp" else ("cls", "mean", "model")
+    if vc.pooling not in allowed:
+        raise ConfigError(f"config key 'model.vision.pooling': got {vc.pooling!r} for a {vc.kind} tower; "
+                          f"allowed: {', '.join(allowed)}")
     if cfg.model.vision.image_size % cfg.model.vision.patch_size:
         raise ConfigError("config key 'model.vision.patch_size': must divide model.vision.image_size "
                           f"({cfg.model.vision.patch_size} does not divide {cfg.model.vision.image_size})")

@@ -25,6 +25,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import random
 import shutil
 from dataclasses import dataclass
@@ -36,7 +37,9 @@ import torch
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from data_tools.shards import INDEX, index_splits, is_shard_list, is_url, string_id
+from data_tools.shards import INDEX, index_splits, is_shard_list, is_url, shard_url, string_id
+
+from .hub import local_folder
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "npy")  # npy: pre-extracted region features
 
 
 class DataError(RuntimeError):
@@ -157,7 +160,7 @@ def tokenizer_path(data_cfg, text_cfg) -> Path:
     if data_cfg.tokenizer:
         return Path(data_cfg.tokenizer)
     if text_cfg.pretrained:
-        return Path(text_cfg.pretrained)
+        return Path(local_folder(text_cfg.pretrained, "model.text.pretrained"))
     return Path(eval_root(data_cfg) if is_shard_list(data_cfg.root) else data_cfg.root) / "tokenizer"
 
 
@@ -207,9 +210,10 @@ class SkipCounter:
 
 
 def read_samples(urls: Iterable[str], errors: Optional[SkipCounter] = None) -> Iterator[dict]:
-    """The samples of these shards, in order: raw dicts with the encoded image under `jpg` (whatever
-    its format) and a `json` or `txt` entry; members of other samples are left out. Unreadable tar
-    content is skipped and counted in `errors`. Every reader of shards goes through here."""
+    """The samples of these shards, in order: raw dicts with the encoded image (whatever its
+    format; region features too) under `jpg` and a `json` or `txt` entry; members of other
+    samples are left out. Unreadable tar content is skipped and counted in `errors`. Every
+    reader of shards goes through here."""
     errors = errors if errors is not None else SkipCounter()
     for url in urls:
         for sample in tarfile_samples([{"url": shard_url(url)}], handler=errors):
@@ -217,12 +221,6 @@ def read_samples(urls: Iterable[str], errors: Optional[SkipCounter] = None) -> I
             if image and ("json" in sample or "txt" in sample):
                 sample["jpg"] = sample[image]
                 yield sample
-
-
-def shard_url(url: str) -> str:
-    """What WebDataset opens for a shard: `s3://` goes through the AWS CLI (WebDataset has no
-    s3 opener of its own); every other URL, `pipe:` included, as it is."""
-    return f"pipe:aws s3 cp {url} -" if url.startswith("s3://") else url
 
 
 def sample_meta(sample: dict) -> tuple[int, list[str]]:
@@ -246,36 +244,168 @@ def sample_meta(sample: dict) -> tuple[int, list[str]]:
 
 # ----------------------------------------------------------------------------- transforms
 
-def decode_image(jpg: bytes, image_size: int) -> np.ndarray:
-    """Encoded image -> uint8 (3, S, S) RGB. No flips or crops: in ShapesCaptions (and in
-    captions generally) left/right and positions are part of the meaning."""
-    with Image.open(io.BytesIO(jpg)) as img:
-        return to_uint8(img, image_size)
+@dataclass(frozen=True)
+class ImageTransform:
+    """Encoded image -> the vision tower's input, the one way training, evaluation, mining and
+    the exported image processor all see it: RGB; `crop` resizes the shorter side to `size`
+    (the longer one truncated, as Hugging Face's image processors do) and takes the centre
+    square, `squash` resizes both sides; then [0, 1] and per-channel mean / std. Training may
+    add a random resized crop and a horizontal flip, on the uint8 image, drawn from an `rng`
+    the caller seeds (so a resumed run draws the same)."""
+    size: int
+    mean: tuple = tuple(MEAN.tolist())
+    std: tuple = tuple(STD.tolist())
+    resize: str = "crop"
+    crop_scale: tuple = (1.0, 1.0)
+    hflip: bool = False
+
+    def uint8(self, img: Image.Image, rng: Optional[random.Random] = None) -> np.ndarray:
+        """PIL image -> uint8 (3, S, S)."""
+        img = img.convert("RGB")
+        if rng is not None and self.crop_scale[0] < 1.0:
+            img = img.crop(_random_crop_box(img.size, self.crop_scale, rng))
+        s = self.size
+        if self.resize == "squash":
+            if img.size != (s, s):
+                img = img.resize((s, s), Image.BICUBIC)
+        else:
+            w, h = img.size
+            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+            if size != img.size:
+                img = img.resize(size, Image.BICUBIC)
+            left, top = (size[0] - s) // 2, (size[1] - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+        if rng is not None and self.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+    @property
+    def augments(self) -> bool:
+        return self.crop_scale[0] < 1.0 or self.hflip
+
+    @property
+    def empty_shape(self) -> tuple:
+        return (3, self.size, self.size)
+
+    def decode(self, encoded: bytes, rng: Optional[random.Random] = None, fast: bool = False) -> np.ndarray:
+        """Encoded image -> uint8 (3, S, S). `fast` (training) lets a JPEG much larger than S decode
+        at a reduced scale (1/2, 1/4, 1/8, never below S): several times faster, pixels within
+        JPEG noise of a full decode; evaluation and export decode in full."""
+        with Image.open(io.BytesIO(encoded)) as img:
+            if fast and self.resize == "crop" and not self.augments:
+                img.draft("RGB", (self.size, self.size))
+            return self.uint8(img, rng)
+
+    def normalize(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
+        """uint8 (..., 3, S, S) -> float32 tensor, scaled to [0, 1] and normalised per channel."""
+        x = torch.as_tensor(pixels).to(torch.float32, copy=True)  # in-place below stays local
+        shift = 255.0 * torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        scale = 1.0 / (255.0 * torch.tensor(self.std, dtype=torch.float32)[:, None, None])
+        return x.sub_(shift).mul_(scale)  # (x / 255 - mean) / std in two passes instead of three
+
+    def __call__(self, img: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
+        """PIL image -> normalised float tensor (3, S, S)."""
+        return self.normalize(self.uint8(img, rng))
 
 
-def to_uint8(img: Image.Image, image_size: int) -> np.ndarray:
-    img = img.convert("RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BICUBIC)
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+@dataclass(frozen=True)
+class RegionFeatures:
+    """Pre-extracted region features (`npy`: R x D floats) as the precomp tower's input: no
+    resizing, no augmentation. Duck-types ImageTransform's decode / normalize."""
+    dim: int
+    augments = False
+
+    @property
+    def empty_shape(self) -> tuple:
+        return (1, self.dim)
+
+    def decode(self, encoded: bytes, rng: Optional[random.Random] = None, fast: bool = False) -> np.ndarray:
+        features = np.load(io.BytesIO(encoded), allow_pickle=False)
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"region features of shape {features.shape}, expected (regions, {self.dim})")
+        return features
+
+    def normalize(self, features: "np.ndarray | torch.Tensor") -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32)
+                               if isinstance(features, np.ndarray) else features).to(torch.float32)
 
 
-def normalize(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (..., 3, S, S) -> float32 tensor, scaled to [0, 1] and normalised per channel."""
-    arr = (pixels.astype(np.float32) / 255.0 - MEAN[:, None, None]) / STD[:, None, None]
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+def _random_crop_box(size: tuple[int, int], scale: tuple, rng: random.Random) -> tuple[int, int, int, int]:
+    """A box of a random share of the area (in `scale`) and aspect ratio in [3/4, 4/3]."""
+    w, h = size
+    for _ in range(10):
+        area = w * h * rng.uniform(scale[0], scale[1])
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return left, top, left + cw, top + ch
+    return 0, 0, w, h
 
 
-def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    """PIL image -> normalised float tensor (3, S, S)."""
-    return normalize(to_uint8(img, image_size))
+def as_transform(image):
+    """A transform (ImageTransform or RegionFeatures); a bare size means an ImageTransform with
+    the defaults (CLIP statistics, centre crop)."""
+    return ImageTransform(int(image)) if isinstance(image, int) else image
 
 
-def decode_sample(sample: dict, image_size: int) -> tuple[torch.Tensor, list[str], int]:
+def image_transform(cfg, train: bool = False) -> "ImageTransform | RegionFeatures":
+    """The run's transform, from its resolved config (see `resolve_image_config`); `train` adds
+    the augmentation. A precomp tower reads region features instead."""
+    if cfg.model.vision.kind == "precomp":
+        return RegionFeatures(cfg.model.vision.feature_dim)
+    ic = cfg.data.image
+    mean, std, resize = ic.mean or tuple(MEAN.tolist()), ic.std or tuple(STD.tolist()), ic.resize or "crop"
+    if train:
+        return ImageTransform(cfg.model.vision.image_size, tuple(mean), tuple(std), resize, tuple(ic.crop_scale),
+                              ic.hflip)
+    return ImageTransform(cfg.model.vision.image_size, tuple(mean), tuple(std), resize)
+
+
+def resolve_image_config(cfg) -> None:
+    """Fill the unset `data.image` values from the vision checkpoint's image processor
+    (`preprocessor_config.json`), else CLIP's statistics and a centre crop, so that the run's
+    saved config records what it used. A processor whose crop size is not
+    model.vision.image_size is an error naming both."""
+    ic, vc = cfg.data.image, cfg.model.vision
+    if vc.kind == "precomp":
+        return
+    proc = {}
+    if vc.pretrained:
+        path = Path(local_folder(vc.pretrained, "model.vision.pretrained")) / "preprocessor_config.json"
+        if path.exists():
+            proc = json.loads(path.read_text())
+    if ic.mean is None:
+        ic.mean = tuple(float(x) for x in proc.get("image_mean", MEAN.tolist()))
+    if ic.std is None:
+        ic.std = tuple(float(x) for x in proc.get("image_std", STD.tolist()))
+    if ic.resize is None:
+        ic.resize = "squash" if proc and not proc.get("do_center_crop", False) else "crop"
+    crop = proc.get("crop_size") if proc.get("do_center_crop") else proc.get("size")
+    side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
+    if side is not None and int(side) != vc.image_size:
+        raise DataError(f"config key 'model.vision.image_size': {vc.image_size}, but the image processor of "
+                        f"{vc.pretrained} makes {side} px inputs; set model.vision.image_size={side}")
+
+
+def preprocessor_config(transform: ImageTransform) -> dict:
+    """The transform as a CLIPImageProcessor's settings (`export` writes them as
+    preprocessor_config.json), so AutoImageProcessor feeds the exported tower what the run did."""
+    s, crop = transform.size, transform.resize == "crop"
+    return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
+            "size": {"shortest_edge": s} if crop else {"height": s, "width": s}, "resample": 3,
+            "do_center_crop": crop, "crop_size": {"height": s, "width": s}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(transform.mean),
+            "image_std": list(transform.std)}
+
+
+def decode_sample(sample: dict, image: "ImageTransform | int", rng: Optional[random.Random] = None
+                  ) -> tuple[torch.Tensor, list[str], int]:
     image_id, captions = sample_meta(sample)
     if not captions:
         raise ValueError("sample has no caption")
-    return normalize(decode_image(sample["jpg"], image_size)), captions, image_id
+    t = as_transform(image)
+    return t.normalize(t.decode(sample["jpg"], rng)), captions, image_id
 
 
 # ----------------------------------------------------------------------------- training stream
@@ -286,7 +416,7 @@ class StreamSpec:
     rank: int
     world: int
     batch_size: int
-    image_size: int
+    transform: ImageTransform
     shuffle_buffer: int
     seed: int
 
@@ -326,15 +456,21 @@ class TrainStream(torch.utils.data.IterableDataset):
         health = _Health(2 * len(spec.urls), f"rank {spec.rank}, loader worker {worker}")
         for sample in _shuffle_within_pass(_tagged(shards, tar_errors, health), spec.shuffle_buffer, pass_rng):
             try:
-                pixels, captions, image_id = decode_sample(sample, spec.image_size)
+                image_id, captions = sample_meta(sample)
+                if not captions:
+                    raise ValueError("sample has no caption")
+                # the caption drawn for this visit (and its augmentation): a function of (seed,
+                # pass, image), not of history
+                draw = random.Random((spec.seed * 1_000_003 + sample["__pass__"]) * 1_000_003 + image_id)
+                j = draw.randrange(len(captions))
+                t = spec.transform
+                # uint8 across the worker boundary (4x fewer bytes than float); normalised per batch
+                pixels = torch.from_numpy(t.decode(sample["jpg"], draw if t.augments else None, fast=True))
             except Exception as exc:  # a corrupt image or json: skip it, count it
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
                 skipped += 1
                 continue
             health.usable()
-            # the caption drawn for this visit: a function of (seed, pass, image), not of history
-            j = random.Random((spec.seed * 1_000_003 + sample["__pass__"]) * 1_000_003 + image_id).randrange(
-                len(captions))
             batch.append((pixels, captions[j], image_id, j))
             if len(batch) == spec.batch_size:
                 yield {"pixel_values": torch.stack([b[0] for b in batch]),
@@ -402,7 +538,8 @@ class TrainLoader:
     """Tokenised batches for one rank (the raw captions stay in "captions"); every rank runs
     `steps_per_epoch` steps per epoch."""
 
-    def __init__(self, data_cfg, image_size: int, tokenizer, max_length: int, rank: int, world: int, seed: int):
+    def __init__(self, data_cfg, image: "ImageTransform | int", tokenizer, max_length: int, rank: int, world: int,
+                 seed: int):
         urls, samples = split_shards(data_cfg.root, data_cfg.train_split, data_cfg.samples_per_epoch)
         if len(urls) < world:
             raise DataError(f"{len(urls)} '{data_cfg.train_split}' shard(s) for {world} ranks: every rank "
@@ -421,7 +558,7 @@ class TrainLoader:
             log.warning("%d shards do not divide evenly over %d ranks x %d workers: epochs stay equal in "
                         "length but a few samples may repeat or wait for the next epoch",
                         len(urls), world, max(workers, 1))
-        self.stream = TrainStream(StreamSpec(urls, rank, world, data_cfg.batch_size, image_size,
+        self.stream = TrainStream(StreamSpec(urls, rank, world, data_cfg.batch_size, as_transform(image),
                                              data_cfg.shuffle_buffer, seed))
         self.workers = workers
         self.tokenize = Tokenize(tokenizer, max_length)
@@ -437,6 +574,7 @@ class TrainLoader:
                                              persistent_workers=False)
         for batch in loader:
             self.skipped += batch.pop("skipped")
+            batch["pixel_values"] = self.stream.spec.transform.normalize(batch["pixel_values"])
             batch.update(self.tokenize(batch["captions"]))
             yield batch
 
@@ -449,19 +587,20 @@ class TrainLoader:
 
 # ----------------------------------------------------------------------------- evaluation data
 
-def load_eval_split(root: str | Path, split: str, image_size: int, rank: int = 0, world: int = 1):
+def load_eval_split(root: str | Path, split: str, image: "ImageTransform | int", rank: int = 0, world: int = 1):
     """This rank's share (every W-th shard) of an evaluation split, decoded in memory:
     (pixels N x 3 x S x S, image_ids N, captions: list of N lists). Bad samples are skipped."""
     urls, _ = split_shards(root, split)
+    image = as_transform(image)
     pixels, ids, captions = [], [], []
     for sample in read_samples(urls[rank::world]):
         try:
-            p, caps, image_id = decode_sample(sample, image_size)
+            p, caps, image_id = decode_sample(sample, image)
         except Exception as exc:
             log.warning("skipping eval sample %s: %s", sample.get("__key__"), exc)
             continue
         pixels.append(p), ids.append(image_id), captions.append(caps)
-    empty = torch.empty(0, 3, image_size, image_size)
+    empty = torch.empty(0, *image.empty_shape)
     return (torch.stack(pixels) if pixels else empty), torch.tensor(ids, dtype=torch.long), captions
 
 
@@ -474,7 +613,10 @@ def read_thumbnails(root: str | Path, split: str, ids: torch.Tensor, captions_pe
         image_id, caps = sample_meta(sample)
         row = want.get(image_id)
         if row is not None:
-            with Image.open(io.BytesIO(sample["jpg"])) as im:
-                images[row] = im.convert("RGB").resize((size, size))
+            if "npy" in sample:  # region features: nothing to show
+                images[row] = Image.new("RGB", (size, size), (200, 200, 200))
+            else:
+                with Image.open(io.BytesIO(sample["jpg"])) as im:
+                    images[row] = im.convert("RGB").resize((size, size))
             captions[row] = caps[:captions_per_image]
     return images, [c for caps in captions for c in caps]

@@ -1,6 +1,7 @@
 """Export: a finished run's target towers as Hugging Face folders (`dbl-scale export`).
 
-    OUT/vision/       save_pretrained of the vision tower  (AutoModel.from_pretrained works)
+    OUT/vision/       save_pretrained of the vision tower  (AutoModel.from_pretrained works), with
+                      preprocessor_config.json: the run's image transform, for AutoImageProcessor
     OUT/text/         save_pretrained of the text tower, with the tokenizer
     OUT/heads.pt      the projections to the joint space and the pooling rules, to rebuild the
                       run's embeddings exactly (`load_exported`)
@@ -10,6 +11,7 @@ shards (also after bf16 or ZeRO-3 training), or from its model.pt when it has no
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 from .branches import new_model
 from .checkpoint import complete_checkpoints, safe_load, verify_safe
 from .config import load_config
-from .data import ensure_tokenizer
+from .data import ensure_tokenizer, image_transform, preprocessor_config
 from .methods import build_method
 from .models import DualEncoder
 
@@ -44,6 +46,9 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
     """Write OUT/vision, OUT/text (with the tokenizer) and OUT/heads.pt; returns OUT."""
     run_dir, out = Path(run_dir), Path(out)
     run_cfg = load_config(run_dir / "config.yaml")
+    if run_cfg.model.vision.kind == "precomp":
+        raise ValueError(f"{run_dir}: a precomp tower (region features) has no Hugging Face form to export; "
+                         "its weights are in model.pt (load_model reads it)")
     tokenizer = ensure_tokenizer(run_cfg.data, run_cfg.model.text)
     model = new_model(run_cfg, tokenizer, 0)
     model.load_state_dict(fp32_target_state(run_dir))
@@ -52,6 +57,8 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
     model.vision.save_pretrained(tmp / "vision")
     model.text.save_pretrained(tmp / "text")
     tokenizer.save_pretrained(tmp / "text")
+    (tmp / "vision" / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(image_transform(run_cfg)), indent=2) + "\n")
     torch.save({"vision_proj": model.vision_proj.state_dict(), "text_proj": model.text_proj.state_dict(),
                 "vision_pooling": model.vision_pooling, "text_pooling": model.text_pooling},
                tmp / "heads.pt")

@@ -32,7 +32,6 @@ Memory per rank (everything is held by every rank):
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -45,7 +44,8 @@ import torch
 
 from . import distributed
 from .config import Config
-from .data import DataError, decode_image, load_eval_split, normalize, read_samples, split_shards
+from .data import (DataError, ImageTransform, as_transform, image_transform, load_eval_split, read_samples,
+                   sample_meta, split_shards)
 from .evaluation.embed import embed_split
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def mine_distributed(img: torch.Tensor, txt: torch.Tensor, k_captions: int, k_im
 
 # ----------------------------------------------------------------------------- mining
 
-def mine(model, data_root: str | Path, split: str, image_size: int, tokenize, batch_size: int,
+def mine(model, data_root: str | Path, split: str, image: "ImageTransform | int", tokenize, batch_size: int,
          k_captions: int = 2000, k_images: int = 400, captions_per_image: int = 5,
          chunk: Optional[int] = None, memory_mb: float = 256.0, run: Optional[str] = None) -> Candidates:
     """Mine a split's candidates with `model`; call on every rank (collective when the process
@@ -239,7 +239,7 @@ def mine(model, data_root: str | Path, split: str, image_size: int, tokenize, ba
     was_training = model.training
     model.eval()
     try:
-        pixels, ids, captions = load_eval_split(data_root, split, image_size, rank, world)
+        pixels, ids, captions = load_eval_split(data_root, split, image, rank, world)
         img, txt, ids = embed_split(model, pixels, captions, ids, tokenize, batch_size, captions_per_image)
     finally:
         model.train(was_training)
@@ -260,44 +260,44 @@ class OfflineNegatives:
     """Draws each training pair's offline negatives (T-, I-, T_{I-}, I_{T-}) from `Candidates`.
 
     Holds the split's images as uint8 (N x 3 x S x S, each JPEG decoded once from the shards,
-    resized as `image_to_tensor` does) and all captions, in candidate-row order: N*3*S*S bytes
+    transformed as evaluation transforms them) and all captions, in candidate-row order: N*3*S*S bytes
     per rank (e.g. 29k images at 224 px: 4.4 GB), plus the candidates (N*(kc + K*ki)*4 bytes).
     Every rank builds its own (same content). Images that the shards do not decode, or that
     the candidates do not list, are left out; an image the candidates list but the shards lack
     is an error (candidates of another data set or split).
     """
 
-    def __init__(self, candidates: Candidates, data_root: str | Path, split: str, image_size: int,
+    def __init__(self, candidates: Candidates, data_root: str | Path, split: str, image: "ImageTransform | int",
                  n_max: int = 300):
         c = candidates
         if c.k_captions < 1 or c.k_images < 1:
             raise ValueError("the candidates are empty (kc or ki is 0): nothing to sample")
         if n_max < 1:
             raise ValueError(f"n_max must be >= 1, got {n_max}")
-        self.candidates, self.image_size, self.n_max = c, image_size, n_max
+        self.transform = as_transform(image)
+        if not isinstance(self.transform, ImageTransform):
+            raise DataError("AOQ's offline negatives hold decoded images; precomp region features are not supported")
+        self.candidates, self.n_max = c, n_max
         self.k = c.captions_per_image
         self.n_range = min(n_max, c.k_captions)  # n ~ U[0, n_range)
-        n, s, k = c.n_images, image_size, self.k
+        n, s, k = c.n_images, self.transform.size, self.k
         self.pixels = torch.empty(n, 3, s, s, dtype=torch.uint8)
         self.captions: list[str] = [""] * (k * n)
         filled = torch.zeros(n, dtype=torch.bool)
         row_of = {image_id: row for row, image_id in enumerate(c.image_ids.tolist())}
         for sample in read_samples(split_shards(data_root, split)[0]):
             try:
-                meta = json.loads(sample["json"])
-                image_id = int(meta["image_id"])
+                image_id, caps = sample_meta(sample)  # the caption filter of training, so caption j means the same
             except Exception as exc:
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
                 continue
             row = row_of.get(image_id)
             if row is None:
                 continue  # not mined (it did not decode then)
-            # the caption filter of data.decode_sample, so caption j means the same here
-            caps = [t for t in meta["captions"] if isinstance(t, str) and t.strip()]
             if len(caps) < k:
                 raise DataError(f"image {image_id} has {len(caps)} captions, the candidates assume {k}")
             try:
-                self.pixels[row] = torch.from_numpy(decode_image(sample["jpg"], s))
+                self.pixels[row] = torch.from_numpy(self.transform.decode(sample["jpg"]))
             except Exception as exc:
                 raise DataError(f"image {image_id} was mined but does not decode now: {exc}") from exc
             self.captions[row * k:(row + 1) * k] = caps[:k]
@@ -331,7 +331,7 @@ class OfflineNegatives:
 
     def normalised(self, rows: torch.Tensor) -> torch.Tensor:
         """Float pixels of image rows, normalised as the training loader normalises them."""
-        return normalize(self.pixels[rows].numpy())
+        return self.transform.normalize(self.pixels[rows].numpy())
 
     def sample(self, image_ids: torch.Tensor, caption_index: torch.Tensor, generator: torch.Generator) -> dict:
         """The offline negatives of B pairs (I = image_ids[b], T = its caption caption_index[b]).
@@ -371,12 +371,12 @@ class OfflineHardNegatives:
         a = cfg.loss.aoq
         candidates = Candidates.load(a.candidates) if a.candidates else self._mine(model)
         self.sampler = OfflineNegatives(candidates, cfg.data.root, cfg.data.train_split,
-                                        cfg.model.vision.image_size, a.n_max)
+                                        image_transform(cfg), a.n_max)
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
 
     def _mine(self, model) -> Candidates:
         a = self.cfg.loss.aoq
-        return mine(model, self.cfg.data.root, self.cfg.data.train_split, self.cfg.model.vision.image_size,
+        return mine(model, self.cfg.data.root, self.cfg.data.train_split, image_transform(self.cfg),
                     self.tokenize, self.cfg.eval.batch_size, a.k_captions, a.k_images)
 
     def refresh(self, model) -> None:

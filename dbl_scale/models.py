@@ -2,7 +2,10 @@
 
 One `DualEncoder` is one branch (anchor or target): both towers live in one `nn.Module`,
 so each branch is one DeepSpeed engine. Towers come from `AutoModel.from_config` (sizes in
-the config) or `AutoModel.from_pretrained` on a local folder; nothing is downloaded.
+the config) or `AutoModel.from_pretrained` on a local folder or a cached hub id; nothing is
+downloaded. With `pooling: model` a tower keeps its checkpoint's own pooling (CLIP: the class
+token for images, the EOS token for text) and its projection starts as the checkpoint's
+(CLIP's visual / text projection), so an untrained run embeds exactly as the checkpoint does.
 """
 from __future__ import annotations
 
@@ -14,31 +17,98 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, TextConfig, VisionConfig
+from .hub import local_folder
 
 
-def build_vision_backbone(cfg: VisionConfig) -> tuple[nn.Module, int]:
+class GPO(nn.Module):
+    """VSE-infinity's generalized pooling operator: per dimension, the regions' values sorted in
+    descending order and summed with weights that a small bidirectional GRU derives from the
+    positions alone (softmax at temperature 0.1), so it learns anything from max to mean pooling."""
+
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32):
+        super().__init__()
+        self.d_pe = d_pe
+        self.gru = nn.GRU(d_pe, d_hidden, batch_first=True, bidirectional=True)
+        self.score = nn.Linear(d_hidden, 1, bias=False)
+
+    def positions(self, n: int, device, dtype) -> torch.Tensor:
+        pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+        freq = torch.exp(torch.arange(0, self.d_pe, 2, device=device, dtype=torch.float32)
+                         * (-math.log(10000.0) / self.d_pe))
+        pe = torch.zeros(n, self.d_pe, device=device)
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+        return pe.to(dtype)
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        b, n, _ = regions.shape
+        out, _ = self.gru(self.positions(n, regions.device, regions.dtype).expand(b, n, self.d_pe))
+        half = out.shape[-1] // 2
+        weights = torch.softmax(self.score((out[..., :half] + out[..., half:]) / 2) / 0.1, dim=1)  # b x n x 1
+        return (regions.sort(dim=1, descending=True).values * weights).sum(dim=1)
+
+
+class PrecompTower(nn.Module):
+    """A vision tower over pre-extracted region features (the SCAN / VSE-infinity `*_precomp`
+    data: R regions x D): each region mapped to `hidden` (a linear layer plus a residual
+    two-layer MLP, as VSE-infinity's precomp encoder, without its batch norm), then pooled over
+    the regions (gpo, max or mean). Returns what a Hugging Face vision tower returns."""
+
+    def __init__(self, feature_dim: int, hidden: int, pooling: str):
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, hidden)
+        self.mlp = nn.Sequential(nn.Linear(feature_dim, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, hidden))
+        self.pooling = pooling
+        self.gpo = GPO() if pooling == "gpo" else None
+
+    def forward(self, pixel_values: torch.Tensor):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling  # light once transformers is in
+
+        regions = self.fc(pixel_values) + self.mlp(pixel_values)
+        if self.gpo is not None:
+            pooled = self.gpo(regions)
+        elif self.pooling == "max":
+            pooled = regions.max(dim=1).values
+        else:
+            pooled = regions.mean(dim=1)
+        return BaseModelOutputWithPooling(last_hidden_state=regions, pooler_output=pooled)
+
+
+class Backbone(NamedTuple):
+    tower: nn.Module
+    width: int
+    projection: Optional[nn.Module] = None  # the checkpoint's own projection (CLIP), when it has one
+
+
+def build_vision_backbone(cfg: VisionConfig) -> Backbone:
     from transformers import AutoModel, CLIPVisionConfig, ViTConfig  # heavy (seconds): when a model is built
 
+    if cfg.kind == "precomp":
+        return Backbone(PrecompTower(cfg.feature_dim, cfg.hidden, cfg.pooling), cfg.hidden)
     if cfg.pretrained:
-        model = AutoModel.from_pretrained(cfg.pretrained)
-        model = getattr(model, "vision_model", model)  # a full CLIP checkpoint: keep its vision half
-        return model, model.config.hidden_size
+        full = AutoModel.from_pretrained(local_folder(cfg.pretrained, "model.vision.pretrained"))
+        model = getattr(full, "vision_model", full)  # a full CLIP checkpoint: keep its vision half
+        size = getattr(model.config, "image_size", None)
+        if size and size != cfg.image_size:
+            raise ValueError(f"config key 'model.vision.image_size': {cfg.image_size}, but {cfg.pretrained} "
+                             f"takes {size} px images; set model.vision.image_size={size}")
+        return Backbone(model, model.config.hidden_size, getattr(full, "visual_projection", None))
     common = dict(hidden_size=cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                   intermediate_size=cfg.hidden * cfg.mlp_ratio, image_size=cfg.image_size,
                   patch_size=cfg.patch_size, num_channels=3)
     if cfg.kind == "clip_vision":
-        return AutoModel.from_config(CLIPVisionConfig(**common, attention_dropout=0.0)), cfg.hidden
-    return AutoModel.from_config(ViTConfig(**common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-                                 add_pooling_layer=False), cfg.hidden
+        return Backbone(AutoModel.from_config(CLIPVisionConfig(**common, attention_dropout=0.0)), cfg.hidden)
+    return Backbone(AutoModel.from_config(ViTConfig(**common, hidden_dropout_prob=0.0,
+                                                    attention_probs_dropout_prob=0.0), add_pooling_layer=False),
+                    cfg.hidden)
 
 
-def build_text_backbone(cfg: TextConfig, tokenizer) -> tuple[nn.Module, int]:
+def build_text_backbone(cfg: TextConfig, tokenizer) -> Backbone:
     from transformers import AutoModel, BertConfig, CLIPTextConfig, RobertaConfig  # heavy (seconds): as above
 
     if cfg.pretrained:
-        model = AutoModel.from_pretrained(cfg.pretrained)
-        model = getattr(model, "text_model", model)
-        return model, model.config.hidden_size
+        full = AutoModel.from_pretrained(local_folder(cfg.pretrained, "model.text.pretrained"))
+        model = getattr(full, "text_model", full)
+        return Backbone(model, model.config.hidden_size, getattr(full, "text_projection", None))
     pad_token_id = tokenizer.pad_token_id
     common = dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
                   num_attention_heads=cfg.heads, intermediate_size=cfg.hidden * cfg.mlp_ratio,
@@ -47,13 +117,13 @@ def build_text_backbone(cfg: TextConfig, tokenizer) -> tuple[nn.Module, int]:
         config = CLIPTextConfig(**common, max_position_embeddings=cfg.max_length, attention_dropout=0.0,
                                 bos_token_id=tokenizer.cls_token_id or tokenizer.bos_token_id,
                                 eos_token_id=tokenizer.sep_token_id or tokenizer.eos_token_id)
-        return AutoModel.from_config(config), cfg.hidden
+        return Backbone(AutoModel.from_config(config), cfg.hidden)
     no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if cfg.kind == "roberta":  # RoBERTa's positions start after the padding index
         config = RobertaConfig(**common, **no_dropout, max_position_embeddings=cfg.max_length + pad_token_id + 1)
     else:
         config = BertConfig(**common, **no_dropout, max_position_embeddings=cfg.max_length)
-    return AutoModel.from_config(config, add_pooling_layer=False), cfg.hidden
+    return Backbone(AutoModel.from_config(config, add_pooling_layer=False), cfg.hidden)
 
 
 class Embeddings(NamedTuple):
@@ -112,6 +182,19 @@ class ConceptBank(nn.Module):
         return out
 
 
+def _projection(backbone: Backbone, embed_dim: int, pooling: str, key: str) -> nn.Linear:
+    """The projection to the joint space; with `pooling: model` it starts as the checkpoint's own."""
+    proj = nn.Linear(backbone.width, embed_dim, bias=False)
+    if pooling == "model" and backbone.projection is not None:
+        theirs = backbone.projection.weight
+        if theirs.shape != proj.weight.shape:
+            raise ValueError(f"config key 'model.embed_dim': {embed_dim}, but {key}'s checkpoint projects to "
+                             f"{theirs.shape[0]}; set model.embed_dim={theirs.shape[0]} to keep its projection")
+        with torch.no_grad():
+            proj.weight.copy_(theirs)
+    return proj
+
+
 class DualEncoder(nn.Module):
     """Both towers of one branch. `temperature` adds a learnable logit scale (InfoNCE): stored
     as log(1/T) with shape (1,) (DeepSpeed cannot shard 0-dim parameters) and clamped inside
@@ -120,11 +203,11 @@ class DualEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer, temperature: Optional[float] = None,
                  max_logit_scale: float = 100.0, heads: Optional[dict[str, nn.Module]] = None):
         super().__init__()
-        self.vision, v_width = build_vision_backbone(cfg.vision)
-        self.text, t_width = build_text_backbone(cfg.text, tokenizer)
+        vision, text = build_vision_backbone(cfg.vision), build_text_backbone(cfg.text, tokenizer)
+        self.vision, self.text = vision.tower, text.tower
         self.vision_pooling, self.text_pooling = cfg.vision.pooling, cfg.text.pooling
-        self.vision_proj = nn.Linear(v_width, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(t_width, cfg.embed_dim, bias=False)
+        self.vision_proj = _projection(vision, cfg.embed_dim, cfg.vision.pooling, "model.vision")
+        self.text_proj = _projection(text, cfg.embed_dim, cfg.text.pooling, "model.text")
         self.log_logit_scale = None
         if temperature is not None:
             self.log_logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
@@ -133,7 +216,9 @@ class DualEncoder(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.vision(pixel_values=pixel_values)
-        if self.vision_pooling == "mean":
+        if self.vision_pooling == "model":
+            pooled = out.pooler_output
+        elif self.vision_pooling == "mean":
             pooled = out.last_hidden_state.mean(dim=1)
         else:  # CLIP's pooler output is its layer-normed class token; ViT's class token is normed already
             pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None \
@@ -141,8 +226,13 @@ class DualEncoder(nn.Module):
         return F.normalize(self.vision_proj(pooled), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.text_pooling == "mean":
+        out = self.text(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state
+        if self.text_pooling == "model":  # CLIP: the EOS token's state; BERT: its pooler
+            pooled = out.pooler_output
+            if pooled is None:
+                raise ValueError("model.text.pooling=model: this text tower has no pooled output; use cls or mean")
+        elif self.text_pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
         else:
@@ -171,6 +261,7 @@ class FrozenEncoders(nn.Module):
         from transformers import AutoModel, AutoTokenizer  # heavy (seconds): when a teacher is built
 
         super().__init__()
+        vision_path, text_path = local_folder(vision_path), local_folder(text_path)
         vision = AutoModel.from_pretrained(vision_path)
         self.vision = getattr(vision, "vision_model", vision)
         text = AutoModel.from_pretrained(text_path)

@@ -24,7 +24,7 @@ import torch
 from . import checkpoint, distributed
 from .branches import Branch, anchor_metrics, build_branches, ema_update, load_model, param_dtype
 from .config import Config, flatten, save_config, to_dict
-from .data import TrainLoader, ensure_tokenizer, eval_root
+from .data import TrainLoader, ensure_tokenizer, eval_root, image_transform, resolve_image_config
 from .evaluation import evaluate, format_table, report
 from .methods import Method, build_method
 from .models import FrozenEncoders
@@ -40,13 +40,14 @@ def train(cfg: Config) -> dict:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     seed_everything(cfg.train.seed)
+    resolve_image_config(cfg)  # the image processor's settings, recorded in the run's config.yaml
     with distributed.rank_zero_first():  # rank 0 builds a missing tokenizer once
         tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
 
     method = build_method(cfg)
     branches = build_branches(cfg, method, tokenizer, world)
     target = branches[-1]
-    loader = TrainLoader(cfg.data, cfg.model.vision.image_size, tokenizer, cfg.model.text.max_length,
+    loader = TrainLoader(cfg.data, image_transform(cfg, train=True), tokenizer, cfg.model.text.max_length,
                          rank, world, cfg.train.seed)
     method.start(target.module, loader.tokenize, loader.steps_per_epoch, rank)  # CODER's queues, AOQ's mining
     run = Run(cfg, method, branches, loader.tokenize)
@@ -374,7 +375,7 @@ class Run:
         """Collective; the evaluation split is scored under `eval.protocol`, others as standard."""
         cfg = self.cfg
         protocol = cfg.eval.protocol if split == cfg.data.eval_split else "standard"
-        return evaluate(model, eval_root(cfg.data), split, cfg.model.vision.image_size, self.tokenize,
+        return evaluate(model, eval_root(cfg.data), split, image_transform(cfg), self.tokenize,
                         cfg.eval.batch_size, protocol)
 
     def validate(self, step: int) -> None:

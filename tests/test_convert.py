@@ -295,3 +295,36 @@ def test_an_interrupted_conversion_resumes(tmp_path):
     for n in ["train-%05d.tar" % i for i in range(6)]:
         assert (out / n).read_bytes() == (tmp_path / "whole" / n).read_bytes()
     assert verify(str(out)).errors == []
+
+
+def test_precomp_region_features_convert_and_train_a_precomp_tower(tmp_path, tok):
+    """SCAN's layout: {split}_ims.npy (R x D per image; the test file with 5 identical rows per
+    image, as some are) and {split}_caps.txt (5 lines per image)."""
+    import numpy as np
+
+    src = tmp_path / "f30k_precomp"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"train": 32, "dev": 8, "test": 8}
+    for split, n in sizes.items():
+        feats = rng.standard_normal((n, 6, 16)).astype(np.float32)
+        if split == "test":
+            feats = np.repeat(feats, 5, axis=0)
+        np.save(src / f"{split}_ims.npy", feats)
+        (src / f"{split}_caps.txt").write_text("".join(f"{_caption(i, j)}\n" for i in range(n) for j in range(5)))
+    out = tmp_path / "shards"
+    _cli("data", "convert", "precomp", "--dir", str(src), "--out", str(out), "--shard-size", "8")
+    index = json.loads((out / "dbl_index.json").read_text())
+    assert {s: index[s]["samples"] for s in ("train", "val", "test")} == {"train": 32, "val": 8, "test": 8}
+    test = [s for shard in index["test"]["shards"] for s in samples(str(out / shard))]
+    first = np.load(io.BytesIO(test[1].image))
+    assert first.shape == (6, 16) and np.array_equal(first, np.load(src / "test_ims.npy")[5])  # row 5 = image 1
+    assert test[1].meta["captions"] == [_caption(1, j) for j in range(5)]
+    assert _cli("data", "verify", str(out)).returncode == 0
+    assert preview(str(out), str(tmp_path / "p.html"), "test", n=2) == 2
+    (tmp_path / "tok").symlink_to(tok)
+    metrics = _train_and_eval(out, tmp_path, "model.vision.kind=precomp", "model.vision.feature_dim=16",
+                              "model.vision.pooling=gpo")
+    assert metrics["rsum"] > 0
+    with pytest.raises(ConfigError, match="'model.vision.pooling': got 'gpo' for a clip_vision tower"):
+        load_config(TINY, ["model.vision.pooling=gpo"])

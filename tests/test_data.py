@@ -216,3 +216,24 @@ def test_build_data_writes_only_into_an_absent_or_empty_folder(tmp_path):
     empty.mkdir()
     cfg = load_config(TINY, [f"data.root={empty}", "data.build_train=16", "data.build_val=4", "data.build_test=4"])
     assert prepare_data(cfg)["train"]["samples"] == 16 and (empty / "dbl_index.json").exists()
+
+
+def test_any_webdataset_url_is_a_training_root(shapes_root, tokenizer):
+    """data.root may name the shards themselves: a brace pattern behind `pipe:` reads like the
+    folder does (same samples, same equal steps); s3:// keeps its scheme and goes through the
+    AWS CLI; a URL without a count asks for data.samples_per_epoch."""
+    from dbl_scale.data import join, split_shards
+    from data_tools.shards import shard_url
+
+    pattern = f"pipe:cat {shapes_root}/train-{{00000..00007}}.tar"
+    with pytest.raises(DataError, match="set data.samples_per_epoch"):
+        split_shards(pattern, "train")
+    urls, n = split_shards(pattern, "train", samples_per_epoch=128)
+    assert len(urls) == 8 and n == 128 and urls[3] == f"pipe:cat {shapes_root}/train-00003.tar"
+    cfg = load_config(TINY, [f"data.root={pattern}", "data.samples_per_epoch=128", f"data.eval_root={shapes_root}",
+                             "data.workers=0", "data.batch_size=8"])
+    loaders = [TrainLoader(cfg.data, 32, tokenizer, 24, r, 2, 0) for r in range(2)]
+    ids = [i for lo in loaders for b in itertools.islice(lo.batches(), lo.steps_per_epoch) for i in b["image_ids"].tolist()]
+    assert [lo.steps_per_epoch for lo in loaders] == [8, 8] and sorted(ids) == list(range(128))
+    assert join("s3://bucket/coco", "train-00000.tar") == "s3://bucket/coco/train-00000.tar"
+    assert shard_url("s3://bucket/coco/train-00000.tar") == "pipe:aws s3 cp s3://bucket/coco/train-00000.tar -"

@@ -185,7 +185,7 @@ def raw_split(root, split):
 
 
 def test_offline_negatives_follow_the_definitions(shapes_root):
-    from dbl_scale.data import image_to_tensor
+    from dbl_scale.data import ImageTransform
 
     raw = raw_split(shapes_root, "train")
     k = 5
@@ -225,8 +225,8 @@ def test_offline_negatives_follow_the_definitions(shapes_root):
         ineg_id, itneg_id = int(ids[ineg]), int(ids[itneg])
         assert out["captions_tneg"][p] == raw[itneg_id][1][tneg % k]
         assert out["captions_tineg"][p] == raw[ineg_id][1][tineg % k]
-        assert torch.equal(out["pixels_ineg"][p], image_to_tensor(raw[ineg_id][0], 32))
-        assert torch.equal(out["pixels_itneg"][p], image_to_tensor(raw[itneg_id][0], 32))
+        assert torch.equal(out["pixels_ineg"][p], ImageTransform(32)(raw[ineg_id][0]))
+        assert torch.equal(out["pixels_itneg"][p], ImageTransform(32)(raw[itneg_id][0]))
 
     # n is capped by the candidate count, and T_{I-} is drawn over all of I-'s captions
     capped = OfflineNegatives(Candidates(ids, k, cc[:, :3], ic, split="train"), shapes_root, "train", 32)
@@ -240,5 +240,5 @@ def test_offline_negatives_follow_the_definitions(shapes_root):
     fresh = sampler.sample(batch_ids, cap_idx, torch.Generator().manual_seed(3))
     for p in range(b):
         ineg_row, tneg = int(fresh["ineg"][p]), int(fresh["tneg"][p])  # rows of the new order
-        assert torch.equal(fresh["pixels_ineg"][p], image_to_tensor(raw[int(new_ids[ineg_row])][0], 32))
+        assert torch.equal(fresh["pixels_ineg"][p], ImageTransform(32)(raw[int(new_ids[ineg_row])][0]))
         assert fresh["captions_tneg"][p] == raw[int(new_ids[tneg // k])][1][tneg % k]

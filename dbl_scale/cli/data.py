@@ -61,6 +61,8 @@ def cmd_convert(args) -> int:
                                    args.val_frac, args.test_frac)
         elif args.source == "folder":
             splits = convert.folder(args.images, args.val_frac, args.test_frac)
+        elif args.source == "precomp":
+            splits = convert.precomp(args.dir)
         else:
             splits = convert.wds(args.shards, args.val_frac, args.test_frac)
         index = convert.write_shards(splits, opts)
@@ -133,10 +135,12 @@ def add_parser(sub) -> None:
     f.add_argument("--images", required=True)
     w = csub.add_parser("wds", help="existing WebDataset / img2dataset tars")
     w.add_argument("--shards", required=True, help="brace pattern or URL, e.g. 'in/{00000..00009}.tar'")
+    pc = csub.add_parser("precomp", help="SCAN / VSE-infinity region features ({split}_ims.npy, {split}_caps.txt)")
+    pc.add_argument("--dir", required=True, help="e.g. data/f30k_precomp; train with model.vision.kind=precomp")
     for q in (t, f, w):
         q.add_argument("--val-frac", type=float, default=0.0, help="share of images drawn into val (by image)")
         q.add_argument("--test-frac", type=float, default=0.0, help="share of images drawn into test (by image)")
-    for q in (k, t, f, w):
+    for q in (k, t, f, w, pc):
         q.add_argument("--out", required=True, help="output folder (a re-run resumes into it)")
         q.add_argument("--shard-size", type=int, default=1000, help="images per shard")
         q.add_argument("--max-side", type=int, default=512,

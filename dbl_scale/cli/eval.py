@@ -20,7 +20,7 @@ import numpy as np
 from .. import distributed
 from ..branches import load_model
 from ..config import load_config
-from ..data import Tokenize, ensure_tokenizer, eval_root
+from ..data import Tokenize, ensure_tokenizer, eval_root, image_transform
 from ..evaluation import evaluate, format_table, report
 from ..tracking import Tracker
 from .launch import run_ranks
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     cfg = load_config(model_dir / "config.yaml", [f"data.eval_root={args.data}"] if args.data else [])
     tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
     model = load_model(model_dir, tokenizer).to(distributed.device()).eval()
-    ev = evaluate(model, eval_root(cfg.data), args.split, cfg.model.vision.image_size,
+    ev = evaluate(model, eval_root(cfg.data), args.split, image_transform(cfg),
                   Tokenize(tokenizer, cfg.model.text.max_length), args.batch_size, args.protocol)
     if distributed.is_main():
         out = Path(args.out or run_dir / "eval" / f"{args.split}-{args.protocol}")

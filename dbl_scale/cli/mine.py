@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from .. import distributed
 from ..branches import load_model
 from ..config import load_config
-from ..data import Tokenize, ensure_tokenizer
+from ..data import Tokenize, ensure_tokenizer, image_transform
 from ..mining import mine
 from .launch import run_ranks
 
@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
     model = load_model(args.run, tokenizer).to(distributed.device())
     t_mine = time.time()
-    cands = mine(model, cfg.data.root, split, cfg.model.vision.image_size,
+    cands = mine(model, cfg.data.root, split, image_transform(cfg),
                  Tokenize(tokenizer, cfg.model.text.max_length), args.batch_size,
                  k_captions=args.k_captions, k_images=args.k_images, memory_mb=args.memory_mb,
                  run=str(Path(args.run).resolve()))

@@ -16,6 +16,7 @@ import warnings
 
 from .. import distributed
 from ..config import load_config, resolve_config
+from ..data import resolve_image_config
 from ..methods import build_method
 from ..optim import deepspeed_config
 from ..train import Preempted, train
@@ -31,6 +32,7 @@ def cmd_train(args) -> int:
     build_method(cfg)  # and on what the method itself needs
     nproc = local_ranks(args.nproc)
     deepspeed_config(cfg, nproc * args.nnodes)  # and on a DeepSpeed file that contradicts the config
+    resolve_image_config(cfg)  # and on an image processor that contradicts model.vision.image_size
     if args.build_data:
         prepare_data(cfg)
     return run_ranks(nproc, MODULE, config_args(config, args.overrides), args.nnodes, args.node_rank,

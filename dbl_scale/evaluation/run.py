@@ -30,14 +30,14 @@ class Evaluation:
     captions_per_image: int  # K: 5 (the standard protocol) unless some image of the split has fewer
 
 
-def evaluate(model, data_root: str | Path, split: str, image_size: int, tokenize, batch_size: int,
+def evaluate(model, data_root: str | Path, split: str, image, tokenize, batch_size: int,
              protocol: str = "standard") -> Evaluation:
     """Retrieval metrics of `model` on a split, the same on every rank (collective: every rank
     embeds its share of the split). `protocol`: "standard" (all images) or "coco1k"."""
     was_training = model.training
     model.eval()
     try:
-        pixels, ids, captions = load_eval_split(data_root, split, image_size,
+        pixels, ids, captions = load_eval_split(data_root, split, image,
                                                 distributed.rank(), distributed.world_size())
         k = captions_per_image(captions)
         img, txt, all_ids = embed_split(model, pixels, captions, ids, tokenize, batch_size, k)

@@ -37,6 +37,7 @@ def main() -> None:
     distributed.init_distributed()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = load_config(None, ["train.deepspeed=ds_configs/zero3.json", "model.embed_dim=32",
+                             "model.vision.image_size=32",
                              f"model.vision.pretrained={vision_dir}", f"model.text.pretrained={text_dir}"])
     ds = deepspeed_config(cfg, distributed.world_size())
 

@@ -4,11 +4,13 @@
   methods  every method trained on ShapesCaptions with the same budget, tabulated
   eval     the evaluation's cost against the similarity product and the published code
   memory   per-rank bytes of ZeRO 0-3, and the step time of each DBL scenario
+  data     the loader and the converters against bare WebDataset and PIL loops
 """
 from __future__ import annotations
 
 import argparse
 
+from . import data as bench_data
 from . import eval as bench_eval
 from . import loss, memory, methods
 
@@ -18,6 +20,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench_command", required=True)
-    for module in (loss, methods, bench_eval, memory):
+    for module in (loss, methods, bench_eval, memory, bench_data):
         module.add_parser(bsub)
     return p
