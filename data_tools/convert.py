@@ -152,7 +152,7 @@ def _write_one(task) -> dict:
     write_shard(os.path.join(out, name), samples)
     record = {"shard": name, "plan": plan, "items": len(items), "samples": len(samples),
               "captions": sum(len(json.loads(s["json"])["captions"]) for s in samples), "problems": problems}
-    write_json_atomic(os.path.join(out, STATE, name[:-len(".tar")] + ".json"), record)
+    write_json_atomic(os.path.join(out, STATE, name[:-len(".tar")] + ".json"), record, durable=False)
     return record
 
 

@@ -31,13 +31,16 @@ def write_shard(path: str, samples: Iterable[dict]) -> None:
         raise
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
+def write_json_atomic(path: str, obj: dict, durable: bool = True) -> None:
+    """Write through a temporary file and rename. `durable=False` skips the fsync, for records
+    that are only a shortcut (a converter's per-shard records: a lost one redoes its shard)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -259,8 +259,8 @@ class ImageTransform:
     crop_scale: tuple = (1.0, 1.0)
     hflip: bool = False
 
-    def uint8(self, img: Image.Image, rng: Optional[random.Random] = None) -> np.ndarray:
-        """PIL image -> uint8 (3, S, S)."""
+    def uint8(self, img: Image.Image, rng: Optional[random.Random] = None, fast: bool = False) -> np.ndarray:
+        """PIL image -> uint8 (3, S, S). `fast`: see `decode`."""
         img = img.convert("RGB")
         if rng is not None and self.crop_scale[0] < 1.0:
             img = img.crop(_random_crop_box(img.size, self.crop_scale, rng))
@@ -271,10 +271,14 @@ class ImageTransform:
         else:
             w, h = img.size
             size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-            if size != img.size:
-                img = img.resize(size, Image.BICUBIC)
             left, top = (size[0] - s) // 2, (size[1] - s) // 2
-            img = img.crop((left, top, left + s, top + s))
+            if fast and size != img.size:  # resample only the centre square
+                sx, sy = w / size[0], h / size[1]
+                img = img.resize((s, s), Image.BICUBIC, box=(left * sx, top * sy, (left + s) * sx, (top + s) * sy))
+            else:
+                if size != img.size:
+                    img = img.resize(size, Image.BICUBIC)
+                img = img.crop((left, top, left + s, top + s))
         if rng is not None and self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
@@ -289,12 +293,14 @@ class ImageTransform:
 
     def decode(self, encoded: bytes, rng: Optional[random.Random] = None, fast: bool = False) -> np.ndarray:
         """Encoded image -> uint8 (3, S, S). `fast` (training) lets a JPEG much larger than S decode
-        at a reduced scale (1/2, 1/4, 1/8, never below S): several times faster, pixels within
-        JPEG noise of a full decode; evaluation and export decode in full."""
+        at a reduced scale (1/2, 1/4, 1/8, never below S) and resamples only the centre square:
+        several times faster at small S, the same picture up to JPEG noise and a few border
+        pixels. Evaluation, mining and export do it in full, as Hugging Face's processors do."""
         with Image.open(io.BytesIO(encoded)) as img:
-            if fast and self.resize == "crop" and not self.augments:
+            fast = fast and self.resize == "crop" and not self.augments
+            if fast:
                 img.draft("RGB", (self.size, self.size))
-            return self.uint8(img, rng)
+            return self.uint8(img, rng, fast)
 
     def normalize(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
         """uint8 (..., 3, S, S) -> float32 tensor, scaled to [0, 1] and normalised per channel."""
