@@ -304,10 +304,10 @@ class ImageTransform:
 
     def normalize(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
         """uint8 (..., 3, S, S) -> float32 tensor, scaled to [0, 1] and normalised per channel."""
-        x = torch.as_tensor(pixels).to(torch.float32, copy=True)  # in-place below stays local
-        shift = 255.0 * torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        scale = 1.0 / (255.0 * torch.tensor(self.std, dtype=torch.float32)[:, None, None])
-        return x.sub_(shift).mul_(scale)  # (x / 255 - mean) / std in two passes instead of three
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        x = torch.as_tensor(pixels).to(torch.float32, copy=True)  # the in-place ops below stay local
+        return x.div_(255.0).sub_(mean).div_(std)  # float32 throughout: the same bits as every earlier run
 
     def __call__(self, img: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
         """PIL image -> normalised float tensor (3, S, S)."""
