@@ -90,7 +90,12 @@ def test_train_sbatch_is_preempted_requeued_and_resumes_in_the_same_mlflow_run(s
     _wait(lambda: _job_state(env, job).get("Restarts") == "1", 300, "requeue", log, env, job)
     stopped = int((run_dir / "PREEMPTED").read_text())
     assert 3 <= stopped < 40 and (run_dir / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE").exists()
-    _sh("scontrol", "update", f"JobId={job}", "StartTime=now", env=env)  # Slurm holds a requeued job ~2 min
+    # Slurm holds a requeued job ~2 min (BeginTime); release it now, but not within the second of
+    # the requeue: slurmd compares the old job's credential revocation with the new credential's
+    # time at one-second granularity and kills a job started in the same second ("Job credential
+    # revoked", seen once)
+    time.sleep(3)
+    _sh("scontrol", "update", f"JobId={job}", "StartTime=now", env=env)
     _wait(lambda: _job_state(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the end", log)
     text = log.read_text()
     assert _job_state(env, job)["JobState"] == "COMPLETED", text[-5000:]
