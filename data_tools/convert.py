@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .shards import INDEX, shard_url, string_id, write_json_atomic, write_shard
+from .shards import INDEX, key_and_extension, shard_url, string_id, write_json_atomic, write_shard
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTIONS_PER_IMAGE = 5  # the COCO / Flickr30K protocol
@@ -465,7 +465,7 @@ def _tar_samples(url: str) -> Iterator[tuple[str, object, dict, Optional[str]]]:
             for m in tf:
                 if not m.isfile() or "." not in Path(m.name).name:
                     continue
-                key, ext = _key_and_extension(m.name)
+                key, ext = key_and_extension(m.name)
                 if key not in samples:
                     samples[key] = {}
                     order.append(key)
@@ -481,10 +481,3 @@ def _tar_samples(url: str) -> Iterator[tuple[str, object, dict, Optional[str]]]:
     for key in order:
         s = samples[key]
         yield key, s.get("image"), s.get("json", {}), s.get("txt")
-
-
-def _key_and_extension(member: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the path up to the first dot of the file name."""
-    folder, _, base = member.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from .shards import INDEX, index_splits
+from .shards import INDEX, index_splits, key_and_extension
 
 
 @dataclass
@@ -50,14 +50,12 @@ def samples(path: str) -> Iterator[Sample]:
         for m in tf:
             if not m.isfile():
                 continue
-            folder, _, base = m.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            key = f"{folder}/{stem}" if folder else stem
+            key, ext = key_and_extension(m.name)
             if current is None or current["key"] != key:
                 if current is not None:
                     yield _sample(path, current)
                 current = {"key": key}
-            current[ext.lower()] = tf.extractfile(m).read()
+            current[ext] = tf.extractfile(m).read()
     if current is not None:
         yield _sample(path, current)
 

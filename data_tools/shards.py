@@ -70,3 +70,11 @@ def shard_url(url: str) -> str:
     """What WebDataset opens for a shard: `s3://` goes through the AWS CLI (WebDataset has no
     s3 opener of its own); every other URL, `pipe:` included, as it is."""
     return f"pipe:aws s3 cp {url} -" if url.startswith("s3://") else url
+
+
+def key_and_extension(member: str) -> tuple[str, str]:
+    """A tar member's sample key and extension, by WebDataset's rule: the key is the path up to
+    the first dot of the file name."""
+    folder, _, base = member.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
