@@ -99,3 +99,44 @@ def test_bench_methods_rows_yardsticks_and_intervals():
     line = [x for x in table.splitlines() if x.startswith("| DBL momentum")][0]
     assert "409.0 ± 9.9" in line and "410.0 ± 14.1" in line  # final and best-on-val, mean ± std
     assert f"{BASE}: +4.0 [-21.4, +29.4]" in line  # differences 2 and 6: 4 ± 12.706 * 2.83 / 1.41
+
+
+@pytest.mark.timeout(600)
+def test_bench_methods_resumes_a_table(tmp_path, shapes_root, monkeypatch):
+    """The same table run again with the same --out keeps its finished runs, continues a run left
+    half-done from its checkpoint (same run, same MLflow run), adds what is missing (a second
+    seed); a table with other settings is refused."""
+    from conftest import TINY, torchrun
+    from dbl_scale.cli.bench.methods import BASE, run_table, select_rows
+
+    monkeypatch.chdir(tmp_path)
+    rows = [r for r in select_rows(["DBL momentum"]) if r.name == BASE]
+    uri, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "out"
+    overrides = [f"data.root={shapes_root}", "train.steps=3", f"train.output_dir={tmp_path / 'runs'}"]
+    first = run_table(TINY, 2, uri, "bench", overrides, rows, seeds=1, val_every=0, out=out)
+    run0 = first[BASE]["runs"][0]
+    metrics0 = (tmp_path / "runs" / run0["run"] / "metrics.json").stat().st_mtime_ns
+
+    # seed 1 as the table would start it, stopped after step 1 with a checkpoint (a killed run)
+    stamp = json.loads((out / "results.json").read_text())["stamp"]
+    half = tmp_path / "runs" / f"table-triplet--vse-s1-{stamp}"
+    torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, *overrides, f"tracking.uri={uri}",
+              "tracking.experiment=bench", "loss.method=triplet", "train.seed=1", f"tracking.run_name={half.name}",
+              "checkpoint.every=1", "checkpoint.stop_at=1"], cwd=tmp_path)
+    half_id = json.loads((half / "run.json").read_text())["mlflow_run_id"]
+    assert not (half / "metrics.json").exists()
+
+    second = run_table(TINY, 2, uri, "bench", overrides, rows, seeds=2, val_every=0, out=out)
+    runs = second[BASE]["runs"]
+    assert runs[0] == run0 and (tmp_path / "runs" / run0["run"] / "metrics.json").stat().st_mtime_ns == metrics0
+    assert runs[1]["seed"] == 1 and runs[1]["run"] == half.name and runs[1]["run_id"] == half_id
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([run0["run"], half.name])
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in saved["rows"][BASE]["runs"]] == [0, 1]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    assert sorted(m.step for m in client.get_metric_history(half_id, "lr")) == [2, 3]  # log_every 2, from step 1
+    assert any(k.endswith("/rsum") for k in client.get_run(half_id).data.metrics)
+
+    with pytest.raises(ValueError, match=r"other settings \(overrides\)"):
+        run_table(TINY, 2, uri, "bench", overrides + ["optim.lr=1e-3"], rows, seeds=2, val_every=0, out=out)

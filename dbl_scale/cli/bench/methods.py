@@ -14,11 +14,17 @@ both with its starting checkpoint and with the triplet continued for as many ste
 Validation every `--val-every` steps keeps the best model on val; the table reports the
 final model and that best one. `--out` gets table.md, results.json and curves.png (the
 `dbl-scale compare --plot` figure of these runs).
+
+A table of many long runs survives interruptions: results.json is rewritten after every
+run, and the same command with the same `--out` keeps the finished runs, continues a run left
+half-done from its newest checkpoint (pass `checkpoint.every=N` to have one), and runs what is
+missing; more seeds or more --vary values can be added that way. Other settings are refused.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -116,39 +122,88 @@ def select_rows(only: Optional[list[str]] = None, vary: Optional[str] = None) ->
     return rows
 
 
+def table_settings(config: str, nproc: int, overrides: list[str], val_every: int,
+                   from_checkpoint: tuple[str, ...]) -> dict:
+    """What makes two invocations the same table (rows and seeds may grow between them)."""
+    return {"config": config, "nproc": nproc, "overrides": list(overrides), "val_every": val_every,
+            "from_checkpoint": list(from_checkpoint)}
+
+
+def load_saved(out: Path, settings: dict) -> dict:
+    """The `results.json` an earlier invocation left in `out` ({} if none), refused when it was
+    run with other settings: its runs would not be comparable with new ones."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != settings:
+        differ = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+        raise ValueError(f"{path} is a table run with other settings ({', '.join(differ)}): pass another "
+                         f"--out for a new table, or the same settings to resume that one")
+    return saved
+
+
+def save_results(out: Path, stamp: str, settings: dict, results: dict[str, dict]) -> None:
+    """`results.json`, rewritten atomically after every run so that an interrupted table resumes."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"stamp": stamp, "settings": settings,
+           "rows": {name: {"row": vars(e["row"]), "runs": e["runs"]} for name, e in results.items()}}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out / "results.json")
+
+
+def finished_run(run_dir: Path, seed: int, seconds: float) -> dict:
+    best = run_dir / "best_metrics.json"
+    return {"seed": seed, "final": json.loads((run_dir / "metrics.json").read_text()),
+            "best": json.loads(best.read_text()) if best.exists() else None,
+            "seconds": seconds, "run": run_dir.name, "dir": str(run_dir),
+            "run_id": json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]}
+
+
 def run_table(config: str, nproc: int, tracking_uri: str, experiment: str, overrides: list[str],
-              rows: list[Row], seeds: int, val_every: int, from_checkpoint: tuple[str, ...] = ()) -> dict[str, dict]:
+              rows: list[Row], seeds: int, val_every: int, out: Path,
+              from_checkpoint: tuple[str, ...] = ()) -> dict[str, dict]:
     """Train every row at seeds 0..seeds-1 (`from_checkpoint`: extra overrides of the rows that
-    start from the triplet checkpoint). Returns {row: {"row": Row, "runs": [per seed:
-    {"final": metrics, "best": metrics or None, "seconds", "run", "run_id"}]}}."""
+    start from the triplet checkpoint), saving `out/results.json` after each run. When `out`
+    already holds a table with the same settings, its finished runs are kept and an interrupted
+    run continues from its newest checkpoint (`checkpoint.resume=latest`, same run name).
+    Returns {row: {"row": Row, "runs": [per seed: {"seed", "final": metrics, "best": metrics or
+    None, "seconds", "run", "dir", "run_id"}]}}."""
     cfg = load_config(resolve_config(config), overrides)
     prepare_data(cfg)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    settings = table_settings(config, nproc, overrides, val_every, from_checkpoint)
+    saved = load_saved(out, settings)
+    stamp = saved.get("stamp") or time.strftime("%Y%m%d-%H%M%S")
+    seconds_saved = {(name, r["seed"]): r["seconds"] for name, e in saved.get("rows", {}).items() for r in e["runs"]}
     common = [f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}"] + overrides
     if val_every:
         common.append(f"eval.every={val_every}")
+    if saved:
+        common.append("checkpoint.resume=latest")  # a run the last invocation left half-done
+        print(f"resuming the table in {out}: {len(seconds_saved)} runs finished", flush=True)
     results = {row.name: {"row": row, "runs": []} for row in rows}
     for seed in range(seeds):
         ckpt = None
         for row in rows:
             slug = "".join(c if c.isalnum() else "-" for c in row.name.lower()).strip("-")
-            run_name = f"table-{slug}-s{seed}-{stamp}"
-            extra = list(from_checkpoint) if row.start.startswith("triplet checkpoint") else []
-            run_overrides = common + extra + [o.format(ckpt=ckpt) for o in row.overrides] + [
-                f"train.seed={seed}", f"tracking.run_name={run_name}"]
-            print(f"\n=== {row.name}, seed {seed}: {cfg.train.steps} steps, {nproc} ranks x batch "
-                  f"{cfg.data.batch_size} ===", flush=True)
-            t0 = time.time()
-            rc = run_ranks(nproc, TRAIN, config_args(resolve_config(config), run_overrides))
-            if rc != 0:
-                raise RuntimeError(f"{row.name} (seed {seed}) failed with exit code {rc}")
-            run_dir = Path(cfg.train.output_dir) / run_name
-            best = run_dir / "best_metrics.json"
-            results[row.name]["runs"].append({
-                "final": json.loads((run_dir / "metrics.json").read_text()),
-                "best": json.loads(best.read_text()) if best.exists() else None,
-                "seconds": time.time() - t0, "run": run_name,
-                "run_id": json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]})
+            run_dir = Path(cfg.train.output_dir) / f"table-{slug}-s{seed}-{stamp}"
+            if (run_dir / "metrics.json").exists():
+                run = finished_run(run_dir, seed, seconds_saved.get((row.name, seed), math.nan))
+            else:
+                extra = list(from_checkpoint) if row.start.startswith("triplet checkpoint") else []
+                run_overrides = common + extra + [o.format(ckpt=ckpt) for o in row.overrides] + [
+                    f"train.seed={seed}", f"tracking.run_name={run_dir.name}"]
+                print(f"\n=== {row.name}, seed {seed}: {cfg.train.steps} steps, {nproc} ranks x batch "
+                      f"{cfg.data.batch_size} ===", flush=True)
+                t0 = time.time()
+                rc = run_ranks(nproc, TRAIN, config_args(resolve_config(config), run_overrides))
+                if rc != 0:
+                    raise RuntimeError(f"{row.name} (seed {seed}) failed with exit code {rc}; the same command "
+                                       f"with --out {out} resumes the table")
+                run = finished_run(run_dir, seed, time.time() - t0)
+            results[row.name]["runs"].append(run)
+            save_results(out, stamp, settings, results)
             if row.name == BASE:
                 ckpt = str(run_dir)
     return results
@@ -187,28 +242,27 @@ def markdown(results: dict[str, dict]) -> str:
         recalls = " | ".join(f"{statistics.fmean(r['final'][k] for r in runs):.1f}" for k in RECALL_KEYS[:-1])
         deltas = "; ".join(f"{y}: {_delta(results, name, y, 'final')}" for y in row.yardsticks) or "(the yardstick)"
         best_deltas = "; ".join(f"{_delta(results, name, y, 'best')}" for y in row.yardsticks) or "-"
-        seconds = statistics.fmean(r["seconds"] for r in runs)
+        timed = [r["seconds"] for r in runs if not math.isnan(r["seconds"])]
+        seconds = f"{statistics.fmean(timed):.0f}" if timed else "-"
         lines.append(f"| {name} | {row.start} | {len(runs)} | {recalls} | {_pm(_rsums(results, name, 'final'))} | "
-                     f"{_pm(_rsums(results, name, 'best'))} | {deltas} | {best_deltas} | {seconds:.0f} |")
+                     f"{_pm(_rsums(results, name, 'best'))} | {deltas} | {best_deltas} | {seconds} |")
     return "\n".join(lines)
 
 
 def cmd_bench_methods(args) -> int:
     rows = select_rows(args.only, args.vary)
-    results = run_table(args.config, args.nproc, args.tracking_uri, args.experiment, args.overrides, rows,
-                        args.seeds, args.val_every, tuple(args.from_checkpoint.split()))
     cfg = load_config(resolve_config(args.config), args.overrides)
+    out = Path(args.out or Path(cfg.train.output_dir) / f"bench_methods-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"results in {out} (the same command with --out {out} resumes it)", flush=True)
+    results = run_table(args.config, args.nproc, args.tracking_uri, args.experiment, args.overrides, rows,
+                        args.seeds, args.val_every, out, tuple(args.from_checkpoint.split()))
     n_test = split_shards(eval_root(cfg.data), cfg.data.eval_split)[1]
     means = {name: {k: statistics.fmean(r["final"][k] for r in e["runs"]) for k in RECALL_KEYS}
              for name, e in results.items()}
     print("\n" + format_table({**means, "chance": chance_metrics(n_test)}))
     table = markdown(results)
     print("\n" + table)
-    out = Path(args.out or Path(cfg.train.output_dir) / f"bench_methods-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {name: {"row": vars(e["row"]), "runs": e["runs"]} for name, e in results.items()}, indent=1))
     run_ids = [r["run_id"] for e in results.values() for r in e["runs"]]
     plot_runs(args.tracking_uri, args.experiment, out / "curves.png", run_ids=run_ids)
     print(f"\ntable.md, results.json and curves.png in {out}")
@@ -229,6 +283,7 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--vary", metavar="KEY=V1,V2", help="run each --only row once per value of a config key")
     p.add_argument("--from-checkpoint", default="", metavar="'KEY=V ...'",
                    help="overrides for the rows that continue from the triplet checkpoint only, e.g. another optimiser")
-    p.add_argument("--out", help="folder for table.md, results.json and curves.png")
+    p.add_argument("--out", help="folder for table.md, results.json and curves.png; a folder that holds an "
+                                 "interrupted table with the same settings resumes it")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_bench_methods)
