@@ -33,7 +33,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .shards import INDEX, key_and_extension, shard_url, string_id, write_json_atomic, write_shard
+from .shards import (INDEX, good_captions, key_and_extension, raw_captions, shard_url, string_id,
+                     write_json_atomic, write_shard)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTIONS_PER_IMAGE = 5  # the COCO / Flickr30K protocol
@@ -380,8 +381,8 @@ def folder(images: str, val_frac: float = 0.0, test_frac: float = 0.0) -> dict[s
 
 
 def wds(shards: str, val_frac: float = 0.0, test_frac: float = 0.0) -> dict[str, list[Item]]:
-    """Existing WebDataset or img2dataset tars. Captions come from `.txt`, `json["caption"]` or
-    `json["captions"]`; samples with the same `json["image_id"]` are grouped into one image
+    """Existing WebDataset or img2dataset tars. Captions: `json["captions"]`, else `.txt` or
+    `json["caption"]` (`raw_captions`, as training reads them); samples with the same `json["image_id"]` are grouped into one image
     (else each key is an image); string ids map to integer ids. Local tars are read by offset
     in the workers; other URLs (`pipe:`, `s3://`) are held in memory, so convert those in parts."""
     from braceexpand import braceexpand
@@ -393,9 +394,8 @@ def wds(shards: str, val_frac: float = 0.0, test_frac: float = 0.0) -> dict[str,
             if image is None:
                 continue
             group = str(meta.get("image_id", key)) if isinstance(meta, dict) else key
-            captions = ([txt] if txt is not None else meta.get("captions", [meta.get("caption")])
-                        if isinstance(meta, dict) else [])
-            good = [c for c in captions if isinstance(c, str) and c.strip()]
+            captions = raw_captions(meta, txt)
+            good = good_captions(captions)
             item = groups.get(group)
             if item is None:
                 raw_id = meta.get("image_id") if isinstance(meta, dict) else None

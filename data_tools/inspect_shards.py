@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from .shards import INDEX, index_splits, key_and_extension
+from .shards import INDEX, good_captions, index_splits, key_and_extension, raw_captions
 
 
 @dataclass
@@ -29,11 +29,7 @@ class Sample:
 
     @property
     def captions(self) -> list:
-        if self.txt is not None:
-            return [self.txt]
-        if "captions" in self.meta:
-            return self.meta["captions"]
-        return [self.meta.get("caption")]
+        return raw_captions(self.meta, self.txt)
 
 
 def read_index(root: str) -> dict:
@@ -102,7 +98,7 @@ def verify(root: str) -> Report:
                         except Exception as exc:
                             report.errors.append(f"{where}: {'features do' if s.features else 'image does'} "
                                                  f"not decode: {exc}")
-                    if not any(isinstance(c, str) and c.strip() for c in s.captions):
+                    if not good_captions(s.captions):
                         report.errors.append(f"{where}: no non-empty caption")
                     image_id = s.meta.get("image_id")
                     if image_id is not None:
@@ -130,7 +126,7 @@ def stats(root: str, png: Optional[str] = None) -> str:
         caps, words, sides, aspect = collections.Counter(), [], [], []
         for shard in index[split]["shards"]:
             for s in samples(str(Path(root) / shard)):
-                good = [c for c in s.captions if isinstance(c, str) and c.strip()]
+                good = good_captions(s.captions)
                 caps[len(good)] += 1
                 words += [len(c.split()) for c in good]
                 if s.image is not None and not s.features:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Optional
 
 INDEX = "dbl_index.json"  # our own name: open_clip's `sizes.json` is a different file
 TAR_MTIME = 1704067200  # fixed member times (2024-01-01): the same input gives byte-identical shards
@@ -48,6 +48,21 @@ def string_id(key: str) -> int:
     """A string id as a non-negative int64 (60 bits of its SHA-1): the same on every machine,
     for the converters and for the training reader of shards without numeric ids."""
     return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:15], 16)
+
+
+def raw_captions(meta, txt: Optional[str]) -> list:
+    """A sample's captions as stored, empty or malformed ones included (so they can be counted):
+    our `json["captions"]`, else the one caption of `.txt` or `json["caption"]` (img2dataset,
+    open_clip). The one rule the training reader, the converter and the inspector share."""
+    meta = meta if isinstance(meta, dict) else {}
+    if isinstance(meta.get("captions"), list):
+        return meta["captions"]
+    return [txt] if txt is not None else [meta.get("caption")]
+
+
+def good_captions(captions: list) -> list[str]:
+    """The non-empty string captions, stripped."""
+    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
 
 
 def index_splits(index: dict) -> list[str]:

@@ -37,7 +37,8 @@ import torch
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from data_tools.shards import INDEX, index_splits, is_shard_list, is_url, shard_url, string_id
+from data_tools.shards import (INDEX, good_captions, index_splits, is_shard_list, is_url, raw_captions,
+                               shard_url, string_id)
 
 from .hub import local_folder
 
@@ -228,13 +229,8 @@ def sample_meta(sample: dict) -> tuple[int, list[str]]:
     caption from `txt` / `json["caption"]` (img2dataset, open_clip). Without a numeric image id
     the key is hashed to one (stable across runs and machines)."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    if "captions" in meta:
-        captions = meta["captions"]
-    elif "txt" in sample:
-        captions = [sample["txt"].decode("utf-8")]
-    else:
-        captions = [meta.get("caption")]
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    meta = meta if isinstance(meta, dict) else {}
+    captions = good_captions(raw_captions(meta, sample["txt"].decode("utf-8") if "txt" in sample else None))
     image_id = meta.get("image_id")
     if not isinstance(image_id, int):
         key = str(image_id) if image_id is not None else sample["__key__"]

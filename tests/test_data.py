@@ -237,3 +237,25 @@ def test_any_webdataset_url_is_a_training_root(shapes_root, tokenizer):
     assert [lo.steps_per_epoch for lo in loaders] == [8, 8] and sorted(ids) == list(range(128))
     assert join("s3://bucket/coco", "train-00000.tar") == "s3://bucket/coco/train-00000.tar"
     assert shard_url("s3://bucket/coco/train-00000.tar") == "pipe:aws s3 cp s3://bucket/coco/train-00000.tar -"
+
+
+def test_one_caption_rule_for_training_conversion_and_inspection():
+    """Our json captions list wins over .txt / json caption; empty or non-string captions are
+    dropped; the training reader and the shard inspector read the same captions."""
+    from data_tools.inspect_shards import Sample
+    from data_tools.shards import string_id
+    from dbl_scale.data import sample_meta
+
+    cases = [({"image_id": 7, "captions": [" a red ball ", "", 3]}, "ignored", ["a red ball"]),
+             ({"caption": "json one"}, "txt one", ["txt one"]),
+             ({"caption": " json one "}, None, ["json one"]),
+             ([1, 2], "txt only", ["txt only"])]  # a json that is not an object
+    for meta, txt, expected in cases:
+        raw = {"__key__": "k1", "json": json.dumps(meta).encode()}
+        if txt is not None:
+            raw["txt"] = txt.encode()
+        image_id, captions = sample_meta(raw)
+        assert captions == expected
+        inspected = Sample("s.tar", "k1", None, meta if isinstance(meta, dict) else {}, txt)
+        assert [c.strip() for c in inspected.captions if isinstance(c, str) and c.strip()] == expected
+        assert image_id == (7 if isinstance(meta, dict) and "image_id" in meta else string_id("k1"))
