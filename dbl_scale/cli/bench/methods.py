@@ -183,6 +183,8 @@ def run_table(config: str, nproc: int, tracking_uri: str, experiment: str, overr
         common.append("checkpoint.resume=latest")  # a run the last invocation left half-done
         print(f"resuming the table in {out}: {len(seconds_saved)} runs finished", flush=True)
     results = {row.name: {"row": row, "runs": []} for row in rows}
+    if not saved:  # the stamp names the runs: kept even if the first one dies
+        save_results(out, stamp, settings, results)
     for seed in range(seeds):
         ckpt = None
         for row in rows:
