@@ -382,8 +382,9 @@ def folder(images: str, val_frac: float = 0.0, test_frac: float = 0.0) -> dict[s
 
 def wds(shards: str, val_frac: float = 0.0, test_frac: float = 0.0) -> dict[str, list[Item]]:
     """Existing WebDataset or img2dataset tars. Captions: `json["captions"]`, else `.txt` or
-    `json["caption"]` (`raw_captions`, as training reads them); samples with the same `json["image_id"]` are grouped into one image
-    (else each key is an image); string ids map to integer ids. Local tars are read by offset
+    `json["caption"]` (`raw_captions`, as training reads them); samples with the same
+    `json["image_id"]` are grouped into one image (else each key is an image); string ids map
+    to integer ids. Local tars are read by offset
     in the workers; other URLs (`pipe:`, `s3://`) are held in memory, so convert those in parts."""
     from braceexpand import braceexpand
 
@@ -393,12 +394,13 @@ def wds(shards: str, val_frac: float = 0.0, test_frac: float = 0.0) -> dict[str,
         for key, image, meta, txt in _tar_samples(url):
             if image is None:
                 continue
-            group = str(meta.get("image_id", key)) if isinstance(meta, dict) else key
+            meta = meta if isinstance(meta, dict) else {}
+            group = str(meta.get("image_id", key))
             captions = raw_captions(meta, txt)
             good = good_captions(captions)
             item = groups.get(group)
             if item is None:
-                raw_id = meta.get("image_id") if isinstance(meta, dict) else None
+                raw_id = meta.get("image_id")
                 image_id = raw_id if isinstance(raw_id, int) else string_id(group)
                 item = groups[group] = Item(image_id, [], image, f"{url}:{key}")
             item.captions += good

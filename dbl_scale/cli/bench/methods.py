@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from data_tools.shards import write_json_atomic
 
 from ...config import default_tracking_uri, load_config, resolve_config
 from ...data import eval_root, split_shards
@@ -146,11 +147,9 @@ def load_saved(out: Path, settings: dict) -> dict:
 def save_results(out: Path, stamp: str, settings: dict, results: dict[str, dict]) -> None:
     """`results.json`, rewritten atomically after every run so that an interrupted table resumes."""
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"stamp": stamp, "settings": settings,
-           "rows": {name: {"row": vars(e["row"]), "runs": e["runs"]} for name, e in results.items()}}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, out / "results.json")
+    write_json_atomic(str(out / "results.json"), {
+        "stamp": stamp, "settings": settings,
+        "rows": {name: {"row": vars(e["row"]), "runs": e["runs"]} for name, e in results.items()}})
 
 
 def finished_run(run_dir: Path, seed: int, seconds: float) -> dict:
