@@ -105,7 +105,7 @@ def test_bench_methods_rows_yardsticks_and_intervals():
 def test_bench_methods_resumes_a_table(tmp_path, shapes_root, monkeypatch):
     """The same table run again with the same --out keeps its finished runs, continues a run left
     half-done from its checkpoint (same run, same MLflow run), adds what is missing (a second
-    seed); a table with other settings is refused."""
+    seed), keeps rows a later invocation leaves out; a table with other settings is refused."""
     from conftest import TINY, torchrun
     from dbl_scale.cli.bench.methods import BASE, run_table, select_rows
 
@@ -137,6 +137,11 @@ def test_bench_methods_resumes_a_table(tmp_path, shapes_root, monkeypatch):
     client = MlflowClient(uri)
     assert sorted(m.step for m in client.get_metric_history(half_id, "lr")) == [2, 3]  # log_every 2, from step 1
     assert any(k.endswith("/rsum") for k in client.get_run(half_id).data.metrics)
+
+    # a narrower selection (here no row at all) keeps the finished rows in results.json
+    third = run_table(TINY, 2, uri, "bench", overrides, [], seeds=2, val_every=0, out=out)
+    assert third[BASE]["runs"] == runs
+    assert json.loads((out / "results.json").read_text())["rows"][BASE]["runs"] == saved["rows"][BASE]["runs"]
 
     with pytest.raises(ValueError, match=r"other settings \(overrides\)"):
         run_table(TINY, 2, uri, "bench", overrides + ["optim.lr=1e-3"], rows, seeds=2, val_every=0, out=out)

@@ -18,7 +18,8 @@ final model and that best one. `--out` gets table.md, results.json and curves.pn
 A table of many long runs survives interruptions: results.json is rewritten after every
 run, and the same command with the same `--out` keeps the finished runs, continues a run left
 half-done from its newest checkpoint (pass `checkpoint.every=N` to have one), and runs what is
-missing; more seeds or more --vary values can be added that way. Other settings are refused.
+missing; more seeds or more --vary values can be added that way, and rows left out of a later
+invocation (a narrower --only or --vary) keep their runs in the table. Other settings are refused.
 """
 from __future__ import annotations
 
@@ -182,6 +183,11 @@ def run_table(config: str, nproc: int, tracking_uri: str, experiment: str, overr
         common.append("checkpoint.resume=latest")  # a run the last invocation left half-done
         print(f"resuming the table in {out}: {len(seconds_saved)} runs finished", flush=True)
     results = {row.name: {"row": row, "runs": []} for row in rows}
+    for name, entry in saved.get("rows", {}).items():  # rows this invocation leaves out stay in the table
+        if name not in results:
+            r = entry["row"]
+            row = Row(r["name"], tuple(r["overrides"]), r["start"], tuple(r["yardsticks"]))
+            results[name] = {"row": row, "runs": entry["runs"]}
     if not saved:  # the stamp names the runs: kept even if the first one dies
         save_results(out, stamp, settings, results)
     for seed in range(seeds):
