@@ -3,12 +3,14 @@
 # pulls a multi-GB CUDA build, then dbl_scale with its dev extra, pinned by constraints.txt.
 #   make demo    the main job: ShapesCaptions, triplet vs DBL on 2 CPU ranks, compared
 #   make test    the test suite (ARGS="-k resume" passes options to pytest)
+#   make gpu-wheels   the packages a bare GPU machine lacks, as wheels in .gpu-wheels/ (needs pip's index)
+#   make gpu-check    on a GPU machine: install those wheels beside its own torch, run `bench gpu`
 PYTHON ?= python3
 VENV := .venv
 HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(HASH)
 
-.PHONY: demo test venv
+.PHONY: demo test venv gpu-wheels gpu-check
 demo: $(STAMP)
 	$(VENV)/bin/dbl-scale demo
 
@@ -24,3 +26,35 @@ $(STAMP):
 	$(VENV)/bin/python -m pip install --quiet "torch==2.13.0"
 	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $@
+
+# A GPU machine with Python 3.12, torch, transformers and accelerate of its own, and no index:
+# what it lacks travels as wheels (manylinux x86-64, CPython 3.12), at most 60 MiB. DeepSpeed
+# ships no wheel: it is built here from its source (pure Python: no ops are compiled).
+# mlflow-skinny is MLflow's client; SQLAlchemy, alembic and cryptography back its sqlite store;
+# typing_extensions and protobuf as new as pydantic and OpenTelemetry need (they shadow older ones).
+DEEPSPEED := $(shell grep '^deepspeed==' constraints.txt)
+GPU_WHEELS := hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 mlflow-skinny==3.17.2 cachetools==7.3.3 GitPython==3.2.1 gitdb==4.0.12 \
+	smmap==5.0.3 importlib_metadata==9.1.0 opentelemetry-api==1.45.2 opentelemetry-proto==1.45.2 \
+	opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 python-dotenv==1.2.4 \
+	sqlparse==0.6.1 SQLAlchemy==2.1.9 alembic==1.20.1 Mako==1.4.3 fastapi==0.165.0 starlette==1.10.0 \
+	databricks-sdk==0.167.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 \
+	webdataset==1.0.2 braceexpand==0.1.7 typing_extensions==4.16.0 protobuf==7.36.2
+GPU_PLATFORM := --only-binary=:all: --implementation cp --python-version 3.12 \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+GPU_PYTHON ?= python3
+GPU_JSON ?= runs/gpu_check/gpu_check.json
+
+gpu-wheels: $(STAMP)
+	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
+	DS_BUILD_OPS=0 $(VENV)/bin/python -m pip wheel --quiet --no-deps --no-build-isolation -w .gpu-wheels "$(DEEPSPEED)"
+	$(VENV)/bin/python -m pip download --quiet --no-deps $(GPU_PLATFORM) -d .gpu-wheels $(GPU_WHEELS)
+	@size=$$(du -sm .gpu-wheels | cut -f1); echo ".gpu-wheels: $$(ls .gpu-wheels | wc -l) wheels, $$size MiB"; \
+	  [ $$size -le 60 ] || { echo "over 60 MiB" >&2; exit 1; }
+
+# One command on the GPU machine (carry .gpu-wheels there); writes GPU_JSON, prints the table.
+gpu-check:
+	@if [ -d .gpu-wheels ]; then $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile \
+	  --upgrade --target .gpu-site .gpu-wheels/*.whl; fi
+	PYTHONPATH="$(CURDIR)/.gpu-site:$(CURDIR)" HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m dbl_scale.cli.main bench gpu \
+	  --json $(GPU_JSON) $(ARGS)

@@ -44,10 +44,10 @@ class Branch:
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if distributed.is_main() else None
         averages = iter(self.master)
         for name, p in self.module.named_parameters():
-            own = [next(averages) for _ in _own_tensors(p)]
-            full = own[-1]  # the whole copy: a plain or persisted parameter
-            if hasattr(p, "ds_tensor") and len(own) == 1:  # only a shard here: every rank's, in order
-                full = distributed.gather_no_grad(full)[:p.ds_numel]
+            own = {slot: next(averages) for slot in _slots(p)}
+            full = own.get("whole", own.get("data"))  # the whole copy: a plain or persisted parameter
+            if full is None:  # only a shard here: every rank's, in order
+                full = distributed.gather_no_grad(own["shard"])[:p.ds_numel]
             if state is not None:
                 state[name] = full.reshape(p.ds_shape if hasattr(p, "ds_tensor") else p.shape).cpu().clone()
         return state
@@ -61,13 +61,14 @@ class Branch:
         averages = iter(self.master)
         for name, p in self.module.named_parameters():
             full = state[name].float().flatten()
-            for mine, x in zip(_own_tensors(p), [next(averages) for _ in _own_tensors(p)]):
-                if hasattr(p, "ds_tensor") and mine is p.ds_tensor:  # this rank's slice, zero-padded
+            for slot in _slots(p):
+                x = next(averages)
+                if slot == "shard":  # this rank's slice, zero-padded
                     piece = full[distributed.rank() * x.numel():(distributed.rank() + 1) * x.numel()]
                     x.zero_().view(-1)[:piece.numel()].copy_(piece)
                 else:
                     x.copy_(full.view_as(x))
-        torch._foreach_copy_(_ema_tensors(self.module, self.module)[0], self.master)
+        _write_average(self.module, self.master)
 
 
 @contextlib.contextmanager
@@ -197,34 +198,49 @@ def build_branches(cfg: Config, method: Method, tokenizer, world: int) -> list[B
     return branches
 
 
-def _own_tensors(p: torch.nn.Parameter) -> list[torch.Tensor]:
-    """What a rank holds of a parameter: its data, or under ZeRO-3 its shard (`ds_tensor`) and,
-    for the small parameters ZeRO-3 persists whole, that whole copy too."""
+def _slots(p: torch.nn.Parameter) -> tuple[str, ...]:
+    """What a rank holds of a parameter, as an EMA keeps it: its "data"; under ZeRO-3 its
+    "shard" (`ds_tensor`) and, for the small parameters ZeRO-3 persists whole, that "whole"
+    copy too. A whole copy exists only once DeepSpeed has fetched it (at the module's first
+    forward), but its slot is there from the start, so an fp32 average keeps one layout."""
     if not hasattr(p, "ds_tensor"):
-        return [p.data]
-    return [p.ds_tensor, p.data] if getattr(p, "ds_persist", False) and p.data.numel() else [p.ds_tensor]
+        return ("data",)
+    return ("shard", "whole") if getattr(p, "ds_persist", False) else ("shard",)
 
 
-def _ema_tensors(anchor: torch.nn.Module, target: torch.nn.Module) -> tuple[list, list]:
-    """The tensors an EMA update writes, paired with the target's. Both modules are
-    partitioned the same way, so the pairs match; the target's persisted whole copies must
-    be materialised (see ema_update)."""
-    anchors, targets = [], []
-    for a, t in zip(anchor.parameters(), target.parameters()):
-        own = _own_tensors(a)
-        anchors += own
-        targets += [t.ds_tensor, t.data][:len(own)] if hasattr(t, "ds_tensor") else [t.detach()]
-    return anchors, targets
+def _slot_tensor(p: torch.nn.Parameter, slot: str) -> Optional[torch.Tensor]:
+    """The tensor of a slot, or None for a persisted whole copy not fetched yet."""
+    if slot == "shard":
+        return p.ds_tensor
+    if slot == "whole" and not p.data.numel():
+        return None
+    return p.data
+
+
+def _slot_pairs(anchor: torch.nn.Module, target: torch.nn.Module) -> list[tuple]:
+    """(anchor parameter, target parameter, slot) for every slot of the anchor. Both modules are
+    partitioned the same way, so the slots match."""
+    return [(a, t, slot) for a, t in zip(anchor.parameters(), target.parameters()) for slot in _slots(a)]
 
 
 def ema_master(anchor: torch.nn.Module) -> Optional[list[torch.Tensor]]:
-    """fp32 copies of a low-precision anchor's tensors, in which `ema_update` accumulates (None
+    """fp32 copies of a low-precision anchor's slots, in which `ema_update` accumulates (None
     for an fp32 anchor). With m close to 1 a step adds (1 - m)(t - a), far below bf16's
-    resolution, so an anchor updated in bf16 would stay put."""
-    anchors, _ = _ema_tensors(anchor, anchor)
-    if all(x.dtype == torch.float32 for x in anchors):
+    resolution, so an anchor updated in bf16 would stay put. Collective under ZeRO-3 when a
+    persisted whole copy has not been fetched yet (it is gathered once, here)."""
+    params = list(anchor.parameters())
+    if all(_slot_tensor(p, _slots(p)[0]).dtype == torch.float32 for p in params):
         return None
-    return [x.to(torch.float32, copy=True) for x in anchors]
+    with _gathered([p for p in params if "whole" in _slots(p) and _slot_tensor(p, "whole") is None]):
+        return [_slot_tensor(a, slot).to(torch.float32, copy=True) for a, _, slot in _slot_pairs(anchor, anchor)]
+
+
+def _write_average(anchor: torch.nn.Module, master: list[torch.Tensor]) -> None:
+    """The anchor's weights become the rounding of its fp32 average (the slots it holds now; a
+    whole copy fetched later is gathered from the shards, which hold the same values)."""
+    pairs = [(_slot_tensor(a, slot), x) for (a, _, slot), x in zip(_slot_pairs(anchor, anchor), master)]
+    held = [(mine, x) for mine, x in pairs if mine is not None]
+    torch._foreach_copy_([mine for mine, _ in held], [x for _, x in held])
 
 
 @torch.no_grad()
@@ -232,18 +248,20 @@ def ema_update(anchor: torch.nn.Module, target: torch.nn.Module, m: float,
                master: Optional[list[torch.Tensor]] = None) -> None:
     """anchor <- m * anchor + (1 - m) * target, as two fused multi-tensor ops over each rank's
     own tensors (under ZeRO-3: shards, nothing is gathered). With `master` (`ema_master`) the
-    average is kept in fp32 and the anchor's weights are its rounding."""
-    # a persisted parameter whose whole copy the target does not hold right now: gathered (rare)
-    unmaterialised = [t for a, t in zip(anchor.parameters(), target.parameters())
-                      if getattr(a, "ds_persist", False) and a.data.numel() and t.data.numel() != a.data.numel()]
-    with _gathered(unmaterialised):
-        anchors, targets = _ema_tensors(anchor, target)
-        average = anchors if master is None else master
+    average is kept in fp32 over every slot and the anchor's weights are its rounding; without
+    one, the slots the anchor holds now are updated in place."""
+    pairs = _slot_pairs(anchor, target)
+    if master is None:
+        pairs = [(a, t, slot) for a, t, slot in pairs if _slot_tensor(a, slot) is not None]
+    # a persisted whole copy the target does not hold right now: gathered (rare)
+    with _gathered([t for _, t, slot in pairs if slot == "whole" and _slot_tensor(t, slot) is None]):
+        average = [_slot_tensor(a, slot) for a, _, slot in pairs] if master is None else master
+        targets = [_slot_tensor(t, slot) for _, t, slot in pairs]
         targets = [t if t.dtype == x.dtype else t.to(x.dtype) for x, t in zip(average, targets)]
         torch._foreach_mul_(average, m)
         torch._foreach_add_(average, targets, alpha=1.0 - m)
-        if master is not None:
-            torch._foreach_copy_(anchors, master)
+    if master is not None:
+        _write_average(anchor, master)
 
 
 def _gathered(params: list):

@@ -30,12 +30,15 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict:
-    """Every generator's state as tensors and plain data (loadable with weights_only=True)."""
+    """This rank's generators as tensors and plain data (loadable with weights_only=True). On a
+    GPU only this rank's own device's generator: asking every visible device (`get_rng_state_all`)
+    would open a CUDA context on each GPU of the node from every rank, and a resume with a
+    different set of visible devices could not put them back."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": random.getstate(),
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -43,8 +46,11 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # an older checkpoint: every visible device's, indexed by device
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)  # the current device: this rank's (`distributed.init_distributed`)
 
 
 def _deepspeed_data_classes() -> list:

@@ -21,6 +21,7 @@ carries the number skipped since the worker's previous batch.
 """
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -299,11 +300,23 @@ class ImageTransform:
             return self.uint8(img, rng, fast)
 
     def normalize(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
-        """uint8 (..., 3, S, S) -> float32 tensor, scaled to [0, 1] and normalised per channel."""
+        """uint8 (..., 3, S, S) -> float32 tensor, scaled to [0, 1] and normalised per channel, on
+        the device the pixels are on. Off the CPU each (channel, value) is looked up in the 3 x
+        256 table that the CPU's arithmetic gives: the same bits as on the CPU (a GPU divides by a
+        scalar as a multiplication by its reciprocal, which rounds differently)."""
+        x = torch.as_tensor(pixels)
+        if x.device.type != "cpu":
+            return self.by_table(x)
         mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        x = torch.as_tensor(pixels).to(torch.float32, copy=True)  # the in-place ops below stay local
+        x = x.to(torch.float32, copy=True)  # the in-place ops below stay local
         return x.div_(255.0).sub_(mean).div_(std)  # float32 throughout: the same bits as every earlier run
+
+    def by_table(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`normalize` as a lookup in the table of its CPU results, on the pixels' device."""
+        table = _normalize_table(self.mean, self.std, str(pixels.device))
+        offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=pixels.device)[:, None, None]
+        return table[pixels.int() + offsets]
 
     def __call__(self, img: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
         """PIL image -> normalised float tensor (3, S, S)."""
@@ -330,6 +343,14 @@ class RegionFeatures:
     def normalize(self, features: "np.ndarray | torch.Tensor") -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32)
                                if isinstance(features, np.ndarray) else features).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_table(mean: tuple, std: tuple, device: str) -> torch.Tensor:
+    """(3 * 256,) float32: `ImageTransform.normalize` of every uint8 value in every channel,
+    computed on the CPU, held on `device`."""
+    values = torch.arange(256, dtype=torch.uint8).repeat(3, 1)[:, :, None]  # as a (3, 256, 1) image
+    return ImageTransform(size=1, mean=mean, std=std).normalize(values).reshape(-1).to(device)
 
 
 def _random_crop_box(size: tuple[int, int], scale: tuple, rng: random.Random) -> tuple[int, int, int, int]:
@@ -538,10 +559,12 @@ def _shuffle_within_pass(src: Iterator[dict], bufsize: int, pass_rng) -> Iterato
 
 class TrainLoader:
     """Tokenised batches for one rank (the raw captions stay in "captions"); every rank runs
-    `steps_per_epoch` steps per epoch."""
+    `steps_per_epoch` steps per epoch. With a CUDA `device`, pixels cross to it as uint8 from
+    pinned memory (a quarter of float32's bytes, copied while the host goes on) and are
+    normalised there; elsewhere they are normalised on the host."""
 
     def __init__(self, data_cfg, image: "ImageTransform | int", tokenizer, max_length: int, rank: int, world: int,
-                 seed: int):
+                 seed: int, device: Optional[torch.device] = None):
         urls, samples = split_shards(data_cfg.root, data_cfg.train_split, data_cfg.samples_per_epoch)
         if len(urls) < world:
             raise DataError(f"{len(urls)} '{data_cfg.train_split}' shard(s) for {world} ranks: every rank "
@@ -563,6 +586,7 @@ class TrainLoader:
         self.stream = TrainStream(StreamSpec(urls, rank, world, data_cfg.batch_size, as_transform(image),
                                              data_cfg.shuffle_buffer, seed))
         self.workers = workers
+        self.device = device if device is not None and torch.device(device).type == "cuda" else None
         self.tokenize = Tokenize(tokenizer, max_length)
         self.skipped = 0
 
@@ -573,10 +597,13 @@ class TrainLoader:
         self.stream.epoch = start_epoch
         loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.workers,
                                              prefetch_factor=4 if self.workers else None,
-                                             persistent_workers=False)
+                                             persistent_workers=False, pin_memory=self.device is not None)
         for batch in loader:
             self.skipped += batch.pop("skipped")
-            batch["pixel_values"] = self.stream.spec.transform.normalize(batch["pixel_values"])
+            pixels = batch["pixel_values"]
+            if self.device is not None:  # pinned: the copy is queued on the device's stream, which normalises next
+                pixels = pixels.to(self.device, non_blocking=True)
+            batch["pixel_values"] = self.stream.spec.transform.normalize(pixels)
             batch.update(self.tokenize(batch["captions"]))
             yield batch
 

@@ -396,7 +396,8 @@ class OfflineHardNegatives:
         neg = self.sampler.sample(batch["image_ids"], batch["caption_index"], self.generator)
         t_neg, t_ineg = self.tokenize(neg["captions_tneg"]), self.tokenize(neg["captions_tineg"])
         out = dict(batch)
-        out["pixel_values"] = torch.cat([batch["pixel_values"], neg["pixels_ineg"], neg["pixels_itneg"]])
+        pixels = batch["pixel_values"]  # on a GPU rank the batch is already there (TrainLoader)
+        out["pixel_values"] = torch.cat([pixels, neg["pixels_ineg"].to(pixels.device), neg["pixels_itneg"].to(pixels.device)])
         for key in ("input_ids", "attention_mask"):
             out[key] = torch.cat([batch[key], t_neg[key], t_ineg[key]])
         return out

@@ -65,12 +65,17 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
                           f"{global_batch}; set it to \"auto\" (or a multiple that the world size divides)")
     _check_zero_options(ds.get("zero_optimization", {}), path)
     params = ds.get("optimizer", {}).get("params", {})
+    offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     opt_fills = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                  "weight_decay": cfg.optim.weight_decay,
-                 "torch_adam": not torch.cuda.is_available()}  # DeepSpeed's CPU Adam JIT-compiles for minutes
+                 # torch's AdamW, except for an optimizer offloaded from GPUs (DeepSpeed's CPU Adam):
+                 # DeepSpeed's own Adams JIT-compile C++ / CUDA for minutes on first use
+                 "torch_adam": not (offloaded and torch.cuda.is_available())}
     for key, value in opt_fills.items():
         if params.get(key) == "auto":
             params[key] = value
+    if params.get("torch_adam") is True and torch.cuda.is_available() and not offloaded:
+        params.setdefault("fused", True)  # torch's fused CUDA AdamW: one kernel launch, nothing to compile
     leftover = [k for k, v in flatten(ds).items() if v == "auto"]
     if leftover:
         raise ConfigError(f"{path}: cannot fill 'auto' for {leftover}")

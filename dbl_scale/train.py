@@ -27,7 +27,7 @@ from .config import Config, flatten, save_config, to_dict
 from .data import TrainLoader, ensure_tokenizer, eval_root, image_transform, resolve_image_config
 from .evaluation import evaluate, format_table, report
 from .methods import Method, build_method
-from .models import FrozenEncoders
+from .models import Embeddings, FrozenEncoders
 from .tracking import StepMeter, Tracker
 
 log = logging.getLogger("dbl_scale")
@@ -48,7 +48,7 @@ def train(cfg: Config) -> dict:
     branches = build_branches(cfg, method, tokenizer, world)
     target = branches[-1]
     loader = TrainLoader(cfg.data, image_transform(cfg, train=True), tokenizer, cfg.model.text.max_length,
-                         rank, world, cfg.train.seed)
+                         rank, world, cfg.train.seed, target.engine.device)
     method.start(target.module, loader.tokenize, loader.steps_per_epoch, rank)  # CODER's queues, AOQ's mining
     run = Run(cfg, method, branches, loader.tokenize)
     step = run.begin()  # a new run, or the newest checkpoint of this one
@@ -132,7 +132,7 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
         else:
             with torch.no_grad():
                 outs.append(br.module(pixels, input_ids, mask))
-    terms = method.losses(outs, batch["image_ids"].to(dev), step)
+    terms = method.losses([in_float32(out) for out in outs], batch["image_ids"].to(dev), step)
     if _injected("NONFINITE", step):
         terms[-1]["loss"] = terms[-1]["loss"] * float("nan")
     if _injected("NONFINITE_GRAD", step):  # the loss stays finite (+0), its gradient is NaN (0 * d sqrt(0))
@@ -168,6 +168,18 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
         # the same on every rank; the log step adds ranks up, so each contributes its share
         logged["logit_scale"] = outs[-1].logit_scale.detach().squeeze() / distributed.world_size()
     return logged
+
+
+def in_float32(out: Embeddings) -> Embeddings:
+    """A branch's outputs in float32 for the losses (a no-op for fp32 towers). Under bf16 the
+    towers run in bf16, but scores, margins and their sums keep float32's precision: a bf16
+    loss is rounded to 3 significant digits, and its gradient with it. Costs a B x N x d product
+    in float32 per branch, small beside the towers."""
+    def up(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    return Embeddings(up(out.img), up(out.txt), up(out.logit_scale),
+                      {k: up(v) for k, v in out.heads.items()} if out.heads else out.heads)
 
 
 def _update_anchors(method: Method, branches: list[Branch], step: int, boundary: bool) -> None:

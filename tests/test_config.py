@@ -116,6 +116,25 @@ def test_deepspeed_configs_by_name_with_precision():
     assert json.loads((REPO / "ds_configs" / "zero2.json").read_text())  # the checkout's path still works
 
 
+def test_the_optimizer_is_torch_adamw_never_a_deepspeed_jit_build(monkeypatch):
+    """"auto" picks torch's AdamW, fused on CUDA (DeepSpeed's FusedAdam would JIT-compile with
+    nvcc for minutes of a GPU allocation), except for an optimizer offloaded from GPUs, which
+    DeepSpeed runs with its CPU Adam; the GPU configs ask for torch's fused AdamW themselves."""
+    import torch
+
+    from dbl_scale.optim import deepspeed_config
+
+    def params(name):
+        return deepspeed_config(load_config(None, [f"train.deepspeed={name}"]), 2)["optimizer"]["params"]
+
+    assert params("zero2")["torch_adam"] is True and "fused" not in params("zero2")  # CPU: torch's AdamW as it is
+    for gpu in ("zero2_gpu", "zero3_gpu"):
+        assert params(gpu)["torch_adam"] is True and params(gpu)["fused"] is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert params("zero2")["torch_adam"] is True and params("zero2")["fused"] is True
+    assert params("zero2_offload")["torch_adam"] is False and "fused" not in params("zero2_offload")
+
+
 def test_zero_options_of_the_other_side_of_stage_3_are_refused(tmp_path):
     import json
 

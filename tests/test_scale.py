@@ -43,8 +43,11 @@ SCENARIOS = {"momentum": ["loss.dbl.scenario=momentum", "loss.dbl.momentum=0.9",
 # every stage for the momentum anchor (the scenario with the most ZeRO-specific code: the EMA
 # works on shards), the plain and the sharded extremes for the others
 # (ZeRO-1 shares ZeRO-2's optimizer; bf16 is covered by the momentum scenario, whose EMA
-# precision depends on it)
-STAGES = {"momentum": ["zero0", "zero2", "zero3", "zero2_bf16", "zero3_bf16"], "online": ["zero0", "zero3"]}
+# precision depends on it). zero3_gpu is the shipped GPU config as it is: bf16, torch's fused
+# AdamW, and the small parameters that ZeRO-3 persists whole next to their shards, which the
+# EMA must update both of (the CPU configs persist nothing).
+STAGES = {"momentum": ["zero0", "zero2", "zero3", "zero2_bf16", "zero3_bf16", "zero3_gpu"], "online": ["zero0", "zero3"]}
+BF16 = ("zero2_bf16", "zero3_bf16", "zero3_gpu")
 # After 3 Adam steps at lr 5e-4 from identical weights. Adam moves a parameter by up to lr per
 # step whatever its gradient's size, so a gradient that is zero in exact arithmetic (attention
 # key biases) moves by float noise that differs between reduction orders: fp32 allows a fifth
@@ -109,10 +112,10 @@ def test_every_zero_stage_trains_the_same_weights(scenario, stage_runs, anchor):
     ref_target, ref_ema = weights["zero0"]
     assert max((ref_target[k] - start[k].float()).abs().max().item() for k in start) > 1e-3  # it trained
     for ds, (target, ema) in weights.items():
-        _same_weights(target, ref_target, start, "bf16" in ds, f"{ds} target")
+        _same_weights(target, ref_target, start, ds in BF16, f"{ds} target")
         if scenario == "momentum":  # the EMA starts as the target; bf16 runs keep it in fp32
             assert all(v.dtype == torch.float32 for v in ema.values() if v.is_floating_point()), ds
-            _same_weights(ema, ref_ema, start, "bf16" in ds, f"{ds} EMA", BF16_EMA_MIN_COSINE, BF16_EMA_NORM_RATIO,
+            _same_weights(ema, ref_ema, start, ds in BF16, f"{ds} EMA", BF16_EMA_MIN_COSINE, BF16_EMA_NORM_RATIO,
                           {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in start.items()})
 
 

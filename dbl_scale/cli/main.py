@@ -7,7 +7,7 @@
   dbl-scale compare --experiment NAME [--format markdown]   runs of an experiment side by side
   dbl-scale mine --run-dir RUN --out FILE    AOQ: offline hard negatives of the training set
   dbl-scale export --run-dir RUN --out DIR   target towers as Hugging Face folders
-  dbl-scale bench loss | methods | eval | memory   benchmarks (see BENCHMARKS.md)
+  dbl-scale bench loss | methods | eval | memory | data | gpu   benchmarks (see BENCHMARKS.md)
   dbl-scale tracking replay SPOOL     send what a run kept while MLflow was unreachable
 """
 from __future__ import annotations

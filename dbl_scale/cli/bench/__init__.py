@@ -5,6 +5,7 @@
   eval     the evaluation's cost against the similarity product and the published code
   memory   per-rank bytes of ZeRO 0-3, and the step time of each DBL scenario
   data     the loader and the converters against bare WebDataset and PIL loops
+  gpu      the GPU path end to end in one command (make gpu-check)
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 
 from . import data as bench_data
 from . import eval as bench_eval
-from . import loss, memory, methods
+from . import gpu, loss, memory, methods
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -20,6 +21,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench_command", required=True)
-    for module in (loss, methods, bench_eval, memory, bench_data):
+    for module in (loss, methods, bench_eval, memory, bench_data, gpu):
         module.add_parser(bsub)
     return p

@@ -1,7 +1,8 @@
-"""What every benchmark shares: the machine line its figures are printed under, and peak
-memory measurement of torch's CPU allocations."""
+"""What every benchmark shares: the machine line its figures are printed under, peak
+memory measurement of torch's CPU allocations, and freeing a set of branches."""
 from __future__ import annotations
 
+import gc
 import os
 import platform
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Callable, Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from ... import distributed
 
 MIB = 2 ** 20
 
@@ -67,3 +70,14 @@ def torch_cpu_peak_bytes(run: Callable[[], object]) -> int:
         total += size
         peak = max(peak, total)
     return peak
+
+
+def release(branches) -> None:
+    """Free a set of branches before building the next (engines hold hooks and cycles)."""
+    for br in branches:
+        for engine in (br.engine, br.partitioner):
+            if engine is not None:
+                engine.destroy()
+    branches.clear()
+    gc.collect()
+    distributed.barrier()

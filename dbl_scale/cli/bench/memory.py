@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import gc
 import json
 import os
 import statistics
@@ -51,7 +50,7 @@ from ...optim import resolve_ds_config
 from ...train import train_step
 from ..data import prepare_data
 from ..launch import run_ranks
-from .common import MIB, machine_line
+from .common import MIB, machine_line, release
 
 MODULE = "dbl_scale.cli.bench.memory"
 
@@ -150,17 +149,6 @@ def _ds_file(stage: int, bf16: bool, folder: Path) -> str:
     out = folder / f"zero{stage}_bf16.json"
     out.write_text(json.dumps(ds))
     return str(out)
-
-
-def release(branches) -> None:
-    """Free a set of branches before building the next (engines hold hooks and cycles)."""
-    for br in branches:
-        for engine in (br.engine, br.partitioner):
-            if engine is not None:
-                engine.destroy()
-    branches.clear()
-    gc.collect()
-    distributed.barrier()
 
 
 def zero_memory(args, tokenizer, rank: int, world: int, folder: Path) -> list[dict]:
