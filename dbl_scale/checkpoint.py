@@ -232,7 +232,7 @@ def load(path: Path, branches, expected: Optional[dict] = None) -> tuple[dict, d
     """Restore every branch from `path`; returns (run state, this rank's state). A checkpoint
     whose `layout` differs from `expected` is refused before anything is loaded, naming what
     differs."""
-    state = safe_load(path / "state.pt")
+    state = safe_load(path / "state.pt", mmap=True)  # memory-mapped: AOQ's candidates are large and shared
     saved = state.get("layout")
     if expected is not None and saved is not None and saved != expected:
         diffs = "; ".join(f"{k}: {saved.get(k)} in the checkpoint, {v} in this run"

@@ -175,11 +175,12 @@ class CODERConfig:
 @dataclass
 class AOQConfig:
     """Adaptive offline quintuplet loss: hard negatives mined from the whole training set."""
-    candidates: Optional[str] = None  # file from `dbl-scale mine`; None: mine at start with the start model
+    candidates: Optional[str] = None  # folder from `dbl-scale mine`; None: mine at start with the start model
     refresh_epochs: int = 0  # re-mine with the current target every N epochs; 0: never (the authors)
     k_captions: int = 2000  # mined caption candidates per image
     k_images: int = 400  # mined image candidates per caption
     n_max: int = 300  # the offline negative is drawn among the first n_max candidates
+    cache_mb: float = 256.0  # decoded negatives kept per rank (read from the shards by random access)
     m_on: float = 0.2
     m_off: float = 0.0
     a: float = 0.3
@@ -490,7 +491,7 @@ def validate(cfg: Config) -> None:
         "optim.lr": (cfg.optim.lr, 0.0, False), "loss.margin": (lc.margin, 0.0, False),
         "optim.weight_decay": (cfg.optim.weight_decay, 0.0, True), "optim.grad_clip": (cfg.optim.grad_clip, 0.0, True),
         "loss.dbl.alpha": (lc.dbl.alpha, 0.0, True), "loss.dbl.beta": (lc.dbl.beta, 0.0, False),
-        "loss.coder.temperature": (lc.coder.temperature, 0.0, False), "loss.aoq.a": (lc.aoq.a, 0.0, False),
+        "loss.coder.temperature": (lc.coder.temperature, 0.0, False), "loss.aoq.a": (lc.aoq.a, 0.0, False), "loss.aoq.cache_mb": (lc.aoq.cache_mb, 0.0, False),
         "optim.warmup_steps": (cfg.optim.warmup_steps, 0, True),
         "tracking.final_wait_s": (cfg.tracking.final_wait_s, 0.0, True),
         "tracking.system_metrics_s": (cfg.tracking.system_metrics_s, 0.0, True),

@@ -189,6 +189,15 @@ def gather(x: torch.Tensor, with_grad: bool) -> torch.Tensor:
     return gather_with_grad(x) if with_grad else gather_no_grad(x)
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a picklable value)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
     """A copy of `x` reduced over ranks, `op` "sum" or "max": the form losses take."""
     return {"sum": all_reduce_sum, "max": all_reduce_max}[op](x)

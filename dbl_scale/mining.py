@@ -1,10 +1,11 @@
 """AOQ offline hard negatives: mine them from a whole split, sample them for a batch.
 
-Mining (`mine`; from the command line `dbl-scale mine --run-dir RUN --out FILE`): every rank
-embeds its share of the split (`embed_split` returns all ranks' embeddings in image-id
-order), then takes a contiguous block of query rows of each direction and runs an exact,
-chunked top-k over inner products; the blocks are gathered so every rank holds the whole
-`Candidates`.
+Mining (`mine`; from the command line `dbl-scale mine --run-dir RUN --out DIR`): every rank
+streams and embeds its share of the split (`embed_split` returns all ranks' embeddings in
+image-id order), then takes a contiguous block of query rows of each direction and runs an
+exact, chunked top-k over inner products; each rank writes its block into one shared folder of
+`.npy` files, which every rank then memory-maps (`Candidates`): the ranks of a node share one
+copy in the page cache, and no rank holds the arrays in its own memory.
 
 - `caption_candidates[r]`: the `kc` captions most similar to image row r, best first, never
   one of image r's own K captions (caption index c = row * K + j: caption j of image row);
@@ -18,23 +19,28 @@ the cores, torch 3.0-4.0 s against FAISS 4.4-8.0 s. Torch won every run, so FAIS
 dependency. On a GPU rank the same code runs on the GPU.
 
 Sampling (`OfflineNegatives`), and the loader side of AOQ training (`OfflineHardNegatives`,
-which mines at start, refreshes, and extends each batch): for a training pair (I, T = caption `caption_index` of I)
-draw n ~ U[0, min(n_max, kc)); T- = the n-th caption candidate of I, I- = the (n // K)-th
-image candidate of T, T_{I-} = a uniformly drawn caption of I-, I_{T-} = the image of T-.
+which mines at start, refreshes, and extends each batch): for a training pair (I, T = caption
+`caption_index` of I) draw n ~ U[0, min(n_max, kc)); T- = the n-th caption candidate of I, I- =
+the (n // K)-th image candidate of T, T_{I-} = a uniformly drawn caption of I-, I_{T-} = the
+image of T-. The negatives' images and captions are read from the shards by random access
+(`shard_index.ShardIndex`) and decoded as evaluation decodes them, with an LRU cache of decoded
+images bounded in bytes (`loss.aoq.cache_mb`).
 
-Memory per rank (everything is held by every rank):
-- `Candidates`: N * (kc + K * ki) * 4 bytes (int32), i.e. 16 KB per image at the defaults
-  (kc = 2000, ki = 400, K = 5): 80 MB for 5000 images, 1.8 GB for COCO's 113k.
-- `OfflineNegatives` images: N * 3 * S * S bytes (uint8): ShapesCaptions 4000 @ 64 px 49 MB,
-  Flickr30k 29k @ 224 px 4.4 GB, COCO 113k @ 224 px 17 GB; plus K * N caption strings.
-- Mining itself: all embeddings (N * (K + 1) * d * 4 bytes) plus one chunk of scores,
+Memory per rank, whatever N is:
+- `Candidates`: memory-mapped, N * (kc + K * ki) * 4 bytes on disk (16 KB per image at the
+  defaults kc = 2000, ki = 400, K = 5: 1.8 GB for COCO's 113k), in the page cache as touched;
+- `OfflineNegatives`: the shard offsets (about 50 bytes per image) and the decoded-image cache;
+- mining itself: all embeddings (N * (K + 1) * d * 4 bytes) plus one chunk of scores,
   bounded by `memory_mb` (default 256 MB).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,14 +50,14 @@ import torch
 
 from . import distributed
 from .config import Config
-from .data import (DataError, ImageTransform, as_transform, image_transform, load_eval_split, read_samples,
-                   sample_meta, split_shards)
+from .data import DataError, ImageTransform, as_transform, image_transform, split_shards
 from .evaluation.embed import embed_split
+from .shard_index import ShardIndex
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dbl_scale.mining.Candidates"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a folder of memory-mapped .npy files (1: one torch file)
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -131,21 +137,62 @@ class Candidates:
                    data["image_candidates"], split=data.get("split", ""), run=data.get("run"),
                    meta=data.get("meta") or {})
 
+    ARRAYS = ("image_ids", "caption_candidates", "image_candidates")
+
     def save(self, path: str | Path) -> None:
-        """Write atomically (a temporary file, then os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            torch.save(self.to_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        """Write a folder of `.npy` files and `meta.json`, atomically (a temporary folder, then
+        a rename)."""
+        write_folder(path, {name: getattr(self, name).numpy() for name in self.ARRAYS}, self._meta())
+
+    def _meta(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "captions_per_image": self.captions_per_image,
+                "split": self.split, "run": self.run, "meta": dict(self.meta)}
 
     @classmethod
     def load(cls, path: str | Path) -> "Candidates":
-        return cls.from_dict(torch.load(Path(path), map_location="cpu", weights_only=True), str(path))
+        """A saved folder, memory-mapped (its pages are shared by every process that maps it);
+        or a single file written by versions before 2 (read whole)."""
+        path = Path(path)
+        if path.is_file():
+            return cls.from_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path}: no saved candidates there (expected meta.json and .npy files "
+                                    "from `dbl-scale mine`)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} is not a saved {FORMAT} this code reads (version {meta.get('version')})")
+        # copy-on-write maps: read-only in effect, and torch takes them without a warning
+        arrays = {name: torch.from_numpy(np.load(path / f"{name}.npy", mmap_mode="c")) for name in cls.ARRAYS}
+        return cls(arrays["image_ids"], meta["captions_per_image"], arrays["caption_candidates"],
+                   arrays["image_candidates"], split=meta.get("split", ""), run=meta.get("run"),
+                   meta=meta.get("meta") or {})
+
+
+def write_folder(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Arrays as `.npy` files and `meta` as `meta.json` in a new folder `path` (replacing one
+    there), through a temporary folder renamed when complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        _replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_folder(tmp: Path, path: Path) -> None:
+    if path.exists():
+        old = path.with_name(f".{path.name}.old{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- top-k search
@@ -211,36 +258,20 @@ def top_candidates(img: torch.Tensor, txt: torch.Tensor, k_captions: int, k_imag
     return caption_cands, image_cands
 
 
-def mine_distributed(img: torch.Tensor, txt: torch.Tensor, k_captions: int, k_images: int,
-                     chunk: Optional[int] = None, memory_mb: float = 256.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`top_candidates` sharded over the process group's ranks, gathered: every rank returns
-    the full (N x kc, K*N x ki) arrays in row order. Every rank must pass the same embeddings."""
-    rank, world = distributed.rank(), distributed.world_size()
-    cc, ic = top_candidates(img, txt, k_captions, k_images, chunk=chunk, rank=rank, world=world,
-                            memory_mb=memory_mb)
-    if world == 1:
-        return cc, ic
-    parts: list = [None] * world
-    torch.distributed.all_gather_object(parts, (cc.numpy(), ic.numpy()))
-    return (torch.from_numpy(np.concatenate([p[0] for p in parts])),
-            torch.from_numpy(np.concatenate([p[1] for p in parts])))
-
-
-# ----------------------------------------------------------------------------- mining
-
 def mine(model, data_root: str | Path, split: str, image: "ImageTransform | int", tokenize, batch_size: int,
-         k_captions: int = 2000, k_images: int = 400, captions_per_image: int = 5,
+         out: str | Path, k_captions: int = 2000, k_images: int = 400, captions_per_image: int = 5,
          chunk: Optional[int] = None, memory_mb: float = 256.0, run: Optional[str] = None) -> Candidates:
-    """Mine a split's candidates with `model`; call on every rank (collective when the process
-    group is initialised; without one it runs alone as world 1). Returns them on every rank.
-    `model` must sit on `distributed.device()` (where `embed_split` sends the inputs); it is
-    put in eval mode for the embedding and back afterwards. Rows follow ascending image id."""
+    """Mine a split's candidates with `model` into the folder `out` (on a filesystem every rank
+    sees) and return them memory-mapped; call on every rank (collective when the process group
+    is initialised; without one it runs alone as world 1). `model` must sit on
+    `distributed.device()` (where `embed_split` sends the inputs); it is put in eval mode for
+    the embedding and back afterwards. Rows follow ascending image id. Images with fewer than
+    `captions_per_image` captions lower it for every image (as evaluation does)."""
     rank, world = distributed.rank(), distributed.world_size()
     was_training = model.training
     model.eval()
     try:
-        pixels, ids, captions = load_eval_split(data_root, split, image, rank, world)
-        img, txt, ids = embed_split(model, pixels, captions, ids, tokenize, batch_size, captions_per_image)
+        img, txt, ids, k = embed_split(model, data_root, split, image, tokenize, batch_size, captions_per_image)
     finally:
         model.train(was_training)
     if len(ids) < 2:
@@ -248,10 +279,45 @@ def mine(model, data_root: str | Path, split: str, image: "ImageTransform | int"
     if len(torch.unique(ids)) != len(ids):
         raise DataError(f"split '{split}' of {data_root} repeats image ids: candidates need unique ones")
     dev = distributed.device()
-    cc, ic = mine_distributed(img.to(dev), txt.to(dev), k_captions, k_images, chunk=chunk, memory_mb=memory_mb)
-    return Candidates(ids, captions_per_image, cc, ic, split=split, run=run,
-                      meta={"requested_k_captions": int(k_captions), "requested_k_images": int(k_images),
-                            "embed_dim": int(img.shape[1]), "world": world, "data_root": str(data_root)})
+    cc, ic = top_candidates(img.to(dev), txt.to(dev), k_captions, k_images, chunk=chunk, rank=rank, world=world,
+                            memory_mb=memory_mb)
+    n = len(ids)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "captions_per_image": k, "split": split, "run": run,
+            "meta": {"requested_k_captions": int(k_captions), "requested_k_images": int(k_images),
+                     "embed_dim": int(img.shape[1]), "world": world, "data_root": str(data_root)}}
+    shapes = {"image_ids": ((n,), np.int64), "caption_candidates": ((n, cc.shape[1]), np.int32),
+              "image_candidates": ((k * n, ic.shape[1]), np.int32)}
+    blocks = {"image_ids": (0, ids.numpy()[:n if rank == 0 else 0]),  # rank 0 writes the ids
+              "caption_candidates": (shard_rows(n, rank, world)[0], cc.numpy()),
+              "image_candidates": (shard_rows(k * n, rank, world)[0], ic.numpy())}
+    write_shared(out, shapes, blocks, meta)
+    return Candidates.load(out)
+
+
+def write_shared(path: str | Path, shapes: dict[str, tuple], blocks: dict[str, tuple], meta: dict) -> None:
+    """One folder of `.npy` arrays written by all ranks together (collective): rank 0 creates
+    the files at their full `shapes` {name: (shape, dtype)} in a temporary folder, every rank
+    writes its `blocks` {name: (first row, rows)} into them, and rank 0 renames the folder
+    to `path` once all have finished. Nothing is gathered in any rank's memory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, (shape, dtype) in shapes.items():
+            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    distributed.barrier()
+    for name, (start, rows) in blocks.items():
+        if len(rows):
+            array = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="r+")
+            array[start:start + len(rows)] = rows
+            array.flush()
+            del array
+    distributed.barrier()
+    if distributed.is_main():
+        _replace_folder(tmp, path)
+    distributed.barrier()
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -259,16 +325,15 @@ def mine(model, data_root: str | Path, split: str, image: "ImageTransform | int"
 class OfflineNegatives:
     """Draws each training pair's offline negatives (T-, I-, T_{I-}, I_{T-}) from `Candidates`.
 
-    Holds the split's images as uint8 (N x 3 x S x S, each JPEG decoded once from the shards,
-    transformed as evaluation transforms them) and all captions, in candidate-row order: N*3*S*S bytes
-    per rank (e.g. 29k images at 224 px: 4.4 GB), plus the candidates (N*(kc + K*ki)*4 bytes).
-    Every rank builds its own (same content). Images that the shards do not decode, or that
-    the candidates do not list, are left out; an image the candidates list but the shards lack
-    is an error (candidates of another data set or split).
+    The negatives' images and captions are read by random access from the split's shards
+    (`ShardIndex`), decoded and transformed as evaluation does it, and kept in an LRU cache of
+    at most `cache_mb` of decoded images: memory per rank does not grow with the split. An
+    image the candidates list but the shards lack is an error at start (candidates of another
+    data set or split); one that no longer decodes, when it is drawn.
     """
 
     def __init__(self, candidates: Candidates, data_root: str | Path, split: str, image: "ImageTransform | int",
-                 n_max: int = 300):
+                 n_max: int = 300, cache_mb: float = 256.0):
         c = candidates
         if c.k_captions < 1 or c.k_images < 1:
             raise ValueError("the candidates are empty (kc or ki is 0): nothing to sample")
@@ -276,62 +341,65 @@ class OfflineNegatives:
             raise ValueError(f"n_max must be >= 1, got {n_max}")
         self.transform = as_transform(image)
         if not isinstance(self.transform, ImageTransform):
-            raise DataError("AOQ's offline negatives hold decoded images; precomp region features are not supported")
-        self.candidates, self.n_max = c, n_max
-        self.k = c.captions_per_image
-        self.n_range = min(n_max, c.k_captions)  # n ~ U[0, n_range)
-        n, s, k = c.n_images, self.transform.size, self.k
-        self.pixels = torch.empty(n, 3, s, s, dtype=torch.uint8)
-        self.captions: list[str] = [""] * (k * n)
-        filled = torch.zeros(n, dtype=torch.bool)
-        row_of = {image_id: row for row, image_id in enumerate(c.image_ids.tolist())}
-        for sample in read_samples(split_shards(data_root, split)[0]):
-            try:
-                image_id, caps = sample_meta(sample)  # the caption filter of training, so caption j means the same
-            except Exception as exc:
-                log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
-                continue
-            row = row_of.get(image_id)
-            if row is None:
-                continue  # not mined (it did not decode then)
-            if len(caps) < k:
-                raise DataError(f"image {image_id} has {len(caps)} captions, the candidates assume {k}")
-            try:
-                self.pixels[row] = torch.from_numpy(self.transform.decode(sample["jpg"]))
-            except Exception as exc:
-                raise DataError(f"image {image_id} was mined but does not decode now: {exc}") from exc
-            self.captions[row * k:(row + 1) * k] = caps[:k]
-            filled[row] = True
-        if not bool(filled.all()):
-            missing = c.image_ids[~filled][:10].tolist()
-            raise DataError(f"{int((~filled).sum())} mined image(s) are not in split '{split}' of {data_root} "
-                            f"(e.g. ids {missing}): candidates from another data set?")
+            raise DataError("AOQ's offline negatives are images; precomp region features are not supported")
+        self.index = ShardIndex(split_shards(data_root, split)[0])
+        self.where = f"split '{split}' of {data_root}"
+        self.n_max = n_max
+        # the cache: one block of slots allocated once (per-image arrays would fragment the heap,
+        # and the process would grow past the cache's size), an LRU order of image id -> slot
+        shape = (3, self.transform.size, self.transform.size)
+        self._slots = np.empty((max(1, int(cache_mb * 2**20) // int(np.prod(shape))), *shape), np.uint8)
+        self._lru: OrderedDict[int, int] = OrderedDict()
+        self.update(candidates)
 
     def update(self, candidates: Candidates) -> None:
-        """Swap in freshly mined candidates (a refresh) without decoding the images again; their
-        images must be among the ones held (rows are remapped when the order differs)."""
-        k = self.k
-        if candidates.captions_per_image != k:
-            raise ValueError(f"candidates have {candidates.captions_per_image} captions per image, not {k}")
+        """Use these candidates from now on (a refresh; nothing is decoded again)."""
         if candidates.k_captions < 1 or candidates.k_images < 1:
             raise ValueError("the candidates are empty (kc or ki is 0): nothing to sample")
-        if not torch.equal(candidates.image_ids, self.candidates.image_ids):
-            perm = self.candidates.rows_of(candidates.image_ids)  # KeyError for images not held
-            self.pixels = self.pixels[perm]
-            self.captions = [self.captions[r * k + j] for r in perm.tolist() for j in range(k)]
-        self.candidates = candidates
-        self.n_range = min(self.n_max, candidates.k_captions)
+        if hasattr(self, "candidates") and candidates.captions_per_image != self.k:
+            raise ValueError(f"candidates have {candidates.captions_per_image} captions per image, not {self.k}")
+        ids = candidates.image_ids.numpy()
+        known = np.isin(ids, self.index.ids)
+        if not known.all():
+            raise DataError(f"{int((~known).sum())} mined image(s) are not in {self.where} (e.g. ids "
+                            f"{ids[~known][:10].tolist()}): candidates from another data set?")
+        self.candidates, self.k = candidates, candidates.captions_per_image
+        self.n_range = min(self.n_max, candidates.k_captions)  # n ~ U[0, n_range)
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held in tensors (images and candidates; the caption strings are not counted)."""
-        c = self.candidates
-        return (self.pixels.numel() + 4 * (c.caption_candidates.numel() + c.image_candidates.numel())
-                + 8 * c.image_ids.numel())
+        """Bytes this sampler holds: the shard offsets and the decoded-image cache (the
+        candidates are memory-mapped files, shared with the other ranks)."""
+        return self.index.nbytes + self._slots.nbytes
+
+    def _pixels(self, image_id: int) -> np.ndarray:
+        slot = self._lru.get(image_id)
+        if slot is not None:
+            self._lru.move_to_end(image_id)
+            return self._slots[slot]
+        try:
+            pixels = self.transform.decode(self.index.image(image_id))
+        except Exception as exc:
+            raise DataError(f"image {image_id} was mined but does not decode now: {exc}") from exc
+        slot = len(self._lru) if len(self._lru) < len(self._slots) else self._lru.popitem(last=False)[1]
+        self._slots[slot] = pixels
+        self._lru[image_id] = slot
+        return self._slots[slot]
+
+    def _caption(self, caption: int) -> str:
+        image_id = int(self.candidates.image_ids[caption // self.k])
+        caps = self.index.captions(image_id)  # the caption rule of training, so caption j means the same
+        if len(caps) < self.k:
+            raise DataError(f"image {image_id} has {len(caps)} captions, the candidates assume {self.k}")
+        return caps[caption % self.k]
 
     def normalised(self, rows: torch.Tensor) -> torch.Tensor:
         """Float pixels of image rows, normalised as the training loader normalises them."""
-        return self.transform.normalize(self.pixels[rows].numpy())
+        ids = self.candidates.image_ids[rows].tolist()
+        batch = np.empty((len(ids), *self._slots.shape[1:]), np.uint8)
+        for b, image_id in enumerate(ids):  # copied at once: a later miss may reuse the slot
+            batch[b] = self._pixels(image_id)
+        return self.transform.normalize(batch)
 
     def sample(self, image_ids: torch.Tensor, caption_index: torch.Tensor, generator: torch.Generator) -> dict:
         """The offline negatives of B pairs (I = image_ids[b], T = its caption caption_index[b]).
@@ -354,8 +422,8 @@ class OfflineNegatives:
         tineg = ineg * k + torch.randint(0, k, (b,), generator=generator)
         itneg = tneg // k
         return {"pixels_ineg": self.normalised(ineg), "pixels_itneg": self.normalised(itneg),
-                "captions_tneg": [self.captions[i] for i in tneg.tolist()],
-                "captions_tineg": [self.captions[i] for i in tineg.tolist()],
+                "captions_tneg": [self._caption(i) for i in tneg.tolist()],
+                "captions_tineg": [self._caption(i) for i in tineg.tolist()],
                 "n": n, "tneg": tneg, "ineg": ineg, "tineg": tineg, "itneg": itneg}
 
 
@@ -363,33 +431,48 @@ class OfflineNegatives:
 
 class OfflineHardNegatives:
     """AOQ's loader side: mined candidates of the training split (from `loss.aoq.candidates`,
-    or mined at start with the starting towers), refreshed with the current target on
-    request; `extend` appends each pair's offline negatives to a batch."""
+    or mined at start with the starting towers into `<run>/aoq_candidates/`), refreshed with
+    the current target on request; `extend` appends each pair's offline negatives to a batch."""
 
-    def __init__(self, cfg: Config, model, tokenize, rank: int):
+    def __init__(self, cfg: Config, model, tokenize, rank: int, workdir: str | Path):
         self.cfg, self.tokenize = cfg, tokenize
+        self.folder, self.mined = Path(workdir) / "aoq_candidates", None
         a = cfg.loss.aoq
-        candidates = Candidates.load(a.candidates) if a.candidates else self._mine(model)
+        candidates = Candidates.load(a.candidates) if a.candidates else self._mine(model, 0)
         self.sampler = OfflineNegatives(candidates, cfg.data.root, cfg.data.train_split,
-                                        image_transform(cfg), a.n_max)
+                                        image_transform(cfg), a.n_max, a.cache_mb)
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
 
-    def _mine(self, model) -> Candidates:
+    def _mine(self, model, consumed: int) -> Candidates:
+        """Mine into `<run>/aoq_candidates/batch_N/` (N: loader batches so far), and remove the
+        folder mined before (the maps of it that are still open stay valid; a checkpoint keeps
+        its own copy)."""
         a = self.cfg.loss.aoq
-        return mine(model, self.cfg.data.root, self.cfg.data.train_split, image_transform(self.cfg),
-                    self.tokenize, self.cfg.eval.batch_size, a.k_captions, a.k_images)
+        out = self.folder / f"batch_{consumed:09d}"
+        candidates = mine(model, self.cfg.data.root, self.cfg.data.train_split, image_transform(self.cfg),
+                          self.tokenize, self.cfg.eval.batch_size, out, a.k_captions, a.k_images)
+        self._forget_mined()
+        self.mined = out
+        return candidates
 
-    def refresh(self, model) -> None:
+    def _forget_mined(self) -> None:
+        if self.mined is not None and distributed.is_main():
+            shutil.rmtree(self.mined, ignore_errors=True)
+        self.mined = None
+
+    def refresh(self, model, consumed: int) -> None:
         t0 = time.time()
-        self.sampler.update(self._mine(model))
+        self.sampler.update(self._mine(model, consumed))
         log.info("AOQ candidates re-mined with the current target in %.1fs", time.time() - t0)
 
     def state_dict(self) -> dict:
         return {"candidates": self.sampler.candidates.to_dict()}
 
     def load_state_dict(self, state: dict, generator_state: torch.Tensor) -> None:
+        """The checkpoint's candidates (memory-mapped from it) replace those mined at start."""
         self.sampler.update(Candidates.from_dict(state["candidates"], "the checkpoint's AOQ candidates"))
         self.generator.set_state(generator_state)
+        self._forget_mined()
 
     def extend(self, batch: dict) -> dict:
         """Images become [I, I-, I_{T-}], captions [T, T-, T_{I-}] (3B each); ids stay B."""

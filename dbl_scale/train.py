@@ -49,8 +49,8 @@ def train(cfg: Config) -> dict:
     target = branches[-1]
     loader = TrainLoader(cfg.data, image_transform(cfg, train=True), tokenizer, cfg.model.text.max_length,
                          rank, world, cfg.train.seed, target.engine.device)
-    method.start(target.module, loader.tokenize, loader.steps_per_epoch, rank)  # CODER's queues, AOQ's mining
     run = Run(cfg, method, branches, loader.tokenize)
+    method.start(target.module, loader.tokenize, loader.steps_per_epoch, rank, run.dir)  # CODER's queues, AOQ's mining
     step = run.begin()  # a new run, or the newest checkpoint of this one
     preemption = Preemption()
     meter = StepMeter(cfg, run.tracker, run.name, loader, target.scheduler,
@@ -310,7 +310,9 @@ class Run:
 
     def __init__(self, cfg: Config, method: Method, branches: list[Branch], tokenize):
         self.cfg, self.method, self.branches, self.tokenize = cfg, method, branches, tokenize
-        self.name = cfg.tracking.run_name or f"{cfg.loss.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # rank 0's clock names the run: every rank must write into the same folder
+        self.name = cfg.tracking.run_name or distributed.broadcast_object(
+            f"{cfg.loss.method}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.dir = Path(cfg.train.output_dir) / self.name
         self.checkpoints = self.dir / "checkpoints"
         tc = cfg.tracking

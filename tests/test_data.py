@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dbl_scale.config import load_config
-from dbl_scale.data import DataError, TrainLoader, load_eval_split
+from dbl_scale.data import DataError, TrainLoader
 from conftest import TINY
 
 
@@ -113,14 +113,6 @@ def test_corrupt_samples_are_skipped_and_counted(shapes_root, tokenizer, tmp_pat
     assert 999 not in ids
     # the broken image and the caption-less sample (each epoch), and the truncated tar's tail
     assert loader.skipped >= 5
-
-
-def test_eval_split_is_divided_over_ranks(shapes_root):
-    parts = [load_eval_split(shapes_root, "test", 32, rank=r, world=2) for r in range(2)]
-    ids = sorted(parts[0][1].tolist() + parts[1][1].tolist())
-    assert ids == list(range(40))
-    assert all(len(c) == 5 for p in parts for c in p[2])
-    assert parts[0][0].shape[1:] == (3, 32, 32) and parts[0][0].dtype == torch.float32
 
 
 def test_mlflow_counts_every_rank_s_skipped_samples(shapes_root, tokenizer, tmp_path):

@@ -88,10 +88,14 @@ def test_candidates_save_load_and_rows(tmp_path):
     cc, ic = top_candidates(img, txt, 12, 4)
     ids = torch.tensor([70, 3, 9, 41, 12, 5, 100, 8])  # neither sorted nor contiguous
     cands = Candidates(ids, 5, cc, ic, split="train", run="runs/x", meta={"note": 1})
-    path = tmp_path / "sub" / "cands.pt"
+    path = tmp_path / "sub" / "cands"
     cands.save(path)
-    assert [p.name for p in path.parent.iterdir()] == ["cands.pt"]  # no temporary left behind
+    cands.save(path)  # replaced whole
+    assert [p.name for p in path.parent.iterdir()] == ["cands"]  # no temporary left behind
     back = Candidates.load(path)
+    legacy = tmp_path / "legacy.pt"  # a version-1 file (one torch file) still loads
+    torch.save({**cands.to_dict(), "version": 1}, legacy)
+    assert torch.equal(Candidates.load(legacy).image_candidates, ic)
     assert torch.equal(back.image_ids, ids) and back.image_ids.dtype == torch.int64
     assert torch.equal(back.caption_candidates, cc) and torch.equal(back.image_candidates, ic)
     assert (back.split, back.run, back.meta, back.k_captions, back.k_images) == ("train", "runs/x", {"note": 1}, 12, 4)
@@ -132,12 +136,11 @@ def tiny_run(shapes_root, tokenizer, tmp_path_factory):
 
 
 def test_two_rank_mining_matches_one_process(shapes_root, tokenizer, tiny_run):
-    from dbl_scale.data import load_eval_split
     from dbl_scale.evaluation import embed_split
     from dbl_scale.branches import load_model
 
     run, cfg = tiny_run
-    out = run.parent / "cands.pt"
+    out = run.parent / "cands"
     proc = torchrun(["-m", "dbl_scale.cli.mine", "--run-dir", str(run), "--data", str(shapes_root), "--out", str(out),
                      "--k-captions", "1000", "--k-images", "30", "--batch-size", "16"], nproc=2, timeout=300)
     assert "128 images" in proc.stdout
@@ -145,7 +148,11 @@ def test_two_rank_mining_matches_one_process(shapes_root, tokenizer, tiny_run):
 
     model = load_model(run, tokenizer)
     tokenize = Tokenize(tokenizer, cfg.model.text.max_length)
-    one = mine(model, shapes_root, "train", 32, tokenize, 16, k_captions=1000, k_images=30)
+    one = mine(model, shapes_root, "train", 32, tokenize, 16, run.parent / "one", k_captions=1000, k_images=30)
+    # one folder of .npy files, memory-mapped by the readers (not copied into their memory)
+    assert sorted(p.name for p in out.iterdir()) == ["caption_candidates.npy", "image_candidates.npy",
+                                                     "image_ids.npy", "meta.json"]
+    assert isinstance(np.load(out / "image_candidates.npy", mmap_mode="r"), np.memmap)
 
     n, k = 128, 5
     assert torch.equal(two.image_ids, one.image_ids) and torch.equal(one.image_ids, torch.arange(n))
@@ -154,8 +161,7 @@ def test_two_rank_mining_matches_one_process(shapes_root, tokenizer, tiny_run):
     assert (two.split, two.run) == ("train", str(run.resolve())) and two.meta["world"] == 2
     # Equal up to ties: generated captions repeat, and the same text embeds to the same vector,
     # so compare the scores of the chosen candidates (both best first) rather than the indices.
-    pixels, ids, captions = load_eval_split(shapes_root, "train", 32)
-    img, txt, _ = embed_split(model, pixels, captions, ids, tokenize, 16)
+    img, txt, _, _ = embed_split(model, shapes_root, "train", 32, tokenize, 16)
     sims = img @ txt.t()
     for cands in (one, two):
         assert not (cands.caption_candidates.long() // k == torch.arange(n)[:, None]).any()
@@ -194,10 +200,9 @@ def test_offline_negatives_follow_the_definitions(shapes_root):
     cc, ic = top_candidates(img, txt, 40, 9)
     cands = Candidates(ids, k, cc, ic, split="train")  # rows in a shuffled id order
     t0 = time.time()
-    sampler = OfflineNegatives(cands, shapes_root, "train", 32, n_max=30)
+    cache_mb = 20 * 3 * 32 * 32 / 2**20  # room for 20 decoded images of the 128
+    sampler = OfflineNegatives(cands, shapes_root, "train", 32, n_max=30, cache_mb=cache_mb)
     assert time.time() - t0 < 20
-    assert sampler.pixels.dtype == torch.uint8 and sampler.pixels.shape == (len(ids), 3, 32, 32)
-    assert sampler.memory_bytes >= len(ids) * 3 * 32 * 32
 
     b = 24
     g = torch.Generator().manual_seed(1)
@@ -228,12 +233,15 @@ def test_offline_negatives_follow_the_definitions(shapes_root):
         assert torch.equal(out["pixels_ineg"][p], ImageTransform(32)(raw[ineg_id][0]))
         assert torch.equal(out["pixels_itneg"][p], ImageTransform(32)(raw[itneg_id][0]))
 
+    # what it holds is the shard offsets and at most its cache of decoded images
+    assert sampler.memory_bytes <= sampler.index.nbytes + 20 * 3 * 32 * 32 < len(ids) * 3 * 32 * 32
+
     # n is capped by the candidate count, and T_{I-} is drawn over all of I-'s captions
     capped = OfflineNegatives(Candidates(ids, k, cc[:, :3], ic, split="train"), shapes_root, "train", 32)
     many = capped.sample(ids.repeat(10), torch.zeros(10 * len(ids), dtype=torch.long), torch.Generator().manual_seed(2))
     assert int(many["n"].max()) < 3 and set((many["tineg"] % k).tolist()) == set(range(k))
 
-    # a refresh in another row order keeps the decoded images, remapped
+    # a refresh in another row order: the same images under the new rows
     order = torch.argsort(ids)
     new_ids = ids[order]
     sampler.update(Candidates(new_ids, k, *top_candidates(img[order], txt.view(-1, k, 8)[order].reshape(-1, 8), 40, 9)))

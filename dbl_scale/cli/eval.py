@@ -3,7 +3,8 @@
     dbl-scale eval --run-dir runs/r1/best --data data/coco --split test --protocol coco1k
 
 The split is embedded on all ranks (`evaluation.evaluate`, as training evaluates); rank 0
-writes the per-query ranks (`ranks.npz`) and `metrics.json` (`standard`: every image of the
+writes the per-query ranks (`ranks.npz`; with `--save-embeddings` the embeddings too) and
+`metrics.json` (`standard`: every image of the
 split, e.g. Flickr30K 1K test or COCO 5K; `coco1k`: mean over 5 folds of 1000 images), the
 recall@K plot and the HTML sample page, and logs everything to the MLflow run that trained
 the model, or to a nested run under it with `--nested`.
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import distributed
 from ..branches import load_model
@@ -47,6 +50,9 @@ def main(argv=None) -> int:
         out = Path(args.out or run_dir / "eval" / f"{args.split}-{args.protocol}")
         out.mkdir(parents=True, exist_ok=True)
         np.savez(out / "ranks.npz", i2t=ev.ranks["i2t"], t2i=ev.ranks["t2i"], image_ids=ev.image_ids.numpy())
+        if args.save_embeddings:  # N x d and K*N x d float32, image-id order: for your own analysis
+            np.savez(out / "embeddings.npz", img=ev.img.numpy(), txt=ev.txt.numpy(), image_ids=ev.image_ids.numpy(),
+                     captions_per_image=ev.captions_per_image)
         (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2))
         print(f"{model_dir} on {eval_root(cfg.data)} / {args.split} ({args.protocol}, {len(ev.image_ids)} images)\n"
               + format_table({"model": ev.metrics}), flush=True)
@@ -67,6 +73,11 @@ def main(argv=None) -> int:
             report(ev, tracker, out, eval_root(cfg.data), args.split, artifact_path=prefix)
         tracker.finish("FINISHED")
         print(f"ranks, metrics and reports in {out}; logged to MLflow run {tracker.run_id}")
+    peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024] * distributed.world_size()  # KiB -> MiB
+    if distributed.world_size() > 1:
+        torch.distributed.all_gather_object(peaks, peaks[0])
+    if distributed.is_main():
+        print("peak resident memory per rank: " + ", ".join(f"{p:.0f} MiB" for p in peaks), flush=True)
     distributed.barrier()
     return 0
 
@@ -80,6 +91,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="folder for ranks.npz, metrics.json and reports")
     p.add_argument("--tracking-uri", help="default: the run's tracking.uri")
     p.add_argument("--nested", action="store_true", help="log to a nested run under the training run")
+    p.add_argument("--save-embeddings", action="store_true", help="also write embeddings.npz (image and caption "
+                                                                   "embeddings in image-id order)")
 
 
 def cmd_eval(args) -> int:
@@ -88,8 +101,7 @@ def cmd_eval(args) -> int:
         value = getattr(args, key)
         if value is not None:
             forwarded += [f"--{key.replace('_', '-')}", str(value)]
-    if args.nested:
-        forwarded.append("--nested")
+    forwarded += [f"--{flag}" for flag in ("nested", "save-embeddings") if getattr(args, flag.replace("-", "_"))]
     return run_ranks(args.nproc, MODULE, forwarded)
 
 

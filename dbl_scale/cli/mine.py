@@ -34,7 +34,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
                    help="folder of a finished run (config.yaml, model.pt)")
     p.add_argument("--data", default=None, help="shard folder (default: the run's data.root)")
     p.add_argument("--split", default=None, help="split to mine (default: the run's data.train_split)")
-    p.add_argument("--out", required=True, help="file to write the candidates to")
+    p.add_argument("--out", required=True, help="folder to write the candidates to (replaced if it exists)")
     p.add_argument("--k-captions", type=int, default=2000, help="caption candidates per image")
     p.add_argument("--k-images", type=int, default=400, help="image candidates per caption")
     p.add_argument("--batch-size", type=int, default=128, help="embedding batch per rank")
@@ -42,7 +42,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Rank side: every rank embeds its share and mines its block of rows; rank 0 writes."""
+    """Rank side: every rank embeds its share, mines its block of rows and writes it."""
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
                                      description="Mine AOQ offline hard negatives with a finished run "
                                                  "(start it with torchrun; every rank takes part).")
@@ -64,12 +64,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = load_model(args.run, tokenizer).to(distributed.device())
     t_mine = time.time()
     cands = mine(model, cfg.data.root, split, image_transform(cfg),
-                 Tokenize(tokenizer, cfg.model.text.max_length), args.batch_size,
+                 Tokenize(tokenizer, cfg.model.text.max_length), args.batch_size, args.out,
                  k_captions=args.k_captions, k_images=args.k_images, memory_mb=args.memory_mb,
                  run=str(Path(args.run).resolve()))
     mine_seconds = time.time() - t_mine
     if rank == 0:
-        cands.save(args.out)
         print(f"mined '{split}' of {cfg.data.root} with {args.run} on {world} rank(s): "
               f"{cands.n_images} images x {cands.captions_per_image} captions, "
               f"{cands.k_captions} caption candidates per image, {cands.k_images} image candidates per "

@@ -13,15 +13,27 @@ the query's scores hold a NaN, numpy's quicksort puts tied items in an order tha
 the whole row (introsort is not stable, and the order is an implementation detail of numpy):
 for just those queries the reference's own ordering is run, so the result is exact by
 construction on any numpy version and CPU.
+
+`embedding_metrics` computes the same from the embeddings without the matrix: the scores are
+made tile by tile (`TileScores`: images in blocks of R, captions in blocks of K*R, always on
+the same boundaries, so a score has the same bits whenever and wherever it is computed), and
+each rank counts its own blocks of image rows, both directions in one pass over the product.
+Its results equal `retrieval_metrics` on the matrix those tiles make, ties and NaNs included
+(a BLAS may round a product of another shape differently in the last bit, so "the matrix" is
+the tiles', not one big `img @ txt.T`).
 """
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
+
+from .. import distributed
+from .counting import count_tile
 
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")  # what tables show
@@ -145,18 +157,261 @@ def retrieval_metrics(sims: Union[torch.Tensor, np.ndarray], captions_per_image:
     `return_ranks`, also returns the 0-based ranks {"i2t": N ints, "t2i": K*N ints}.
     """
     i2t, t2i = _ranks(sims, captions_per_image, chunk)
+    metrics = metrics_of_ranks(i2t, t2i)
+    if return_ranks:
+        return metrics, {"i2t": i2t, "t2i": t2i}
+    return metrics
+
+
+def metrics_of_ranks(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
+    """The protocol's metrics from 0-based ranks, with the published code's arithmetic (so even
+    the last bit agrees)."""
     out: dict[str, float] = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
-        for k in (1, 5, 10):  # the published code's arithmetic, so even the last bit agrees
+        for k in (1, 5, 10):
             out[f"{name}_r{k}"] = 100.0 * len(np.where(ranks < k)[0]) / len(ranks)
         out[f"{name}_medr"] = float(np.floor(np.median(ranks)) + 1)
         out[f"{name}_meanr"] = float(ranks.mean() + 1)
     out["rsum"] = (out["i2t_r1"] + out["i2t_r5"] + out["i2t_r10"]
                    + out["t2i_r1"] + out["t2i_r5"] + out["t2i_r10"])
-    metrics = {key: out[key] for key in METRIC_KEYS}
-    if return_ranks:
-        return metrics, {"i2t": i2t, "t2i": t2i}
-    return metrics
+    return {key: out[key] for key in METRIC_KEYS}
+
+
+# ----------------------------------------------------------------------------- from embeddings, in tiles
+
+TILE_ROWS = 256  # images per tile: a tile is R x K*R scores (1.3 MB at K = 5), counted while in cache
+
+
+class TileScores:
+    """The N x K*N scores of image and caption embeddings, computed on demand tile by tile: tile
+    (t, u) = images [t*R, (t+1)*R) against captions [u*K*R, (u+1)*K*R), so tile (t, t) holds
+    image block t's own captions. The same tile is always the same product, so every score
+    has one value whoever asks. Rows and columns read as numpy float32 (`row`, `col`, and
+    `s[i]`, `s[:, c]`, `s[i, c]` as on a matrix)."""
+
+    def __init__(self, img: torch.Tensor, txt: torch.Tensor, captions_per_image: int, rows: int = TILE_ROWS):
+        if img.dim() != 2 or txt.dim() != 2 or txt.shape[0] != captions_per_image * img.shape[0]:
+            raise ValueError(f"need N x d images and {captions_per_image}*N x d captions, got "
+                             f"{tuple(img.shape)} and {tuple(txt.shape)}")
+        self.img, self.txt = img.float(), txt.float().to(img.device)
+        self.k, self.rows, self.cols = captions_per_image, rows, captions_per_image * rows
+        self.shape = (img.shape[0], txt.shape[0])
+        self.tiles = math.ceil(img.shape[0] / rows)
+
+    def tile(self, t: int, u: int, out: Optional[dict] = None) -> torch.Tensor:
+        """Tile (t, u); `out`: a dict of reusable buffers by shape (a fresh 1 MB output per tile
+        costs the CPU page faults; the product into a buffer is the same call, the same bits)."""
+        a, b = self.img[t * self.rows:(t + 1) * self.rows], self.txt[u * self.cols:(u + 1) * self.cols]
+        if out is None:
+            return a @ b.t()
+        shape = (a.shape[0], b.shape[0])
+        if shape not in out:
+            out[shape] = torch.empty(shape, dtype=a.dtype, device=a.device)
+        return torch.mm(a, b.t(), out=out[shape])
+
+    def row(self, i: int) -> np.ndarray:
+        t, r = divmod(int(i), self.rows)
+        return torch.cat([self.tile(t, u)[r] for u in range(self.tiles)]).cpu().numpy()
+
+    def col(self, c: int) -> np.ndarray:
+        u, j = divmod(int(c), self.cols)
+        return torch.cat([self.tile(t, u)[:, j] for t in range(self.tiles)]).cpu().numpy()
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, c = key
+            return self.col(c) if isinstance(i, slice) else self.row(i)[c]
+        return self.row(key)
+
+
+def embedding_ranks(img: torch.Tensor, txt: torch.Tensor, captions_per_image: int = 5,
+                    rows: int = TILE_ROWS, stats: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ranks of every image query (N) and caption query (K*N) from the embeddings, as
+    `retrieval_metrics` ranks them on the tiles' matrix. Collective when the process group is
+    up: every rank must pass the same embeddings; each counts its own blocks of image rows and
+    the results are merged, the same on every rank. Memory: a few tiles per thread, and
+    O(K*N) counts. On a GPU the tiles are made and counted there. `stats`, when given, gets
+    the seconds of each pass and how many queries were re-scored for a tie."""
+    sc, k = TileScores(img, txt, captions_per_image, rows), captions_per_image
+    n, n_cap = sc.shape
+    dev = sc.img.device
+    lo, hi = _shard(sc.tiles)
+    mine = range(lo, hi)
+    # pass 1: the diagonal tiles give every image's best positive and every caption's positive
+    best = torch.full((n,), float("nan"), device=dev)
+    pos = torch.full((n_cap,), float("nan"), device=dev)
+    own_at_best = torch.zeros(n, dtype=torch.long, device=dev)
+    for t in mine:
+        d = sc.tile(t, t)
+        r = torch.arange(d.shape[0], device=dev)
+        own = d[r[:, None], r[:, None] * k + torch.arange(k, device=dev)]  # rows x K positives
+        best[t * rows:t * rows + d.shape[0]] = _nan_max(own)
+        own_at_best[t * rows:t * rows + d.shape[0]] = (own == best[t * rows:t * rows + d.shape[0], None]).sum(1)
+        pos[t * sc.cols:t * sc.cols + own.numel()] = own.reshape(-1)
+    pos = _merge_blocks(pos, lo * sc.cols, min(hi * sc.cols, n_cap))
+    # pass 2: every tile of my rows once, both directions counted in it
+    t0 = time.perf_counter()
+    count = _count_on_cpu if dev.type == "cpu" else _count_on_device
+    i2t, eq, tied, cap_gt, cap_ge, cap_nan = count(sc, mine, best, pos)
+    t1 = time.perf_counter()
+    tied = (tied | (eq > own_at_best.cpu())).numpy()  # ... or a negative ties with the best positive
+    i2t = i2t.numpy()
+    cap_gt = distributed.all_reduce_sum(cap_gt.to(distributed.device())).cpu().numpy()
+    cap_ge = distributed.all_reduce_sum(cap_ge.to(distributed.device())).cpu().numpy()
+    cap_nan = distributed.all_reduce_max(cap_nan.to(torch.uint8).to(distributed.device())).cpu().numpy() > 0
+    # queries whose positive is tied with a negative (or whose scores hold a NaN): the reference's
+    # own order, on their whole row or column of the tiles' matrix
+    rows_tied = np.flatnonzero(tied)
+    i2t[rows_tied] = _reference_ranks(sc, rows_tied, "row")
+    t2i = cap_gt.copy()
+    resolve = np.flatnonzero((cap_ge - cap_gt > 1) | cap_nan)
+    mine_cols = resolve[(resolve // sc.cols >= lo) & (resolve // sc.cols < hi)]  # by caption block
+    t2i[mine_cols] = _reference_ranks(sc, mine_cols, "col")
+    if stats is not None:
+        stats.update(count_s=t1 - t0, rescore_s=time.perf_counter() - t1, rows_rescored=len(rows_tied),
+                     cols_rescored=len(mine_cols))
+    i2t = _merge_rows(i2t, lo * rows, min(hi * rows, n))
+    t2i_fixed = _merge_values(mine_cols, t2i[mine_cols])
+    t2i[t2i_fixed[0]] = t2i_fixed[1]
+    return i2t, t2i
+
+
+def embedding_metrics(img: torch.Tensor, txt: torch.Tensor, captions_per_image: int = 5,
+                      return_ranks: bool = False, rows: int = TILE_ROWS):
+    """`retrieval_metrics` of the embeddings' scores, without the N x K*N matrix (collective)."""
+    i2t, t2i = embedding_ranks(img, txt, captions_per_image, rows)
+    metrics = metrics_of_ranks(i2t, t2i)
+    return (metrics, {"i2t": i2t, "t2i": t2i}) if return_ranks else metrics
+
+
+def _nan_max(x: torch.Tensor) -> torch.Tensor:
+    """Row maxima where a NaN wins (as numpy's max), so a NaN positive sends its row to the reference."""
+    m = x.max(dim=1).values
+    return torch.where(torch.isnan(x).any(dim=1), torch.full_like(m, float("nan")), m)
+
+
+def _shard(n_tiles: int) -> tuple[int, int]:
+    rank, world = distributed.rank(), distributed.world_size()
+    return n_tiles * rank // world, n_tiles * (rank + 1) // world
+
+
+def _reference_ranks(sc: TileScores, queries: np.ndarray, kind: str) -> np.ndarray:
+    """The reference's rank of each query (image rows for "row", captions for "col"), from its
+    whole row or column: the queries are grouped by their block, and each block's strip of
+    tiles is made once for all of its queries (on the CPU, in torch's threads)."""
+    k, out = sc.k, {}
+    block = sc.rows if kind == "row" else sc.cols
+    groups = [queries[queries // block == b] for b in np.unique(queries // block)]
+
+    def strip(group: np.ndarray) -> dict:
+        b, buffers = int(group[0] // block), {}
+        if kind == "row":
+            parts = [sc.tile(b, u, buffers)[torch.as_tensor(group - b * sc.rows)].cpu() for u in range(sc.tiles)]
+            scores = torch.cat(parts, dim=1).numpy()
+            return {int(q): _reference_rank(x, lambda order, q=int(q): order // k == q) for q, x in zip(group, scores)}
+        parts = [sc.tile(t, b, buffers)[:, torch.as_tensor(group - b * sc.cols)].cpu() for t in range(sc.tiles)]
+        scores = torch.cat(parts, dim=0).t().contiguous().numpy()
+        return {int(q): _reference_rank(x, lambda order, img=int(q) // k: order == img) for q, x in zip(group, scores)}
+
+    for found in _in_threads(strip, groups, sc.img.device):
+        out.update(found)
+    return np.array([out[int(q)] for q in queries], dtype=np.int64)
+
+
+def _in_threads(fn, jobs: list, dev: torch.device):
+    """fn over jobs, results in order: on the CPU in torch's number of threads, each running
+    one-thread products; on a GPU in order."""
+    before = torch.get_num_threads()
+    threads = max(1, min(before, len(jobs)))
+    if dev.type != "cpu" or threads == 1:
+        yield from map(fn, jobs)
+        return
+    torch.set_num_threads(1)
+    try:  # OpenMP's thread count belongs to each thread: a pool thread sets its own
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            yield from pool.map(fn, jobs)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _count_on_cpu(sc: TileScores, mine: range, best: torch.Tensor, pos: torch.Tensor) -> tuple:
+    """Pass 2 on the CPU: torch's threads each take every T-th of my row blocks, make each tile
+    with a one-thread product (the same bits as a many-thread one: the BLAS splits rows and
+    columns, not the sums) and count it in one pass (`counting.count_tile`). Row counts go
+    straight into the shared arrays (a block's rows are one thread's); column counts into the
+    thread's own arrays, added up at the end."""
+    n, n_cap = sc.shape
+    threads = max(1, min(torch.get_num_threads(), len(mine)))
+    best_np, pos_np = best.numpy(), pos.numpy()
+    row_gt, row_eq, row_nan = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.uint8)
+    cols = [(np.zeros(n_cap, np.int32), np.zeros(n_cap, np.int32), np.zeros(n_cap, np.uint8)) for _ in range(threads)]
+
+    def work(w: int) -> None:
+        col_gt, col_ge, col_nan = cols[w]
+        buffers: dict = {}
+        for t in list(mine)[w::threads]:
+            r = slice(t * sc.rows, min((t + 1) * sc.rows, n))
+            for u in range(sc.tiles):
+                c = slice(u * sc.cols, min((u + 1) * sc.cols, n_cap))
+                count_tile(sc.tile(t, u, buffers).numpy(), best_np[r], pos_np[c], row_gt[r], row_eq[r], col_gt[c],
+                           col_ge[c], row_nan[r], col_nan[c])
+
+    list(_in_threads(work, list(range(threads)), sc.img.device))
+    cap_gt = torch.from_numpy(sum(c[0].astype(np.int64) for c in cols))
+    cap_ge = torch.from_numpy(sum(c[1].astype(np.int64) for c in cols))
+    cap_nan = torch.from_numpy(np.logical_or.reduce([c[2] > 0 for c in cols]))
+    return (torch.from_numpy(row_gt), torch.from_numpy(row_eq), torch.from_numpy(row_nan > 0), cap_gt, cap_ge,
+            cap_nan)
+
+
+def _count_on_device(sc: TileScores, mine: range, best: torch.Tensor, pos: torch.Tensor) -> tuple:
+    """Pass 2 on a GPU: the tiles made and counted there, in order; only the counts come back."""
+    n, n_cap = sc.shape
+    dev = sc.img.device
+    i2t, eq = torch.zeros(n, dtype=torch.long, device=dev), torch.zeros(n, dtype=torch.long, device=dev)
+    tied = torch.zeros(n, dtype=torch.bool, device=dev)
+    cap_gt, cap_ge = torch.zeros(n_cap, dtype=torch.long, device=dev), torch.zeros(n_cap, dtype=torch.long, device=dev)
+    cap_nan = torch.zeros(n_cap, dtype=torch.bool, device=dev)
+    for t in mine:
+        r = slice(t * sc.rows, min((t + 1) * sc.rows, n))
+        bb = best[r, None]
+        for u in range(sc.tiles):
+            c = slice(u * sc.cols, min((u + 1) * sc.cols, n_cap))
+            s, pp = sc.tile(t, u), pos[None, c]
+            i2t[r] += (s > bb).sum(1)
+            eq[r] += (s == bb).sum(1)
+            cap_gt[c] += (s > pp).sum(0)
+            cap_ge[c] += (s >= pp).sum(0)
+            nan = torch.isnan(s)
+            tied[r] |= nan.any(1)
+            cap_nan[c] |= nan.any(0)
+    return i2t.cpu(), eq.cpu(), tied.cpu(), cap_gt.cpu(), cap_ge.cpu(), cap_nan.cpu()
+
+
+def _merge_blocks(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Every rank's [lo, hi) slice of x, put together (the same on every rank)."""
+    if distributed.world_size() == 1:
+        return x
+    parts = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(parts, (lo, hi, x[lo:hi].cpu()))
+    out = x.clone()
+    for a, b, block in parts:
+        out[a:b] = block.to(x.device)
+    return out
+
+
+def _merge_rows(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    return _merge_blocks(torch.from_numpy(x), lo, hi).numpy()
+
+
+def _merge_values(idx: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (indices, values), concatenated."""
+    if distributed.world_size() == 1:
+        return idx, values
+    parts = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(parts, (idx, values))
+    return (np.concatenate([p[0] for p in parts]).astype(np.int64),
+            np.concatenate([p[1] for p in parts]).astype(np.int64))
 
 
 def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, float]:
@@ -185,16 +440,17 @@ def format_table(rows: dict[str, dict[str, float]], keys=RECALL_KEYS) -> str:
 def protocol_metrics(img: torch.Tensor, txt: torch.Tensor, protocol: str = "standard", k: int = 5,
                      return_ranks: bool = False):
     """Metrics of embeddings under a protocol: `standard` (all images, e.g. Flickr30K 1K test,
-    COCO 5K), or `coco1k` (COCO 1K: the mean of the metrics of 5 folds of 1000 images)."""
+    COCO 5K), or `coco1k` (COCO 1K: the mean of the metrics of 5 folds of 1000 images).
+    Collective (`embedding_metrics`): every rank passes the same embeddings."""
     if protocol == "standard":
-        return retrieval_metrics(img @ txt.t(), captions_per_image=k, return_ranks=return_ranks)
+        return embedding_metrics(img, txt, k, return_ranks=return_ranks)
     if protocol != "coco1k":
         raise ValueError(f"protocol must be 'standard' or 'coco1k', got {protocol!r}")
     n = img.shape[0]
     if n != 5000:
         raise ValueError(f"coco1k needs the 5000 COCO test images (5 folds of 1000), got {n}")
-    folds = [retrieval_metrics(img[f * 1000:(f + 1) * 1000] @ txt[f * 1000 * k:(f + 1) * 1000 * k].t(),
-                               captions_per_image=k, return_ranks=True) for f in range(5)]
+    folds = [embedding_metrics(img[f * 1000:(f + 1) * 1000], txt[f * 1000 * k:(f + 1) * 1000 * k], k,
+                               return_ranks=True) for f in range(5)]
     metrics = {key: float(np.mean([m[key] for m, _ in folds])) for key in METRIC_KEYS}
     if not return_ranks:
         return metrics

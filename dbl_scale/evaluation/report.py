@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .metrics import METRIC_KEYS, retrieval_metrics
+from .metrics import METRIC_KEYS, TileScores, retrieval_metrics
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -126,12 +126,13 @@ def retrieval_html(path: Union[str, Path], images: Sequence, captions: Sequence[
     """A self-contained HTML page of sampled queries and their top-`k` results, marked right or wrong.
 
     images: N PIL images or uint8 arrays; captions: K*N strings, caption c describes image
-    c // K; sims: the N x K*N similarity matrix; ranks / metrics: from
-    `retrieval_metrics(sims, K, return_ranks=True)` (computed here when not given). Each query
-    shows its 1-based rank of the first correct result; `n_queries` queries per direction are
-    drawn at random with `seed`.
+    c // K (both only indexed for what the page shows, so lazy sequences work); sims: the
+    N x K*N similarity matrix, or scores made on demand (`metrics.TileScores`); ranks /
+    metrics: from `retrieval_metrics(sims, K, return_ranks=True)` (computed here when not
+    given). Each query shows its 1-based rank of the first correct result; `n_queries` queries
+    per direction are drawn at random with `seed`.
     """
-    s = _numpy(sims)
+    s = sims if isinstance(sims, TileScores) else _numpy(sims)
     n_img, n_cap = s.shape
     if len(images) != n_img or len(captions) != n_cap or n_cap % n_img:
         raise ValueError(f"need N images and K*N captions for a {n_img} x {n_cap} sims matrix, "
@@ -166,10 +167,11 @@ def retrieval_html(path: Union[str, Path], images: Sequence, captions: Sequence[
                      f'<div>query image {i}<br><span class="rank">rank of first correct caption: {first}</span>'
                      f'<details><summary class="meta">its {per} captions</summary><ul>{truth}</ul></details>'
                      f'</div></div><ol class="results">')
-        for pos, c in enumerate(top(s[i])):
+        row = s[i]
+        for pos, c in enumerate(top(row)):
             cls, mark = _mark(c // per == i)
             parts.append(f'<li class="result {cls}" data-index="{c}"><span class="mark">{mark}</span> '
-                         f'<span class="meta">#{pos + 1} score {s[i, c]:.4f} (image {c // per})</span><br>'
+                         f'<span class="meta">#{pos + 1} score {row[c]:.4f} (image {c // per})</span><br>'
                          f'<span class="caption">{html.escape(captions[c])}</span></li>')
         parts.append("</ol></div>")
     parts.append("</section>")
@@ -184,11 +186,12 @@ def retrieval_html(path: Union[str, Path], images: Sequence, captions: Sequence[
                      f'<span class="rank">rank of first correct image: {first}</span></div>'
                      f'<div class="meta">ground truth<br><img src="{thumb(own, 64)}" alt="image {own}"></div>'
                      f'</div><ol class="results">')
-        for pos, i in enumerate(top(s[:, c])):
+        col = s[:, c]
+        for pos, i in enumerate(top(col)):
             cls, mark = _mark(i == own)
             parts.append(f'<li class="result {cls}" data-index="{i}"><img src="{thumb(i)}" alt="image {i}"><br>'
                          f'<span class="mark">{mark}</span> <span class="meta">#{pos + 1} image {i} '
-                         f'score {s[i, c]:.4f}</span></li>')
+                         f'score {col[i]:.4f}</span></li>')
         parts.append("</ol></div>")
     parts.append("</section></body></html>\n")
 
@@ -205,7 +208,7 @@ def log_reports(tracker, out_dir: Union[str, Path], images: Sequence, captions: 
     artifacts of the tracker's run (a disabled tracker, as on ranks other than 0, logs nothing)."""
     if ranks is None or metrics is None:
         per = sims.shape[1] // len(images)
-        metrics, ranks = retrieval_metrics(sims, captions_per_image=per, return_ranks=True)
+        metrics, ranks = retrieval_metrics(sims, captions_per_image=per, return_ranks=True)  # a matrix, then
     out = Path(out_dir)
     paths = {
         "png": recall_curve_png(ranks, out / f"{split}_recall_curve.png", title=f"Recall@K on {split}"),

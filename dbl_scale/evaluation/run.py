@@ -1,20 +1,23 @@
 """One evaluation of a model on a split, as training (validation, final test) and
-`dbl-scale eval` both run it: embed on all ranks, score under a protocol, and optionally
-write the reports a person looks at."""
+`dbl-scale eval` both run it: stream and embed on all ranks, score in tiles under a protocol,
+and optionally write the reports a person looks at. Nothing here holds the decoded split or
+the N x K*N score matrix."""
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .. import distributed
-from ..data import load_eval_split, read_thumbnails
+from ..data import split_shards
+from ..shard_index import ShardIndex
 from .embed import embed_split
-from .metrics import protocol_metrics
+from .metrics import TileScores, protocol_metrics
 from .report import log_reports
 
 log = logging.getLogger(__name__)
@@ -33,35 +36,61 @@ class Evaluation:
 def evaluate(model, data_root: str | Path, split: str, image, tokenize, batch_size: int,
              protocol: str = "standard") -> Evaluation:
     """Retrieval metrics of `model` on a split, the same on every rank (collective: every rank
-    embeds its share of the split). `protocol`: "standard" (all images) or "coco1k"."""
+    embeds its share of the split, then scores its share of the queries). `protocol`:
+    "standard" (all images) or "coco1k"."""
     was_training = model.training
     model.eval()
     try:
-        pixels, ids, captions = load_eval_split(data_root, split, image,
-                                                distributed.rank(), distributed.world_size())
-        k = captions_per_image(captions)
-        img, txt, all_ids = embed_split(model, pixels, captions, ids, tokenize, batch_size, k)
+        img, txt, ids, k = embed_split(model, data_root, split, image, tokenize, batch_size)
     finally:
         model.train(was_training)
-    metrics, ranks = protocol_metrics(img, txt, protocol, k, return_ranks=True)
-    return Evaluation(metrics, ranks, img, txt, all_ids, k)
-
-
-def captions_per_image(captions: list[list[str]], standard: int = 5) -> int:
-    """K for the whole split (collective): the standard 5, or the fewest captions any image of
-    the split has (web data: often 1); then every image is scored with its first K."""
-    fewest = -distributed.all_reduce_max_int(-min((len(c) for c in captions), default=standard))
-    k = min(standard, fewest)
-    if k < standard and distributed.is_main():
-        log.warning("some evaluation images have only %d caption(s): every image is scored with its first %d "
-                    "(the COCO / Flickr30K protocol has 5)", k, k)
-    return k
+    dev = distributed.device()
+    metrics, ranks = protocol_metrics(img.to(dev), txt.to(dev), protocol, k, return_ranks=True)
+    return Evaluation(metrics, ranks, img, txt, ids, k)
 
 
 def report(ev: Evaluation, tracker, out_dir: str | Path, data_root: str | Path, split: str,
            artifact_path: str = "reports") -> None:
     """The recall@K plot and the HTML page of sample queries with thumbnails, written to
-    out_dir and logged to the tracker's run (call on rank 0)."""
-    thumbs, caps = read_thumbnails(data_root, split, ev.image_ids, ev.captions_per_image)
-    log_reports(tracker, out_dir, thumbs, caps, ev.img @ ev.txt.t(), ev.metrics, ev.ranks, split=split,
-                artifact_path=artifact_path)
+    out_dir and logged to the tracker's run (call on rank 0). Scores are made only for the
+    queries the page shows, and only their images and captions are read (by random access)."""
+    index = ShardIndex(split_shards(data_root, split)[0])
+    scores = TileScores(ev.img, ev.txt, ev.captions_per_image)
+    ids = ev.image_ids.tolist()
+    log_reports(tracker, out_dir, _Thumbnails(index, ids), _Captions(index, ids, ev.captions_per_image), scores,
+                ev.metrics, ev.ranks, split=split, artifact_path=artifact_path)
+
+
+class _Thumbnails:
+    """Image row -> a small PIL image, read from the shards when asked (region features, which
+    have no picture, show as grey)."""
+
+    def __init__(self, index: ShardIndex, ids: list[int], size: int = 96):
+        self.index, self.ids, self.size = index, ids, size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, row: int) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(self.index.image(self.ids[row]))) as im:
+                return im.convert("RGB").resize((self.size, self.size))
+        except Exception:  # noqa: BLE001 - not a picture (precomp regions) or unreadable: a placeholder
+            return Image.new("RGB", (self.size, self.size), (200, 200, 200))
+
+
+class _Captions:
+    """Caption c (caption c % K of image row c // K) -> its text, read from the shards when asked."""
+
+    def __init__(self, index: ShardIndex, ids: list[int], k: int):
+        self.index, self.ids, self.k = index, ids, k
+        self._read: dict[int, list[str]] = {}  # image row -> its captions (a page shows a few)
+
+    def __len__(self) -> int:
+        return len(self.ids) * self.k
+
+    def __getitem__(self, c: int) -> str:
+        row = c // self.k
+        if row not in self._read:
+            self._read[row] = self.index.captions(self.ids[row])
+        return self._read[row][c % self.k]

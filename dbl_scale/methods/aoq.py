@@ -14,14 +14,14 @@ class AOQ(Method):
     name = "aoq"
     offline: Optional[OfflineHardNegatives] = None
 
-    def start(self, target, tokenize, steps_per_epoch, rank):
-        self.offline = OfflineHardNegatives(self.cfg, target, tokenize, rank)
+    def start(self, target, tokenize, steps_per_epoch, rank, workdir):
+        self.offline = OfflineHardNegatives(self.cfg, target, tokenize, rank, workdir)
         self.steps_per_epoch = steps_per_epoch
 
     def prepare(self, batch, consumed, target):
         every = self.steps_per_epoch * self.lc.aoq.refresh_epochs
         if consumed and every and consumed % every == 0:
-            self.offline.refresh(target)
+            self.offline.refresh(target, consumed)
         return self.offline.extend(batch)
 
     def state_dict(self):

@@ -14,6 +14,7 @@ weighted total a branch optimises. The method gathers (once per step, through
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -111,8 +112,9 @@ class Method:
         raise NotImplementedError(f"{self.name} has no momentum branch")
 
     # ------------------------------------------------------------------ per-run state
-    def start(self, target: nn.Module, tokenize, steps_per_epoch: int, rank: int) -> None:
-        """Create the run's state once the branches and the loader exist."""
+    def start(self, target: nn.Module, tokenize, steps_per_epoch: int, rank: int, workdir: Path) -> None:
+        """Create the run's state once the branches and the loader exist (`workdir`: the run's
+        folder, for state kept in files, which every rank sees)."""
 
     def prepare(self, batch: dict, consumed: int, target: nn.Module) -> dict:
         """The batch a step trains on, given the loader's (`consumed`: loader batches so far)."""

@@ -70,7 +70,7 @@ class CODER(Method):
     def momentum(self, step):
         return self.lc.coder.momentum  # constant, as MoCo's key encoders
 
-    def start(self, target, tokenize, steps_per_epoch, rank):
+    def start(self, target, tokenize, steps_per_epoch, rank, workdir):
         self.queues = KeyQueues(self.lc.coder.queue_size, self.cfg.model.embed_dim, distributed.device())
 
     def after_step(self):

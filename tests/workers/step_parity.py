@@ -69,7 +69,7 @@ def step(name, overrides, micro_batches=1):
     tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
     branches = build_branches(cfg, method, tokenizer, world)
     if method.name == "coder":
-        method.start(branches[-1].module, None, 1, rank)
+        method.start(branches[-1].module, None, 1, rank, None)
         method.queues = make_queues(cfg)
     before = trained_and_ema(branches)
     batch = make_batch(tokenizer, cfg)

@@ -6,6 +6,7 @@
   memory   per-rank bytes of ZeRO 0-3, and the step time of each DBL scenario
   data     the loader and the converters against bare WebDataset and PIL loops
   gpu      the GPU path end to end in one command (make gpu-check)
+  scale    evaluation, mining and AOQ's negatives as the data grows (memory and time)
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import argparse
 
 from . import data as bench_data
 from . import eval as bench_eval
-from . import gpu, loss, memory, methods
+from . import gpu, loss, memory, methods, scale
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,6 +22,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench_command", required=True)
-    for module in (loss, methods, bench_eval, memory, bench_data, gpu):
+    for module in (loss, methods, bench_eval, memory, bench_data, gpu, scale):
         module.add_parser(bsub)
     return p

@@ -1,0 +1,199 @@
+"""`dbl-scale bench scale`: how evaluation, mining and AOQ's negatives grow with the data.
+
+Each measurement runs in a fresh process, which makes its inputs, then counts its peak
+resident memory above them (Linux's VmHWM, reset once the inputs exist):
+  (1) evaluation of N images x K*N captions from random unit embeddings (`embedding_metrics`:
+      tiles, both directions counted in one pass) against a bare chunked product of the same
+      embeddings (every score made once, nothing counted), in the same run;
+  (2) mining (`top_candidates`, kc = 2000, ki = 400) of N_mine images;
+  (3) AOQ's sampler (`OfflineNegatives`) on generated ShapesCaptions shards of two sizes:
+      what it holds after drawing batches, against what the in-memory sampler held
+      (N x 3 x S x S bytes of decoded images).
+No download: embeddings are random, shards generated.
+
+    dbl-scale bench scale --images 100000 --dim 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data_tools.shapes_captions import build_shapes_captions
+
+from ...data import read_samples, sample_meta, split_shards
+from ...evaluation.metrics import TILE_ROWS, TileScores, embedding_ranks, metrics_of_ranks
+from ...mining import Candidates, OfflineNegatives, top_candidates
+from .common import MIB, machine_line
+
+EVAL_TARGET = 1.2  # evaluation's time over the bare product's
+
+
+def _vm(key: str) -> int:
+    """A /proc/self/status figure in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} is not in /proc/self/status (Linux only)")
+
+
+def _reset_peak() -> int:
+    """Reset the resident-memory high-water mark; returns the resident bytes now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _vm("VmRSS")
+
+
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, d)
+    for lo in range(0, n, 65536):  # in pieces: no transient copy of the whole
+        x[lo:lo + 65536] = torch.nn.functional.normalize(torch.randn(min(65536, n - lo), d, generator=g), dim=1)
+    return x
+
+
+def _measured(fn, *args) -> dict:
+    """Run fn in a fresh process; its figures and its peak resident bytes above its inputs."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _eval_child(n: int, d: int, k: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    img, txt = _unit(n, d, 1), _unit(k * n, d, 2)
+    out = {"inputs_bytes": img.nbytes + txt.nbytes}
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    stats: dict = {}
+    i2t, t2i = embedding_ranks(img, txt, k, stats=stats)
+    metrics = metrics_of_ranks(i2t, t2i)
+    out.update(seconds=time.perf_counter() - t0, peak_above_inputs=_vm("VmHWM") - base, rsum=metrics["rsum"], **stats)
+    # the bare product, every score once and nothing counted: in the tiles evaluation makes, and
+    # in chunks of rows against all captions; the faster is the baseline
+    sc = TileScores(img, txt, k)
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    for t in range(sc.tiles):
+        for u in range(sc.tiles):
+            sc.tile(t, u)
+    out.update(tiles_seconds=time.perf_counter() - t0)
+    rows = TILE_ROWS
+    buf = torch.empty(rows, k * n)
+    t0 = time.perf_counter()
+    for lo in range(0, n, rows):
+        chunk = img[lo:lo + rows]
+        torch.mm(chunk, txt.t(), out=buf[:len(chunk)])
+    out.update(rows_seconds=time.perf_counter() - t0, bare_rows=rows, bare_peak_above_inputs=_vm("VmHWM") - base)
+    out["bare_seconds"] = min(out["tiles_seconds"], out["rows_seconds"])
+    return out
+
+
+def _mine_child(n: int, d: int, k: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    img, txt = _unit(n, d, 3), _unit(k * n, d, 4)
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    cc, ic = top_candidates(img, txt, 2000, 400)
+    return {"seconds": time.perf_counter() - t0, "peak_above_inputs": _vm("VmHWM") - base,
+            "inputs_bytes": img.nbytes + txt.nbytes, "output_bytes": cc.nbytes + ic.nbytes}
+
+
+def _aoq_child(root: str, size: int, batches: int, batch: int, cache_mb: float) -> dict:
+    ids = torch.tensor(sorted(sample_meta(s)[0] for s in read_samples(split_shards(root, "train")[0])))
+    n, k = len(ids), 5
+    g = torch.Generator().manual_seed(0)
+    cands = Candidates(ids, k, torch.randint(0, k * n, (n, 300), generator=g, dtype=torch.int32),
+                       torch.randint(0, n, (k * n, 60), generator=g, dtype=torch.int32), split="train")
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    sampler = OfflineNegatives(cands, root, "train", size, n_max=300, cache_mb=cache_mb)
+    start_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(1)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        pick = ids[torch.randint(0, n, (batch,), generator=gen)]
+        sampler.sample(pick, torch.randint(0, k, (batch,), generator=gen), gen)
+    return {"images": n, "start_seconds": start_s, "ms_per_batch": 1e3 * (time.perf_counter() - t0) / batches,
+            "held_bytes": sampler.memory_bytes, "index_bytes": sampler.index.nbytes,
+            "peak_above_candidates": _vm("VmHWM") - base, "in_memory_bytes": n * 3 * size * size}
+
+
+def cmd_bench_scale(args) -> int:
+    threads = torch.get_num_threads()
+    print(machine_line(torch.device("cpu")), flush=True)
+    t_all = time.time()
+    result = {"args": vars(args).copy()}
+    result["args"].pop("func", None)
+    n, k, d = args.images, 5, args.dim
+    print(f"(1) evaluation of {n} images x {k * n} captions, d = {d}, float32 ...", flush=True)
+    ev = result["eval"] = _measured(_eval_child, n, d, k, threads)
+    print(f"(2) mining of {args.mine_images} images x {k * args.mine_images} captions ...", flush=True)
+    mi = result["mining"] = _measured(_mine_child, args.mine_images, d, k, threads)
+    result["aoq"] = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for size_n in args.aoq_images:
+            root = Path(tmp) / f"shapes_{size_n}"
+            print(f"(3) AOQ's negatives on {size_n} generated images ({args.aoq_size} px) ...", flush=True)
+            build_shapes_captions(str(root), n_train=size_n, n_val=0, n_test=0, image_size=args.aoq_size,
+                                  shard_size=max(1, min(1000, size_n // 8)))
+            result["aoq"].append(_measured(_aoq_child, str(root), args.aoq_size, args.aoq_batches, 128,
+                                           args.cache_mb))
+    print(format_result(result, threads))
+    print(f"bench wall time: {time.time() - t_all:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"results written to {args.json}")
+    return 0
+
+
+def format_result(r: dict, threads: int) -> str:
+    ev, mi = r["eval"], r["mining"]
+    a = r["args"]
+    ratio = ev["seconds"] / ev["bare_seconds"]
+    lines = [
+        f"\nbench scale ({threads} torch threads):",
+        f"(1) evaluation {a['images']} x {5 * a['images']} (d {a['dim']}): {ev['seconds']:.1f} s, peak "
+        f"{ev['peak_above_inputs'] / MIB:.0f} MiB above the embeddings ({ev['inputs_bytes'] / MIB:.0f} MiB); "
+        f"bare chunked product: in its tiles {ev['tiles_seconds']:.1f} s, in chunks of {ev['bare_rows']} rows "
+        f"{ev['rows_seconds']:.1f} s (peak {ev['bare_peak_above_inputs'] / MIB:.0f} MiB)",
+        f"    evaluation / bare product = {ratio:.2f}x (target <= {EVAL_TARGET}: "
+        f"{'met' if ratio <= EVAL_TARGET else 'NOT met'}); rSum {ev['rsum']:.2f} (chance level)",
+        f"    of which: every tile made and counted once {ev['count_s']:.1f} s "
+        f"({ev['count_s'] / ev['bare_seconds']:.2f}x the bare product); the reference's order for the queries "
+        f"whose positive ties with a negative, {ev['rows_rescored']} images and {ev['cols_rescored']} captions, "
+        f"{ev['rescore_s']:.1f} s",
+        f"(2) mining {a['mine_images']} x {5 * a['mine_images']} (top 2000 / 400): {mi['seconds']:.1f} s, peak "
+        f"{mi['peak_above_inputs'] / MIB:.0f} MiB above the embeddings (its output: {mi['output_bytes'] / MIB:.0f} MiB)",
+        f"(3) AOQ's negatives ({a['aoq_size']} px, a cache of at most {a['cache_mb']:g} MiB; peak: resident "
+        f"memory growth over {a['aoq_batches']} batches of 128; in-memory: the decoded split the old sampler held):",
+        f"    {'images':>8}{'bound MiB':>10}{'index MiB':>11}{'peak MiB':>10}{'in-memory MiB':>15}{'ms/batch':>10}"
+        f"{'start s':>9}"]
+    for x in r["aoq"]:
+        lines.append(f"    {x['images']:>8}{x['held_bytes'] / MIB:>10.1f}{x['index_bytes'] / MIB:>11.2f}"
+                     f"{x['peak_above_candidates'] / MIB:>10.1f}{x['in_memory_bytes'] / MIB:>15.1f}"
+                     f"{x['ms_per_batch']:>10.1f}{x['start_seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("scale", help="memory and time of evaluation, mining and AOQ as the data grows",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=100_000, help="evaluation images (captions: 5 each)")
+    p.add_argument("--dim", type=int, default=128, help="embedding width")
+    p.add_argument("--mine-images", type=int, default=20_000, help="images to mine")
+    p.add_argument("--aoq-images", type=int, nargs="+", default=[2000, 20000],
+                   help="sizes of the generated training splits for AOQ's sampler")
+    p.add_argument("--aoq-size", type=int, default=64, help="their image size (px)")
+    p.add_argument("--aoq-batches", type=int, default=40, help="batches of 128 drawn from each")
+    p.add_argument("--cache-mb", type=float, default=256.0, help="AOQ's decoded-image cache")
+    p.add_argument("--tmp", default=None, help="where to generate the shards (default: the system's temp)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench_scale)

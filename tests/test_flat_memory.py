@@ -1,0 +1,234 @@
+"""Invariant 6, memory flat in the data: evaluation scores in tiles, never the N x K*N matrix,
+and equals the full-matrix path (ties and NaNs included, on one rank and on two); embedding
+streams the split; AOQ reads its negatives by random access and draws exactly what the
+in-memory sampler drew; the report reads only what it shows."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dbl_scale.data import Tokenize, as_transform, decode_sample, read_samples, sample_meta, split_shards
+from dbl_scale.evaluation.metrics import TileScores, _ranks, embedding_metrics, embedding_ranks, retrieval_metrics
+from dbl_scale.mining import Candidates, OfflineNegatives, top_candidates
+from dbl_scale.shard_index import ShardIndex
+
+from conftest import REPO, TINY, torchrun
+
+
+def _tiles_matrix(img, txt, k, rows):
+    sc = TileScores(img, txt, k, rows)
+    return torch.cat([torch.cat([sc.tile(t, u) for u in range(sc.tiles)], 1) for t in range(sc.tiles)]).numpy()
+
+
+def _embeddings(kind: str, n: int, k: int, d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "float":
+        return (torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1),
+                torch.nn.functional.normalize(torch.randn(k * n, d, generator=g), dim=1))
+    img = torch.randint(-2, 3, (n, d), generator=g).float()  # exact integer scores: many ties
+    txt = torch.randint(-2, 3, (k * n, d), generator=g).float()
+    if kind == "nan":
+        img[n // 3, 0], txt[k * n // 2, 1] = float("nan"), float("nan")
+    return img, txt
+
+
+@pytest.mark.parametrize("kind", ["float", "ties", "nan"])
+@pytest.mark.parametrize("n,k,rows", [(300, 5, 64), (257, 2, 256), (50, 1, 16)])
+def test_tiled_ranks_equal_the_full_matrix_path(kind, n, k, rows):
+    """The tiles' ranks are the full-matrix path's (`retrieval_metrics`, the reference) on the
+    matrix the tiles make, including partial last tiles, ties and NaNs; with exact (integer)
+    scores that matrix is `img @ txt.T` itself."""
+    img, txt = _embeddings(kind, n, k, 8, seed=n + k)
+    ref = _ranks(_tiles_matrix(img, txt, k, rows), k, 7)
+    got = embedding_ranks(img, txt, k, rows)
+    assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+    if kind != "float":
+        assert all(np.array_equal(a, b) for a, b in zip(got, _ranks((img @ txt.t()).numpy(), k, 5)))
+    assert embedding_metrics(img, txt, k, rows=rows) == retrieval_metrics(_tiles_matrix(img, txt, k, rows), k)
+
+
+def test_tile_scores_read_as_the_matrix():
+    img, txt = _embeddings("float", 70, 3, 128, seed=2)
+    full, sc = _tiles_matrix(img, txt, 3, 32), TileScores(img, txt, 3, 32)
+    assert sc.shape == full.shape
+    assert np.array_equal(sc[41], full[41]) and np.array_equal(sc[:, 150], full[:, 150]) and sc[5, 7] == full[5, 7]
+    buffers: dict = {}
+    for t, u in ((0, 0), (2, 1), (0, 2), (2, 2), (0, 0)):  # into reused buffers: the same bits
+        assert torch.equal(sc.tile(t, u, buffers), sc.tile(t, u))
+
+
+def test_two_ranks_score_their_own_rows_and_agree(tmp_path):
+    """Two ranks each count their blocks of rows and merge: both end with one process's ranks."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "workers"))
+    from tiled_ranks import embeddings
+
+    torchrun([str(REPO / "tests" / "workers" / "tiled_ranks.py"), str(tmp_path / "ranks.npz")], nproc=2, timeout=300)
+    got = np.load(tmp_path / "ranks.npz")
+    img, txt, k = embeddings()
+    i2t, t2i = embedding_ranks(img, txt, k, rows=16)
+    ref = _ranks((img @ txt.t()).numpy(), k, 5)
+    for r in range(2):
+        assert np.array_equal(got[f"i2t{r}"], i2t) and np.array_equal(got[f"t2i{r}"], t2i)
+    assert np.array_equal(i2t, ref[0]) and np.array_equal(t2i, ref[1])
+
+
+def test_shard_index_reads_what_the_stream_reads(shapes_root, tmp_path):
+    """Every sample `read_samples` yields is at its offsets, byte for byte; a damaged shard is
+    read up to the damage; remote shards are refused with a message."""
+    urls = split_shards(shapes_root, "train")[0]
+    index = ShardIndex(urls)
+    seen = 0
+    for sample in read_samples(urls):
+        image_id, captions = sample_meta(sample)
+        got = index.sample(image_id)
+        assert got["jpg"] == sample["jpg"] and got["json"] == sample["json"] and index.captions(image_id) == captions
+        seen += 1
+    assert seen == len(index) == 128 and index.nbytes < 100 * len(index)
+    with pytest.raises(KeyError):
+        index.rows([10 ** 9])
+    whole = open(urls[0], "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: len(whole) // 2])
+    assert 0 < len(ShardIndex([str(cut)])) < 16
+    with pytest.raises(Exception, match="local shard files"):
+        ShardIndex(["pipe:cat x.tar"])
+
+
+def _reference_embeddings(model, root, split, image, tokenize, batch):
+    """The in-memory path: decode the whole split, then embed it in batches."""
+    t = as_transform(image)
+    decoded = [decode_sample(s, t) for s in read_samples(split_shards(root, split)[0])]
+    decoded.sort(key=lambda x: x[2])
+    pixels = torch.stack([p for p, _, _ in decoded])
+    texts = [c for _, caps, _ in decoded for c in caps[:5]]
+    with torch.no_grad():
+        img = torch.cat([model.encode_image(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+        txt = torch.cat([model.encode_text(**{k: v for k, v in tokenize(texts[i:i + batch]).items()})
+                         for i in range(0, len(texts), batch)])
+    return img, txt, torch.tensor([i for _, _, i in decoded])
+
+
+def test_streamed_embedding_equals_the_decoded_split(shapes_root, tokenizer):
+    from dbl_scale.branches import new_model
+    from dbl_scale.config import load_config
+    from dbl_scale.evaluation.embed import embed_split
+
+    cfg = load_config(TINY, [f"data.root={shapes_root}"])
+    model = new_model(cfg, tokenizer, 0).eval()
+    tokenize = Tokenize(tokenizer, cfg.model.text.max_length)
+    got = embed_split(model, shapes_root, "test", 32, tokenize, 8)
+    img, txt, ids = _reference_embeddings(model, shapes_root, "test", 32, tokenize, 8)
+    # the test split is one shard per ... : the stream's batches are the reference's in id order
+    assert torch.equal(got.image_ids, ids) and got.captions_per_image == 5
+    torch.testing.assert_close(got.img, img, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.txt, txt, rtol=0, atol=1e-6)
+
+
+class InMemoryNegatives:
+    """The sampler as it was: the split decoded into memory (N x 3 x S x S uint8) and every
+    caption held. Kept as the reference the random-access sampler must match bit for bit."""
+
+    def __init__(self, c: Candidates, root, split, size, n_max):
+        self.c, self.k, self.t = c, c.captions_per_image, as_transform(size)
+        self.n_range = min(n_max, c.k_captions)
+        row_of = {int(i): r for r, i in enumerate(c.image_ids.tolist())}
+        self.pixels = torch.empty(c.n_images, 3, size, size, dtype=torch.uint8)
+        self.captions = [""] * (self.k * c.n_images)
+        for s in read_samples(split_shards(root, split)[0]):
+            image_id, caps = sample_meta(s)
+            r = row_of[image_id]
+            self.pixels[r] = torch.from_numpy(self.t.decode(s["jpg"]))
+            self.captions[r * self.k:(r + 1) * self.k] = caps[:self.k]
+
+    def sample(self, image_ids, caption_index, generator):
+        c, k = self.c, self.k
+        rows, cap = c.rows_of(image_ids).reshape(-1), caption_index.reshape(-1)
+        n = torch.randint(0, self.n_range, (len(rows),), generator=generator)
+        tneg = c.caption_candidates[rows, n].long()
+        ineg = c.image_candidates[rows * k + cap % k, (n // k).clamp(max=c.k_images - 1)].long()
+        tineg = ineg * k + torch.randint(0, k, (len(rows),), generator=generator)
+        itneg = tneg // k
+        return {"pixels_ineg": self.t.normalize(self.pixels[ineg].numpy()),
+                "pixels_itneg": self.t.normalize(self.pixels[itneg].numpy()),
+                "captions_tneg": [self.captions[i] for i in tneg.tolist()],
+                "captions_tineg": [self.captions[i] for i in tineg.tolist()]}
+
+
+def test_random_access_negatives_are_the_in_memory_ones_bit_for_bit(shapes_root):
+    """Same candidates, same seed: the same negatives, pixels and captions, whether the cache
+    holds everything or only two images (evicting all the time)."""
+    ids = torch.tensor(sorted(sample_meta(s)[0] for s in read_samples(split_shards(shapes_root, "train")[0])))
+    ids = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))]
+    img, txt = _embeddings("float", len(ids), 5, 8, seed=5)
+    cands = Candidates(ids, 5, *top_candidates(img, txt, 40, 9), split="train")
+    reference = InMemoryNegatives(cands, shapes_root, "train", 32, 30)
+    for cache_mb in (64, 2 * 3 * 32 * 32 / 2**20):
+        sampler = OfflineNegatives(cands, shapes_root, "train", 32, n_max=30, cache_mb=cache_mb)
+        for trial in range(4):
+            g = torch.Generator().manual_seed(trial)
+            batch_ids, cap = ids[torch.randint(0, len(ids), (24,), generator=g)], torch.randint(0, 7, (24,), generator=g)
+            want = reference.sample(batch_ids, cap, torch.Generator().manual_seed(100 + trial))
+            got = sampler.sample(batch_ids, cap, torch.Generator().manual_seed(100 + trial))
+            for key, value in want.items():
+                assert torch.equal(got[key], value) if torch.is_tensor(value) else got[key] == value, key
+        assert sampler.memory_bytes <= sampler.index.nbytes + max(cache_mb * 2**20, 3 * 32 * 32)
+
+
+def test_the_report_reads_only_what_it_shows(shapes_root, tokenizer, tmp_path, monkeypatch):
+    """The HTML report of a split reads the images and captions of the queries it shows and of
+    their top results, not the split; its ranks are the evaluation's."""
+    from dbl_scale.branches import new_model
+    from dbl_scale.config import load_config
+    from dbl_scale.evaluation import evaluate, report
+
+    cfg = load_config(TINY, [f"data.root={shapes_root}"])
+    model = new_model(cfg, tokenizer, 0)
+    ev = evaluate(model, shapes_root, "train", 32, Tokenize(tokenizer, cfg.model.text.max_length), 16)
+    reads = []
+    original = ShardIndex._read
+    monkeypatch.setattr(ShardIndex, "_read", lambda self, *a: reads.append(a) or original(self, *a))
+
+    class Tracker:
+        def log_artifact(self, *a):
+            pass
+
+    report(ev, Tracker(), tmp_path, shapes_root, "train")
+    html = (tmp_path / "train_retrieval.html").read_text()
+    # per direction 10 queries, each read with its ground truth and its top 5 (one member each)
+    assert 0 < len(reads) <= 10 * (1 + 1 + 5) * 2 < 2 * 128  # the split: 128 images and 128 jsons
+    assert html.count('data-direction="i2t"') == 10
+    first = html.split('data-direction="i2t" data-query="')[1]
+    query, rank = int(first.split('"')[0]), int(first.split('data-rank="')[1].split('"')[0])
+    assert rank == ev.ranks["i2t"][query] + 1
+    with Image.open(io.BytesIO(ShardIndex(split_shards(shapes_root, "train")[0]).image(int(ev.image_ids[0])))) as im:
+        assert im.size == (32, 32)
+
+
+def test_the_c_counting_kernel_equals_numpy():
+    """The tile counting in C (one pass) and in numpy (several) add the same counts, ties and
+    NaNs included; where a C compiler exists the C one is built and used."""
+    import shutil
+
+    from dbl_scale.evaluation import counting
+
+    rng = np.random.default_rng(0)
+    for rows, cols in ((256, 1280), (7, 33), (1, 1)):
+        s = rng.integers(-3, 4, (rows, cols)).astype(np.float32)  # integers: ties everywhere
+        s[rng.random((rows, cols)) < 0.01] = np.nan
+        row_t, col_t = rng.integers(-3, 4, rows).astype(np.float32), rng.integers(-3, 4, cols).astype(np.float32)
+        outs = []
+        for use_c in (True, False):
+            acc = [np.full(rows, 5, np.int64), np.full(rows, 5, np.int64), np.full(cols, 5, np.int32),
+                   np.full(cols, 5, np.int32), np.zeros(rows, np.uint8), np.zeros(cols, np.uint8)]
+            counting.count_tile(s, row_t, col_t, *acc, use_c=use_c)
+            outs.append(acc)
+        assert all(np.array_equal(a, b) for a, b in zip(*outs))
+        assert outs[1][0][0] == 5 + np.count_nonzero(s[0] > row_t[0])  # added to what was there
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert counting.native()
