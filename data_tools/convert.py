@@ -4,8 +4,9 @@ Every source (a Karpathy JSON, a table, a folder, WebDataset tars) is read into 
 per image with all its captions, grouped into splits; `write_shards` does the rest the same
 way for all of them:
 - one sample per image: `jpg` (resized so its longer side is at most `max_side`, aspect ratio
-  kept; an image already small enough and already a JPEG is copied as it is) and `json`
-  `{"image_id", "captions", "source"}`;
+  kept; an image already small enough and already a JPEG is copied as it is), `json`
+  `{"image_id", "captions", "source"}` with every caption (what training reads), and `txt`, the
+  first caption alone (what open_clip's and clip-retrieval's WebDataset pipelines read);
 - `{split}-NNNNN.tar` shards of `shard_size` samples, written by a pool of processes, each
   through a temporary file renamed when complete;
 - resumable: `_convert/{split}-NNNNN.json` records a finished shard with a hash of what went
@@ -138,7 +139,7 @@ def _write_one(task) -> dict:
             np.save(buf, np.asarray(np.load(item.image.path, mmap_mode="r")[item.image.row]), allow_pickle=False)
             meta = {"image_id": item.image_id, "captions": captions, "source": item.name}
             samples.append({"__key__": f"{item.image_id:012d}", "npy": buf.getvalue(),
-                            "json": json.dumps(meta).encode()})
+                            "json": json.dumps(meta).encode(), "txt": captions[0].encode()})
             continue
         try:
             jpg = encode_image(item.image, max_side, quality)
@@ -149,7 +150,9 @@ def _write_one(task) -> dict:
             problems.append({"sample": item.name, "problem": f"unreadable image: {exc}", "skipped": True})
             continue
         meta = {"image_id": item.image_id, "captions": captions, "source": item.name}
-        samples.append({"__key__": f"{item.image_id:012d}", "jpg": jpg, "json": json.dumps(meta).encode()})
+        # json: every caption (what training reads); txt: the first, for pipelines that read one (open_clip)
+        samples.append({"__key__": f"{item.image_id:012d}", "jpg": jpg, "json": json.dumps(meta).encode(),
+                        "txt": captions[0].encode()})
     write_shard(os.path.join(out, name), samples)
     record = {"shard": name, "plan": plan, "items": len(items), "samples": len(samples),
               "captions": sum(len(json.loads(s["json"])["captions"]) for s in samples), "problems": problems}

@@ -459,6 +459,7 @@ def _iter_samples(split: str, n: int, image_size: int, seed: int, jpeg_quality: 
             "__key__": f"{split}{image_id:07d}",
             "jpg": buf.getvalue(),
             "json": json.dumps(meta, separators=(",", ":")).encode("utf-8"),
+            "txt": captions[0].encode("utf-8"),  # for WebDataset pipelines that read one caption (open_clip)
         }
 
 

@@ -270,6 +270,7 @@ class TrackingConfig:
     retry_max_s: float = 60
     final_wait_s: float = 120
     system_metrics_s: float = 30  # rank 0 samples CPU / memory / GPU into system/* every N s; 0: off
+    log_model: bool = True  # a finished run exports its target to <run>/model and logs it as an MLflow model
 
 
 @dataclass

@@ -22,6 +22,8 @@ carries the number skipped since the worker's previous batch.
 from __future__ import annotations
 
 import functools
+import glob
+import hashlib
 import io
 import itertools
 import json
@@ -50,6 +52,26 @@ MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "npy")  # npy: pre-extracted region features
+
+
+def check_data(cfg, world: int) -> None:
+    """What the ranks will ask of the data, asked once before any of them starts, so a problem
+    is one line (a DataError), not a traceback from every rank: the training shards and their
+    sample count, enough shards for every rank and loader worker, the evaluation splits the
+    run will score, and where the tokenizer is."""
+    d = cfg.data
+    urls, samples = split_shards(d.root, d.train_split, d.samples_per_epoch)
+    workers = max(d.workers, 1)
+    if len(urls) < world * workers:
+        raise DataError(f"{len(urls)} '{d.train_split}' shard(s) of {d.root} for {world} ranks x {workers} loader "
+                        f"worker(s): every worker needs a shard of its own; write smaller shards (dbl-scale data "
+                        f"convert --shard-size) or set data.workers={max(1, len(urls) // world)}")
+    if samples < world * d.batch_size:
+        raise DataError(f"{samples} samples in {d.root} cannot fill one batch of {d.batch_size} on each of {world} ranks")
+    splits = ([d.eval_split] if cfg.eval.at_end else []) + ([cfg.eval.val_split] if cfg.eval.every else [])
+    for split in splits:
+        split_shards(eval_root(d), split)
+    tokenizer_path(d, cfg.model.text)
 
 
 class DataError(RuntimeError):
@@ -82,16 +104,45 @@ def load_index(root: str | Path) -> dict:
                     f"(dbl-scale data build --out {root})")
 
 
+def has_splits(root: str | Path) -> bool:
+    """The root is a folder whose index names its splits (train, val, test, ...)."""
+    if is_shard_list(str(root)):
+        return False
+    try:
+        return bool(index_splits(load_index(root)))
+    except (DataError, OSError, ValueError):
+        return False
+
+
+def plain_shard_folder(root: str | Path) -> bool:
+    """A local folder of tar shards without our index (img2dataset's output, say): its shards
+    are the training split, as a shard pattern's are."""
+    path = Path(str(root))
+    return (not is_shard_list(str(root)) and path.is_dir() and not has_splits(path)
+            and any(p.suffix == ".tar" for p in path.iterdir()))
+
+
 def eval_root(data_cfg) -> str:
-    """Where the val and test splits live."""
-    return data_cfg.eval_root or data_cfg.root
+    """Where the val and test splits live: data.eval_root, else data.root when its index has
+    splits. Shards without splits (a pattern, a URL, a plain folder of tars) are training data
+    only: evaluating on them would score the model on what it trained on."""
+    if data_cfg.eval_root:
+        return data_cfg.eval_root
+    if has_splits(data_cfg.root):
+        return data_cfg.root
+    raise DataError(f"data.root {data_cfg.root} holds training shards only (no {INDEX} with val / test splits): "
+                    f"add data.eval_root=FOLDER with a '{data_cfg.eval_split}' split (dbl-scale data convert writes "
+                    "one), or train without evaluation: eval.at_end=false eval.every=0")
 
 
 def split_shards(root: str | Path, split: str, samples_per_epoch: Optional[int] = None) -> tuple[list[str], int]:
-    """(shard URLs, samples) of one split. A shard-list root is its own (only) split."""
+    """(shard URLs, samples) of one split. Shards without an index (a pattern, a glob, a URL, a
+    plain folder of tars) are their own only split."""
     root = str(root)
     if is_shard_list(root):
         return _listed_shards(root, samples_per_epoch)
+    if plain_shard_folder(root):
+        return _listed_shards(str(Path(root) / "*.tar"), samples_per_epoch)
     index = load_index(root)
     if split not in index_splits(index):
         raise DataError(f"split '{split}' not in {Path(root) / INDEX}; splits there: {index_splits(index)}")
@@ -102,7 +153,12 @@ def split_shards(root: str | Path, split: str, samples_per_epoch: Optional[int] 
 def _listed_shards(pattern: str, samples_per_epoch: Optional[int]) -> tuple[list[str], int]:
     from braceexpand import braceexpand
 
-    urls = list(braceexpand(pattern))
+    urls = []
+    for part in braceexpand(pattern):  # then a local glob: out/*.tar
+        found = sorted(glob.glob(part)) if not is_url(part) and glob.has_magic(part) else [part]
+        if not found:
+            raise DataError(f"no shard matches {part}")
+        urls.extend(found)
     if samples_per_epoch:
         return urls, int(samples_per_epoch)
     counts = {} if is_url(pattern) else _sidecar_counts(urls)
@@ -128,6 +184,24 @@ def _sidecar_counts(urls: list[str]) -> dict[str, int]:
             if "successes" in data:
                 counts[stats.name[:-len("_stats.json")] + ".tar"] = int(data["successes"])
     return counts
+
+
+def dataset_inputs(data_cfg) -> list[dict]:
+    """The run's training and evaluation splits as MLflow dataset inputs: name, source, and a
+    digest of what the index says of the split (its shards and sample count), so two runs on
+    the same data show the same digest."""
+    out = []
+    for context, split in (("training", data_cfg.train_split), ("evaluation", data_cfg.eval_split)):
+        try:
+            root = data_cfg.root if context == "training" else eval_root(data_cfg)
+            urls, samples = split_shards(root, split, data_cfg.samples_per_epoch if context == "training" else None)
+        except (DataError, OSError):
+            continue  # no evaluation data: nothing to name
+        described = [Path(u).name for u in urls], samples
+        digest = hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+        out.append({"name": f"{Path(str(root).rstrip('/')).name or root}/{split}", "source": str(root),
+                    "digest": digest, "context": context})
+    return out
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -159,11 +233,19 @@ def build_tokenizer(captions: list[str], out_dir: str | Path, vocab_size: int = 
 
 
 def tokenizer_path(data_cfg, text_cfg) -> Path:
+    """Where the tokenizer is: data.tokenizer; the pretrained text tower's own; else a
+    `tokenizer/` folder beside the data (built there from the training captions when missing):
+    in data.root when it is a folder, in data.eval_root for shard patterns and URLs."""
     if data_cfg.tokenizer:
         return Path(data_cfg.tokenizer)
     if text_cfg.pretrained:
         return Path(local_folder(text_cfg.pretrained, "model.text.pretrained"))
-    return Path(eval_root(data_cfg) if is_shard_list(data_cfg.root) else data_cfg.root) / "tokenizer"
+    if not is_shard_list(data_cfg.root):
+        return Path(data_cfg.root) / "tokenizer"
+    if data_cfg.eval_root:
+        return Path(data_cfg.eval_root) / "tokenizer"
+    raise DataError(f"data.root {data_cfg.root} names shards, with no folder to keep a tokenizer in: set "
+                    "data.tokenizer=FOLDER (a Hugging Face tokenizer) or data.eval_root=FOLDER")
 
 
 def ensure_tokenizer(data_cfg, text_cfg):

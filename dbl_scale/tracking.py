@@ -117,6 +117,27 @@ class Tracker:
         self._start_sender()
         return self.run_id
 
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """The run's data as MLflow dataset inputs: dicts of name, source (a path or URL),
+        digest and context ("training", "evaluation")."""
+        if not self.enabled:
+            return
+        from mlflow.data.dataset_source_registry import resolve_dataset_source  # heavy, as MlflowClient
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        def source(uri: str):
+            try:
+                return resolve_dataset_source(uri)  # a path, s3://, http(s)://
+            except Exception:  # noqa: BLE001 - e.g. a pipe: URL, which no MLflow source names
+                return CodeDatasetSource({"uri": uri})
+
+        inputs = [DatasetInput(MetaDataset(source(d["source"]), name=d["name"], digest=d["digest"])._to_mlflow_entity(),
+                               tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
     def resume(self, run_id: str) -> None:
         """Continue an existing run (after a restart): same run id, the metric history goes on;
         what an earlier process left in the spool is sent first."""

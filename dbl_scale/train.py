@@ -24,8 +24,11 @@ import torch
 from . import checkpoint, distributed
 from .branches import Branch, anchor_metrics, build_branches, ema_update, load_model, param_dtype
 from .config import Config, flatten, save_config, to_dict
-from .data import TrainLoader, ensure_tokenizer, eval_root, image_transform, resolve_image_config
+from .data import (TrainLoader, dataset_inputs, ensure_tokenizer, eval_root, image_transform,
+                   resolve_image_config, tokenizer_path)
 from .evaluation import evaluate, format_table, report
+from .export import export
+from .export import log_model as log_mlflow_model
 from .methods import Method, build_method
 from .models import Embeddings, FrozenEncoders
 from .tracking import StepMeter, Tracker
@@ -43,6 +46,8 @@ def train(cfg: Config) -> dict:
     resolve_image_config(cfg)  # the image processor's settings, recorded in the run's config.yaml
     with distributed.rank_zero_first():  # rank 0 builds a missing tokenizer once
         tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
+    log.info("tokenizer from %s (data.tokenizer, model.text.pretrained, or <eval root>/tokenizer built from the "
+             "training captions)", tokenizer_path(cfg.data, cfg.model.text))
 
     method = build_method(cfg)
     branches = build_branches(cfg, method, tokenizer, world)
@@ -105,6 +110,8 @@ def train(cfg: Config) -> dict:
             run.save_checkpoint(step)
         checkpoint.save_model(target.engine, run.dir / "model.pt")
         results = run.final_evaluation(step, train_seconds) if cfg.eval.at_end else {}
+        if cfg.tracking.log_model:
+            run.log_model()
         status = "FINISHED"
         distributed.barrier()
         return results
@@ -353,7 +360,10 @@ class Run:
             self.tracker.start(self.name, flatten(to_dict(cfg)),
                                tags={"method": cfg.loss.method, "world_size": str(distributed.world_size()),
                                      "zero_stage": str(self.engine.zero_optimization_stage()),
-                                     "branches": ",".join(br.role for br in self.branches), **where_tags()})
+                                     "branches": ",".join(br.role for br in self.branches),
+                                     "tokenizer": str(tokenizer_path(cfg.data, cfg.model.text)),
+                                     "run_dir": str(self.dir.resolve()), **where_tags()})
+            self.tracker.log_inputs(dataset_inputs(cfg.data))
             self.tracker.log_artifact(self.dir / "config.yaml")
             self.tracker.log_artifact(self.dir / "ds_config.json")
             (self.dir / "run.json").write_text(json.dumps({"mlflow_run_id": self.tracker.run_id,
@@ -404,6 +414,20 @@ class Run:
                 (self.dir / "best" / "step.txt").write_text(f"{step}\n")
             checkpoint.save_model(self.engine, self.dir / "best" / "model.pt")
             self.tracker.log_metrics({"val/best_rsum": self.best_val}, step)
+
+    def log_model(self) -> None:
+        """Rank 0 exports the target to <run>/model (transformers alone loads it) and logs that
+        folder to the MLflow run as a pyfunc model. A failure (MLflow away, say) is reported
+        and costs nothing else: `dbl-scale export --run-dir RUN --out DIR --log` does it later."""
+        if distributed.is_main():
+            try:
+                folder = export(self.dir, self.dir / "model")
+                uri = log_mlflow_model(folder, self.cfg.tracking.uri, self.tracker.run_id)
+                log.info("model exported to %s and logged to MLflow as %s", folder, uri)
+            except Exception as exc:  # noqa: BLE001 - the run's results are already saved
+                log.warning("the model was not exported or logged (%s); later: dbl-scale export --run-dir %s "
+                            "--out DIR --log", exc, self.dir)
+        distributed.barrier()
 
     def final_evaluation(self, step: int, train_seconds: float) -> dict:
         """The final model on the evaluation split (with reports and per-query ranks), and the

@@ -202,6 +202,19 @@ def test_img2dataset_shards_train_as_they_are_and_convert(tmp_path, tok, shapes_
     # evaluated on another folder's test split
     metrics = _train_and_eval(pattern, tmp_path, f"data.eval_root={shapes_root}")
     assert metrics["rsum"] > 0
+    # the folder itself, or a glob, is the same shard set; without evaluation data the launcher
+    # stops before any rank starts, in one line that says what to add
+    from dbl_scale.data import split_shards
+
+    folder, glob = tmp_path / "web", str(tmp_path / "web" / "*.tar")
+    assert split_shards(folder, "train") == split_shards(glob, "train") == split_shards(pattern, "train")
+    assert split_shards(folder, "train")[1] == 32
+    proc = _cli("train", "--nproc", "2", "--config", TINY, f"data.root={folder}", f"data.tokenizer={tmp_path / 'tok'}",
+                check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "add data.eval_root=FOLDER" in proc.stderr
+    (tmp_path / "runs").rename(tmp_path / "runs_pattern")
+    assert _train_and_eval(folder, tmp_path, f"data.eval_root={shapes_root}")["rsum"] > 0
 
     out = tmp_path / "shards"
     _cli("data", "convert", "wds", "--shards", pattern, "--out", str(out), "--shard-size", "4", "--test-frac", "0.25")

@@ -26,7 +26,7 @@ def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path
     proc = torchrun(["-m", "dbl_scale.cli.train", "--config", TINY, f"data.root={shapes_root}", "loss.method=dbl",
                      "train.steps=8", "train.log_every=2", "eval.every=4", f"tracking.uri={uri}",
                      "tracking.experiment=e2e", "tracking.run_name=e2e-dbl", f"train.output_dir={tmp_path / 'runs'}",
-                     "tracking.system_metrics_s=1"],
+                     "tracking.system_metrics_s=1", "tracking.log_model=true"],
                     cwd=tmp_path)
     assert "step 8/8" in proc.stdout and "rSum" in proc.stdout
 
@@ -57,6 +57,15 @@ def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path
     assert saved["rsum"] == pytest.approx(run["metrics.test/rsum"])
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_micro_batch_size_per_gpu"] == 8
+    # the data as MLflow dataset inputs, the tokenizer's source, and the target as an MLflow model
+    inputs = client.get_run(run["run_id"]).inputs.dataset_inputs
+    contexts = {i.dataset.name: {t.value for t in i.tags if t.key == "mlflow.data.context"} for i in inputs}
+    assert contexts == {"data/train": {"training"}, "data/test": {"evaluation"}}
+    assert all(len(i.dataset.digest) == 16 for i in inputs)
+    assert run["tags.tokenizer"] == str(shapes_root / "tokenizer")
+    logged = mlflow.search_logged_models(experiment_ids=[run["experiment_id"]], output_format="list",
+                                         filter_string=f"source_run_id = '{run['run_id']}'")
+    assert len(logged) == 1 and (run_dir / "model" / "modeling_dbl.py").exists()
 
     val = client.get_metric_history(run["run_id"], "val/rsum")
     assert [m.step for m in val] == [4, 8]

@@ -67,8 +67,9 @@ def test_sizes_match_shards_and_samples_are_valid(built):
         for i, name in enumerate(info["shards"]):
             assert name == f"{split}-{i:05d}.tar"
             for key, sample in _read_samples(out, name).items():
-                assert set(sample) == {"jpg", "json"}
+                assert set(sample) == {"jpg", "json", "txt"}
                 meta = json.loads(sample["json"])
+                assert sample["txt"].decode() == meta["captions"][0]  # open_clip's pipelines read this one
                 assert key == f"{split}{meta['image_id']:07d}"
                 ids.append(meta["image_id"])
                 caps = meta["captions"]

@@ -8,6 +8,10 @@ Works with any tracking URI (sqlite:///..., http://...).
 
     dbl-scale compare --experiment dbl_scale_demo --sort test/rsum --format markdown
 
+`--register NAME` registers the best run's MLflow model (its target, logged at its end) as a
+new version of NAME: `mlflow.pyfunc.load_model("models:/NAME/<version>")` then embeds images
+and captions.
+
 `--plot OUT.png` also draws the runs in one figure: recall@K curves of both directions (from
 each run's per-query ranks), and the training loss and validation rSum over steps. Runs that
 differ only in their seed (or in per-seed paths such as a checkpoint they start from) form
@@ -32,6 +36,7 @@ import numpy as np
 from ..config import default_tracking_uri
 from ..evaluation import RECALL_HEADS, RECALL_KEYS
 from ..evaluation.report import recall_curve
+from ..export import export, log_model
 
 PARAMS = {"scenario": "loss.dbl.scenario", "train_steps": "train.steps", "batch_size": "data.batch_size",
           "lr": "optim.lr", "deepspeed": "train.deepspeed"}
@@ -280,7 +285,34 @@ def cmd_compare(args) -> int:
     if drawn is not None:
         print(f"figure of {len(drawn)} setting(s) in {args.plot}, logged to MLflow as their parent run",
               file=sys.stderr)
+    if args.register:
+        best = next((r for r in rows if r.get(args.sort.rsplit("/", 1)[-1]) is not None), None)
+        if best is None:
+            print(f"dbl-scale compare: no run has {args.sort}: nothing to register", file=sys.stderr)
+            return 2
+        print(f"registered {best['run']} (best by {args.sort}) as {register_run(args.tracking_uri, best['run_id'], args.register)}")
     return 0
+
+
+def register_run(tracking_uri: str, run_id: str, name: str) -> str:
+    """Register a run's MLflow model under `name` (a new version); a run that logged none
+    (`tracking.log_model=false`) is exported from its folder and logged first."""
+    import mlflow  # heavy (seconds): only when registering
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                        filter_string=f"source_run_id = '{run_id}'")
+    if found:
+        version = mlflow.register_model(f"models:/{found[-1].model_id}", name)
+        return f"models:/{name}/{version.version}"
+    run_dir = run.data.tags.get("run_dir")
+    if not run_dir or not Path(run_dir).is_dir():
+        raise ValueError(f"run {run_id} logged no model and its folder ({run_dir}) is not here: "
+                         "dbl-scale export --run-dir RUN --out DIR --register NAME, where the run is")
+    version = mlflow.register_model(log_model(export(run_dir, Path(run_dir) / "model"), tracking_uri, run_id), name)
+    return f"models:/{name}/{version.version}"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -293,5 +325,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sort", default="test/rsum", help="metric (as logged) or column to sort by, descending")
     p.add_argument("--format", choices=("text", "markdown", "csv"), default="text")
     p.add_argument("--plot", metavar="OUT.png", help="also draw recall@K, loss and val-rSum curves of the runs")
+    p.add_argument("--register", metavar="NAME", help="register the best run's MLflow model (by --sort) as NAME")
     p.set_defaults(func=cmd_compare)
     return p

@@ -11,7 +11,7 @@ from pathlib import Path
 from data_tools import shapes_captions
 from data_tools.shapes_captions import build_shapes_captions
 
-from ..data import ensure_tokenizer, eval_root, is_shard_list, load_index
+from ..data import ensure_tokenizer, eval_root, is_shard_list, load_index, plain_shard_folder
 
 
 def prepare_data(cfg) -> dict:
@@ -20,7 +20,7 @@ def prepare_data(cfg) -> dict:
     is an error that says what it holds: it may be a user's own data, never overwritten."""
     t0 = time.time()
     root = Path(cfg.data.root)
-    if is_shard_list(cfg.data.root):
+    if is_shard_list(cfg.data.root) or plain_shard_folder(root):  # shards as they are: nothing to build
         index = load_index(eval_root(cfg.data)) if cfg.data.eval_root else {}
     elif root.is_dir() and any(root.iterdir()):
         index = load_index(root)  # names what the folder holds when it has no index

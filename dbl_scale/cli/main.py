@@ -6,7 +6,7 @@
   dbl-scale eval --run-dir RUN [--data DIR --split test --protocol coco1k]   evaluate, log, report
   dbl-scale compare --experiment NAME [--format markdown]   runs of an experiment side by side
   dbl-scale mine --run-dir RUN --out FILE    AOQ: offline hard negatives of the training set
-  dbl-scale export --run-dir RUN --out DIR   target towers as Hugging Face folders
+  dbl-scale export --run-dir RUN --out DIR [--register NAME]   for transformers alone, and as an MLflow model
   dbl-scale bench loss | methods | eval | memory | data | gpu   benchmarks (see BENCHMARKS.md)
   dbl-scale tracking replay SPOOL     send what a run kept while MLflow was unreachable
 """
@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from ..config import ConfigError
+from ..data import DataError
 from . import bench, compare, data, demo, export, mine, tracking, train
 from . import eval as eval_command
 
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"dbl-scale: config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"dbl-scale: data error: {exc}", file=sys.stderr)
         return 2
 
 

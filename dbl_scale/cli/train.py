@@ -16,7 +16,7 @@ import warnings
 
 from .. import distributed
 from ..config import load_config, resolve_config
-from ..data import resolve_image_config
+from ..data import check_data, resolve_image_config
 from ..methods import build_method
 from ..optim import deepspeed_config
 from ..train import Preempted, train
@@ -35,6 +35,7 @@ def cmd_train(args) -> int:
     resolve_image_config(cfg)  # and on an image processor that contradicts model.vision.image_size
     if args.build_data:
         prepare_data(cfg)
+    check_data(cfg, nproc * args.nnodes)  # a data problem is one line here, not a traceback from every rank
     return run_ranks(nproc, MODULE, config_args(config, args.overrides), args.nnodes, args.node_rank,
                      args.rdzv_endpoint)
 
