@@ -3,6 +3,7 @@
 # pulls a multi-GB CUDA build, then dbl_scale with its dev extra, pinned by constraints.txt.
 #   make demo    the main job: ShapesCaptions, triplet vs DBL on 2 CPU ranks, compared
 #   make test    the test suite (ARGS="-k resume" passes options to pytest)
+#   make test-fast    the tests that start no process (under 3 minutes): the developer's loop
 #   make gpu-wheels   the packages a bare GPU machine lacks, as wheels in .gpu-wheels/ (needs pip's index)
 #   make gpu-check    on a GPU machine: install those wheels beside its own torch, run `bench gpu`
 PYTHON ?= python3
@@ -10,12 +11,15 @@ VENV := .venv
 HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(HASH)
 
-.PHONY: demo test venv gpu-wheels gpu-check
+.PHONY: demo test test-fast venv gpu-wheels gpu-check
 demo: $(STAMP)
 	$(VENV)/bin/dbl-scale demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=15 $(ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not launch" --durations=5 $(ARGS)
 
 venv: $(STAMP)
 

@@ -83,3 +83,27 @@ def torchrun(args: list[str], nproc: int = 2, cwd=None, timeout: int = 600) -> s
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+# ----------------------------------------------------------------------------- tiers
+# `make test-fast` runs the tests that start no process (`-m "not launch"`): a test is marked
+# `launch` when its code, or the code of a fixture it uses, starts ranks, a command, a server
+# or Slurm. Read from the source, so the tiers stay right as tests change.
+LAUNCHES = ("torchrun(", "subprocess.", "_cli(", "run_ranks(", "_launch(", "Popen(", "_train_and_eval(", "_bench(",
+            "_run(", "mlflow_server", "slurm_cluster", "multiprocessing")
+
+
+def _launches(fn) -> bool:
+    import inspect
+
+    try:
+        return any(marker in inspect.getsource(fn) for marker in LAUNCHES)
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if _launches(item.function) or any(_launches(f) for f in fixtures):
+            item.add_marker(pytest.mark.launch)

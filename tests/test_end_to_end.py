@@ -108,12 +108,17 @@ def test_demo_builds_data_trains_both_methods_and_compares(tmp_path):
     # `dbl-scale compare` on the demo's runs: both listed, best first, and drawn into a figure
     # logged to a new parent run of them
     proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "compare", "--experiment", "demo-test",
-                           "--tracking-uri", uri, "--format", "csv", "--plot", str(tmp_path / "cmp.png")],
+                           "--tracking-uri", uri, "--format", "csv", "--plot", str(tmp_path / "cmp.png"),
+                           "--register", "demo-best"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("demo-")]
-    assert [line.split(",")[0] for line in lines] == list(runs.sort_values(
-        "metrics.test/rsum", ascending=False)["tags.mlflow.runName"])
+    ordered = runs.sort_values("metrics.test/rsum", ascending=False)
+    assert [line.split(",")[0] for line in lines] == list(ordered["tags.mlflow.runName"])
+    # the best run's model, exported from its folder (tiny runs log none themselves), registered
+    assert "registered " + ordered["tags.mlflow.runName"].iloc[0] in proc.stdout
+    (version,) = MlflowClient(uri).search_model_versions("name = 'demo-best'")
+    assert version.run_id == ordered["run_id"].iloc[0]
     assert (tmp_path / "cmp.png").stat().st_size > 10_000
     runs = mlflow.search_runs(experiment_names=["demo-test"])
     (parent,) = runs[runs["tags.mlflow.runName"].str.startswith("compare")]["run_id"]
