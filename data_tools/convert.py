@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .shards import (INDEX, good_captions, key_and_extension, raw_captions, shard_url, string_id,
+from dbl_scale.shards import (INDEX, good_captions, key_and_extension, raw_captions, shard_url, string_id,
                      write_json_atomic, write_shard)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

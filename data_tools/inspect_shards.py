@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from .shards import INDEX, good_captions, index_splits, key_and_extension, raw_captions
+from dbl_scale.shards import INDEX, good_captions, index_splits, key_and_extension, raw_captions
 
 
 @dataclass

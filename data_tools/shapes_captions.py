@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .shards import INDEX, write_json_atomic, write_shard
+from dbl_scale.shards import INDEX, write_json_atomic, write_shard
 
 GENERATOR = "shapes_captions v1"
 SPLITS = ("train", "val", "test")
@@ -572,32 +572,19 @@ def oracle_similarity(images_json: Sequence[dict], captions_facts: Sequence[Sequ
     return ((img @ cap.T) / n_facts[None, :]).astype(np.float32)
 
 
-def _rsum(sim: np.ndarray, caption_image: np.ndarray) -> dict:
-    """Recall@{1,5,10} (percent) both ways for an (n_images, n_captions) score matrix;
-    caption_image[c] is the image that caption c belongs to.  Ties count against."""
-    n_img = sim.shape[0]
-    own = sim[caption_image, np.arange(sim.shape[1])]  # score of each caption with its image
-    # text -> image: images scoring at least as high as the caption's own image, minus itself
-    t2i_rank = (sim >= own[None, :]).sum(axis=0) - 1
-    # image -> text: best-scoring own caption; captions scoring strictly higher rank above it
-    best = np.full(n_img, -np.inf, dtype=np.float64)
-    np.maximum.at(best, caption_image, own.astype(np.float64))
-    i2t_rank = (sim > best[:, None]).sum(axis=1)
-    out = {}
-    for k in (1, 5, 10):
-        out[f"i2t_r{k}"] = 100.0 * float(np.mean(i2t_rank < k))
-        out[f"t2i_r{k}"] = 100.0 * float(np.mean(t2i_rank < k))
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return out
-
-
 def oracle_rsum(test_jsons: Sequence[dict], seed: int = 0) -> float:
-    """rSum of the fact oracle on a split (images in order, 5 captions each, in order)."""
+    """rSum of the fact oracle on a split (images in order, 5 captions each, in order), scored
+    by the evaluation's own protocol (`retrieval_metrics`); a tiny seeded jitter breaks the
+    oracle's many exact ties at random rather than by position."""
+    from dbl_scale.evaluation.metrics import retrieval_metrics  # the tools stand on the library
+
     caps = [facts for meta in test_jsons for facts in meta["caption_facts"]]
-    caption_image = np.repeat(np.arange(len(test_jsons)), [len(m["caption_facts"]) for m in test_jsons])
+    per = {len(m["caption_facts"]) for m in test_jsons}
+    if len(per) != 1:
+        raise ValueError(f"every image needs the same number of captions, got {sorted(per)}")
     sim = oracle_similarity(test_jsons, caps).astype(np.float64)
     sim += np.random.default_rng(seed).uniform(0.0, 1e-6, size=sim.shape)
-    return float(_rsum(sim, caption_image)["rsum"])
+    return float(retrieval_metrics(sim, captions_per_image=per.pop())["rsum"])
 
 
 def read_split_jsons(out_dir: str, split: str) -> list[dict]:

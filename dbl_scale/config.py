@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from data_tools.shards import is_shard_list
+from .shards import is_shard_list
 
 
 class ConfigError(ValueError):

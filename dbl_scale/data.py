@@ -40,10 +40,9 @@ import torch
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from data_tools.shards import (INDEX, good_captions, index_splits, is_shard_list, is_url, raw_captions,
-                               shard_url, string_id)
-
 from .hub import local_folder
+from .shards import (INDEX, good_captions, index_splits, is_shard_list, is_url, raw_captions, shard_url,
+                     string_id)
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from data_tools.shards import is_url, key_and_extension
+from .shards import is_url, key_and_extension
 
 from .data import IMAGE_KEYS, DataError, log, sample_meta
 

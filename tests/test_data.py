@@ -215,7 +215,7 @@ def test_any_webdataset_url_is_a_training_root(shapes_root, tokenizer):
     folder does (same samples, same equal steps); s3:// keeps its scheme and goes through the
     AWS CLI; a URL without a count asks for data.samples_per_epoch."""
     from dbl_scale.data import join, split_shards
-    from data_tools.shards import shard_url
+    from dbl_scale.shards import shard_url
 
     pattern = f"pipe:cat {shapes_root}/train-{{00000..00007}}.tar"
     with pytest.raises(DataError, match="set data.samples_per_epoch"):
@@ -235,7 +235,7 @@ def test_one_caption_rule_for_training_conversion_and_inspection():
     """Our json captions list wins over .txt / json caption; empty or non-string captions are
     dropped; the training reader and the shard inspector read the same captions."""
     from data_tools.inspect_shards import Sample
-    from data_tools.shards import string_id
+    from dbl_scale.shards import string_id
     from dbl_scale.data import sample_meta
 
     cases = [({"image_id": 7, "captions": [" a red ball ", "", 3]}, "ignored", ["a red ball"]),

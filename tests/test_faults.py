@@ -33,8 +33,8 @@ def _run(shapes_root, tmp_path, inject: str, *overrides, kill: str = "", fault: 
             "tracking.run_name=nan", f"train.output_dir={tmp_path / 'runs'}", *overrides]
     env = dict(launch_env(2), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **{f"DBL_SCALE_INJECT_{fault}": f"1:{inject}"},
                DBL_SCALE_INJECT_KILL=kill)
-    return subprocess.run(torchrun_command(2, "dbl_scale.cli.train", args), cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(torchrun_command(2, str(REPO / "tests" / "workers" / "faulty_train.py"), args), cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def _state(ckpt):

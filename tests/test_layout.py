@@ -62,6 +62,18 @@ def test_the_library_never_imports_the_command_line():
             assert not [t for t in imports if t.startswith("dbl_scale.cli")], module
 
 
+def test_the_library_never_imports_the_tools():
+    """`data_tools/` (converters, ShapesCaptions) stands on the library: no module of dbl_scale
+    outside cli/ imports it."""
+    for path in PACKAGE.rglob("*.py"):
+        if _module_name(path).startswith("dbl_scale.cli"):
+            continue
+        tree = ast.parse(path.read_text())
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level]
+        assert not [m for m in imported if m == "data_tools" or m.startswith("data_tools.")], path
+
+
 def test_no_own_module_is_imported_inside_a_function():
     for path in PACKAGE.rglob("*.py"):
         inside = [t for t, in_function in _own_imports(path) if in_function]

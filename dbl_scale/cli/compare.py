@@ -60,6 +60,13 @@ def _eval_split(metric_names: Iterable[str], sort_by: str) -> Optional[str]:
     return None
 
 
+def _experiment(client, name: str, tracking_uri: str):
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        raise ValueError(f"no experiment named {name!r} at {tracking_uri}")
+    return exp
+
+
 def _search_all(client, experiment_id: str) -> list:
     runs, token = [], None
     while True:
@@ -81,9 +88,7 @@ def compare_runs(tracking_uri: str, experiment: str, sort_by: str = "test/rsum",
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported when used
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ValueError(f"no experiment named {experiment!r} at {tracking_uri}")
+    exp = _experiment(client, experiment, tracking_uri)
     keys = tuple(metrics) if metrics else RECALL_KEYS
     rows = []
     for run in _search_all(client, exp.experiment_id):
@@ -210,9 +215,7 @@ def plot_runs(tracking_uri: str, experiment: str, out: str | Path, run_ids: Opti
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's ranks: noise
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ValueError(f"no experiment named {experiment!r} at {tracking_uri}")
+    exp = _experiment(client, experiment, tracking_uri)
     runs = [r for r in _search_all(client, exp.experiment_id)
             if THROUGHPUT in r.data.metrics and (run_ids is None or r.info.run_id in run_ids)]
     if not runs:

@@ -19,7 +19,8 @@ from ..config import load_config, resolve_config
 from ..data import check_data, resolve_image_config
 from ..methods import build_method
 from ..optim import deepspeed_config
-from ..train import Preempted, train
+from ..run import Preempted
+from ..train import train
 from .data import prepare_data
 from .launch import config_args, local_ranks, run_ranks
 

@@ -46,7 +46,8 @@ from ...data import TrainLoader, ensure_tokenizer, image_transform
 from ...evaluation.metrics import protocol_metrics
 from ...methods import build_method
 from ...mining import top_candidates
-from ...train import in_float32, train_step, where_tags
+from ...run import where_tags
+from ...train import in_float32, train_step
 from ..data import prepare_data
 from ..launch import config_args, run_ranks
 from ..train import MODULE as TRAIN

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from data_tools.shards import write_json_atomic
-
 from ...config import default_tracking_uri, load_config, resolve_config
 from ...data import eval_root, split_shards
 from ...evaluation import RECALL_HEADS, RECALL_KEYS, chance_metrics, format_table
+from ...shards import write_json_atomic
 from ..compare import plot_runs
 from ..data import prepare_data
 from ..launch import config_args, run_ranks

@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -134,9 +131,9 @@ def cmd_bench_scale(args) -> int:
     result["args"].pop("func", None)
     n, k, d = args.images, 5, args.dim
     print(f"(1) evaluation of {n} images x {k * n} captions, d = {d}, float32 ...", flush=True)
-    ev = result["eval"] = _measured(_eval_child, n, d, k, threads)
+    result["eval"] = _measured(_eval_child, n, d, k, threads)
     print(f"(2) mining of {args.mine_images} images x {k * args.mine_images} captions ...", flush=True)
-    mi = result["mining"] = _measured(_mine_child, args.mine_images, d, k, threads)
+    result["mining"] = _measured(_mine_child, args.mine_images, d, k, threads)
     result["aoq"] = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for size_n in args.aoq_images:

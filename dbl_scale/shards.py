@@ -1,5 +1,7 @@
-"""Writing shard sets: the index's name, and the atomic writes every writer of shards uses
-(a reader, or a resumed converter, sees a whole file or none)."""
+"""Shard sets: the index's name, the rules every reader and writer of shards shares (a tar
+member's key, a sample's captions, string ids, what a URL is), and the atomic writes every
+writer uses (a reader, or a resumed converter, sees a whole file or none). The converters in
+`data_tools/` stand on this module, not the other way round."""
 from __future__ import annotations
 
 import hashlib
