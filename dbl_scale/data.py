@@ -21,60 +21,26 @@ carries the number skipped since the worker's previous batch.
 """
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
-import io
 import itertools
 import json
 import logging
-import math
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-import numpy as np
 import torch
-from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from .hub import local_folder
-from .shards import (INDEX, good_captions, index_splits, is_shard_list, is_url, raw_captions, shard_url,
-                     string_id)
+from .preprocess import ImageTransform, Tokenize, as_transform
+from .shards import (INDEX, DataError, good_captions, index_splits, is_shard_list, is_url, raw_captions,
+                     shard_url, string_id)
 
 log = logging.getLogger(__name__)
 
-# CLIP's image statistics; any fixed choice works for towers trained from scratch.
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "npy")  # npy: pre-extracted region features
-
-
-def check_data(cfg, world: int) -> None:
-    """What the ranks will ask of the data, asked once before any of them starts, so a problem
-    is one line (a DataError), not a traceback from every rank: the training shards and their
-    sample count, enough shards for every rank and loader worker, the evaluation splits the
-    run will score, and where the tokenizer is."""
-    d = cfg.data
-    urls, samples = split_shards(d.root, d.train_split, d.samples_per_epoch)
-    workers = max(d.workers, 1)
-    if len(urls) < world * workers:
-        raise DataError(f"{len(urls)} '{d.train_split}' shard(s) of {d.root} for {world} ranks x {workers} loader "
-                        f"worker(s): every worker needs a shard of its own; write smaller shards (dbl-scale data "
-                        f"convert --shard-size) or set data.workers={max(1, len(urls) // world)}")
-    if samples < world * d.batch_size:
-        raise DataError(f"{samples} samples in {d.root} cannot fill one batch of {d.batch_size} on each of {world} ranks")
-    splits = ([d.eval_split] if cfg.eval.at_end else []) + ([cfg.eval.val_split] if cfg.eval.every else [])
-    for split in splits:
-        split_shards(eval_root(d), split)
-    tokenizer_path(d, cfg.model.text)
-
-
-class DataError(RuntimeError):
-    """The data cannot feed this run (missing shards, too few shards for the ranks, ...)."""
 
 
 # ----------------------------------------------------------------------------- shard sets
@@ -203,77 +169,6 @@ def dataset_inputs(data_cfg) -> list[dict]:
     return out
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-def build_tokenizer(captions: list[str], out_dir: str | Path, vocab_size: int = 2000):
-    """Train a small WordPiece tokenizer on the captions (offline) and save it as a HF folder."""
-    # heavy (seconds): only a data set without a tokenizer needs them
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fast.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)  # atomic: a reader sees no folder or a complete one
-    return fast
-
-
-def tokenizer_path(data_cfg, text_cfg) -> Path:
-    """Where the tokenizer is: data.tokenizer; the pretrained text tower's own; else a
-    `tokenizer/` folder beside the data (built there from the training captions when missing):
-    in data.root when it is a folder, in data.eval_root for shard patterns and URLs."""
-    if data_cfg.tokenizer:
-        return Path(data_cfg.tokenizer)
-    if text_cfg.pretrained:
-        return Path(local_folder(text_cfg.pretrained, "model.text.pretrained"))
-    if not is_shard_list(data_cfg.root):
-        return Path(data_cfg.root) / "tokenizer"
-    if data_cfg.eval_root:
-        return Path(data_cfg.eval_root) / "tokenizer"
-    raise DataError(f"data.root {data_cfg.root} names shards, with no folder to keep a tokenizer in: set "
-                    "data.tokenizer=FOLDER (a Hugging Face tokenizer) or data.eval_root=FOLDER")
-
-
-def ensure_tokenizer(data_cfg, text_cfg):
-    """Load the tokenizer; build it from the training captions when the default one is missing."""
-    from transformers import AutoTokenizer  # heavy: imported when a tokenizer is needed
-
-    path = tokenizer_path(data_cfg, text_cfg)
-    if not path.exists():
-        if data_cfg.tokenizer or text_cfg.pretrained:
-            raise DataError(f"tokenizer folder {path} does not exist")
-        urls, _ = split_shards(data_cfg.root, data_cfg.train_split, data_cfg.samples_per_epoch)
-        captions = [c for s in read_samples(urls) for c in sample_meta(s)[1]]
-        build_tokenizer(captions, path)
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-class Tokenize:
-    """Captions -> padded token tensors, as every path of the project encodes text: training
-    batches, evaluation, mining and AOQ's offline negatives."""
-
-    def __init__(self, tokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, captions: list[str]) -> dict:
-        enc = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
 # ----------------------------------------------------------------------------- samples
 
 class SkipCounter:
@@ -318,189 +213,6 @@ def sample_meta(sample: dict) -> tuple[int, list[str]]:
         key = str(image_id) if image_id is not None else sample["__key__"]
         image_id = string_id(key)
     return image_id, captions
-
-
-# ----------------------------------------------------------------------------- transforms
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """Encoded image -> the vision tower's input, the one way training, evaluation, mining and
-    the exported image processor all see it: RGB; `crop` resizes the shorter side to `size`
-    (the longer one truncated, as Hugging Face's image processors do) and takes the centre
-    square, `squash` resizes both sides; then [0, 1] and per-channel mean / std. Training may
-    add a random resized crop and a horizontal flip, on the uint8 image, drawn from an `rng`
-    the caller seeds (so a resumed run draws the same)."""
-    size: int
-    mean: tuple = tuple(MEAN.tolist())
-    std: tuple = tuple(STD.tolist())
-    resize: str = "crop"
-    crop_scale: tuple = (1.0, 1.0)
-    hflip: bool = False
-
-    def uint8(self, img: Image.Image, rng: Optional[random.Random] = None, fast: bool = False) -> np.ndarray:
-        """PIL image -> uint8 (3, S, S). `fast`: see `decode`."""
-        img = img.convert("RGB")
-        if rng is not None and self.crop_scale[0] < 1.0:
-            img = img.crop(_random_crop_box(img.size, self.crop_scale, rng))
-        s = self.size
-        if self.resize == "squash":
-            if img.size != (s, s):
-                img = img.resize((s, s), Image.BICUBIC)
-        else:
-            w, h = img.size
-            size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-            left, top = (size[0] - s) // 2, (size[1] - s) // 2
-            if fast and size != img.size:  # resample only the centre square
-                sx, sy = w / size[0], h / size[1]
-                img = img.resize((s, s), Image.BICUBIC, box=(left * sx, top * sy, (left + s) * sx, (top + s) * sy))
-            else:
-                if size != img.size:
-                    img = img.resize(size, Image.BICUBIC)
-                img = img.crop((left, top, left + s, top + s))
-        if rng is not None and self.hflip and rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-
-    @property
-    def augments(self) -> bool:
-        return self.crop_scale[0] < 1.0 or self.hflip
-
-    @property
-    def empty_shape(self) -> tuple:
-        return (3, self.size, self.size)
-
-    def decode(self, encoded: bytes, rng: Optional[random.Random] = None, fast: bool = False) -> np.ndarray:
-        """Encoded image -> uint8 (3, S, S). `fast` (training) lets a JPEG much larger than S decode
-        at a reduced scale (1/2, 1/4, 1/8, never below S) and resamples only the centre square:
-        several times faster at small S, the same picture up to JPEG noise and a few border
-        pixels. Evaluation, mining and export do it in full, as Hugging Face's processors do."""
-        with Image.open(io.BytesIO(encoded)) as img:
-            fast = fast and self.resize == "crop" and not self.augments
-            if fast:
-                img.draft("RGB", (self.size, self.size))
-            return self.uint8(img, rng, fast)
-
-    def normalize(self, pixels: "np.ndarray | torch.Tensor") -> torch.Tensor:
-        """uint8 (..., 3, S, S) -> float32 tensor, scaled to [0, 1] and normalised per channel, on
-        the device the pixels are on. Off the CPU each (channel, value) is looked up in the 3 x
-        256 table that the CPU's arithmetic gives: the same bits as on the CPU (a GPU divides by a
-        scalar as a multiplication by its reciprocal, which rounds differently)."""
-        x = torch.as_tensor(pixels)
-        if x.device.type != "cpu":
-            return self.by_table(x)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        x = x.to(torch.float32, copy=True)  # the in-place ops below stay local
-        return x.div_(255.0).sub_(mean).div_(std)  # float32 throughout: the same bits as every earlier run
-
-    def by_table(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`normalize` as a lookup in the table of its CPU results, on the pixels' device."""
-        table = _normalize_table(self.mean, self.std, str(pixels.device))
-        offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=pixels.device)[:, None, None]
-        return table[pixels.int() + offsets]
-
-    def __call__(self, img: Image.Image, rng: Optional[random.Random] = None) -> torch.Tensor:
-        """PIL image -> normalised float tensor (3, S, S)."""
-        return self.normalize(self.uint8(img, rng))
-
-
-@dataclass(frozen=True)
-class RegionFeatures:
-    """Pre-extracted region features (`npy`: R x D floats) as the precomp tower's input: no
-    resizing, no augmentation. Duck-types ImageTransform's decode / normalize."""
-    dim: int
-    augments = False
-
-    @property
-    def empty_shape(self) -> tuple:
-        return (1, self.dim)
-
-    def decode(self, encoded: bytes, rng: Optional[random.Random] = None, fast: bool = False) -> np.ndarray:
-        features = np.load(io.BytesIO(encoded), allow_pickle=False)
-        if features.ndim != 2 or features.shape[1] != self.dim:
-            raise ValueError(f"region features of shape {features.shape}, expected (regions, {self.dim})")
-        return features
-
-    def normalize(self, features: "np.ndarray | torch.Tensor") -> torch.Tensor:
-        return torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32)
-                               if isinstance(features, np.ndarray) else features).to(torch.float32)
-
-
-@functools.lru_cache(maxsize=16)
-def _normalize_table(mean: tuple, std: tuple, device: str) -> torch.Tensor:
-    """(3 * 256,) float32: `ImageTransform.normalize` of every uint8 value in every channel,
-    computed on the CPU, held on `device`."""
-    values = torch.arange(256, dtype=torch.uint8).repeat(3, 1)[:, :, None]  # as a (3, 256, 1) image
-    return ImageTransform(size=1, mean=mean, std=std).normalize(values).reshape(-1).to(device)
-
-
-def _random_crop_box(size: tuple[int, int], scale: tuple, rng: random.Random) -> tuple[int, int, int, int]:
-    """A box of a random share of the area (in `scale`) and aspect ratio in [3/4, 4/3]."""
-    w, h = size
-    for _ in range(10):
-        area = w * h * rng.uniform(scale[0], scale[1])
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < cw <= w and 0 < ch <= h:
-            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            return left, top, left + cw, top + ch
-    return 0, 0, w, h
-
-
-def as_transform(image):
-    """A transform (ImageTransform or RegionFeatures); a bare size means an ImageTransform with
-    the defaults (CLIP statistics, centre crop)."""
-    return ImageTransform(int(image)) if isinstance(image, int) else image
-
-
-def image_transform(cfg, train: bool = False) -> "ImageTransform | RegionFeatures":
-    """The run's transform, from its resolved config (see `resolve_image_config`); `train` adds
-    the augmentation. A precomp tower reads region features instead."""
-    if cfg.model.vision.kind == "precomp":
-        return RegionFeatures(cfg.model.vision.feature_dim)
-    ic = cfg.data.image
-    mean, std, resize = ic.mean or tuple(MEAN.tolist()), ic.std or tuple(STD.tolist()), ic.resize or "crop"
-    if train:
-        return ImageTransform(cfg.model.vision.image_size, tuple(mean), tuple(std), resize, tuple(ic.crop_scale),
-                              ic.hflip)
-    return ImageTransform(cfg.model.vision.image_size, tuple(mean), tuple(std), resize)
-
-
-def resolve_image_config(cfg) -> None:
-    """Fill the unset `data.image` values from the vision checkpoint's image processor
-    (`preprocessor_config.json`), else CLIP's statistics and a centre crop, so that the run's
-    saved config records what it used. A processor whose crop size is not
-    model.vision.image_size is an error naming both."""
-    ic, vc = cfg.data.image, cfg.model.vision
-    if vc.kind == "precomp":
-        return
-    proc = {}
-    if vc.pretrained:
-        path = Path(local_folder(vc.pretrained, "model.vision.pretrained")) / "preprocessor_config.json"
-        if path.exists():
-            proc = json.loads(path.read_text())
-    if ic.mean is None:
-        ic.mean = tuple(float(x) for x in proc.get("image_mean", MEAN.tolist()))
-    if ic.std is None:
-        ic.std = tuple(float(x) for x in proc.get("image_std", STD.tolist()))
-    if ic.resize is None:
-        ic.resize = "squash" if proc and not proc.get("do_center_crop", False) else "crop"
-    crop = proc.get("crop_size") if proc.get("do_center_crop") else proc.get("size")
-    side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
-    if side is not None and int(side) != vc.image_size:
-        raise DataError(f"config key 'model.vision.image_size': {vc.image_size}, but the image processor of "
-                        f"{vc.pretrained} makes {side} px inputs; set model.vision.image_size={side}")
-
-
-def preprocessor_config(transform: ImageTransform) -> dict:
-    """The transform as a CLIPImageProcessor's settings (`export` writes them as
-    preprocessor_config.json), so AutoImageProcessor feeds the exported tower what the run did."""
-    s, crop = transform.size, transform.resize == "crop"
-    return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
-            "size": {"shortest_edge": s} if crop else {"height": s, "width": s}, "resample": 3,
-            "do_center_crop": crop, "crop_size": {"height": s, "width": s}, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(transform.mean),
-            "image_std": list(transform.std)}
 
 
 def decode_sample(sample: dict, image: "ImageTransform | int", rng: Optional[random.Random] = None

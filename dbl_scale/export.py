@@ -33,7 +33,8 @@ from . import modeling_dbl
 from .branches import new_model
 from .checkpoint import complete_checkpoints, safe_load, verify_safe
 from .config import Config, load_config
-from .data import Tokenize, ensure_tokenizer, image_transform, preprocessor_config
+from .preprocess import Tokenize, image_transform, preprocessor_config
+from .tokenizer import ensure_tokenizer
 from .methods import build_method
 from .models import DualEncoder
 

@@ -50,7 +50,8 @@ import torch
 
 from . import distributed
 from .config import Config
-from .data import DataError, ImageTransform, as_transform, image_transform, split_shards
+from .data import DataError, split_shards
+from .preprocess import ImageTransform, as_transform, image_transform
 from .evaluation.embed import embed_split
 from .shard_index import ShardIndex
 

@@ -17,7 +17,9 @@ import numpy as np
 from . import checkpoint, distributed
 from .branches import Branch, load_model
 from .config import Config, flatten, save_config, to_dict
-from .data import dataset_inputs, eval_root, image_transform, tokenizer_path
+from .data import dataset_inputs, eval_root
+from .preprocess import image_transform
+from .tokenizer import tokenizer_path
 from .evaluation import evaluate, format_table, report
 from .export import export
 from .export import log_model as log_mlflow_model

@@ -9,6 +9,10 @@ import json
 import os
 from typing import Iterable, Optional
 
+class DataError(RuntimeError):
+    """The data cannot feed this run (missing shards, too few shards for the ranks, ...)."""
+
+
 INDEX = "dbl_index.json"  # our own name: open_clip's `sizes.json` is a different file
 TAR_MTIME = 1704067200  # fixed member times (2024-01-01): the same input gives byte-identical shards
 

@@ -18,11 +18,13 @@ import torch
 from . import checkpoint, distributed
 from .branches import Branch, anchor_metrics, build_branches, ema_update, param_dtype
 from .config import Config
-from .data import TrainLoader, ensure_tokenizer, image_transform, resolve_image_config, tokenizer_path
+from .data import TrainLoader
+from .preprocess import image_transform, resolve_image_config
+from .tokenizer import ensure_tokenizer, tokenizer_path
 from .methods import Method, build_method
 from .models import Embeddings, FrozenEncoders
 from .run import Preempted, Preemption, Run
-from .tracking import StepMeter
+from .meter import StepMeter
 
 log = logging.getLogger("dbl_scale")
 

@@ -23,7 +23,7 @@ def shapes_root(tmp_path_factory) -> Path:
     """128 train images in 8 shards of 16, 16 val, 40 test; 32 px; tokenizer in <root>/tokenizer."""
     from data_tools.shapes_captions import build_shapes_captions
     from dbl_scale.config import load_config
-    from dbl_scale.data import ensure_tokenizer
+    from dbl_scale.tokenizer import ensure_tokenizer
 
     root = tmp_path_factory.mktemp("shapes") / "data"
     build_shapes_captions(str(root), n_train=128, n_val=16, n_test=40, image_size=32, shard_size=16, seed=3)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dbl_scale.data import Tokenize, as_transform, decode_sample, read_samples, sample_meta, split_shards
+from dbl_scale.data import decode_sample, read_samples, sample_meta, split_shards
+from dbl_scale.preprocess import Tokenize, as_transform
 from dbl_scale.evaluation.metrics import TileScores, _ranks, embedding_metrics, embedding_ranks, retrieval_metrics
 from dbl_scale.mining import Candidates, OfflineNegatives, top_candidates
 from dbl_scale.shard_index import ShardIndex

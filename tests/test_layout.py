@@ -120,3 +120,36 @@ def test_readme_opens_with_the_two_commands():
     text = (REPO / "README.md").read_text()
     blocks = re.findall(r"```(?:bash)?\n(.*?)```", text, re.S)
     assert [line.split("#")[0].strip() for line in blocks[0].strip().splitlines()] == ["make demo", "make test"]
+
+
+def test_readme_lists_every_config_choice_as_config_py_has_it():
+    """The README's list of keys with a fixed set of choices is config.py's Literal types, key
+    for key and choice for choice, in order."""
+    import dataclasses
+    import typing
+
+    from dbl_scale.config import Config
+
+    def choices(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            options = [tp] + list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Union else [tp]
+            for t in options:
+                if typing.get_origin(t) is typing.Literal:
+                    yield prefix + f.name, list(typing.get_args(t))
+                elif dataclasses.is_dataclass(t):
+                    yield from choices(t, prefix + f.name + ".")
+
+    text = (REPO / "README.md").read_text()
+    listed = {m.group(1): re.findall(r"`([^`]+)`", m.group(2))
+              for m in re.finditer(r"^- `([a-z_.]+)`: (.*)$", text.split("The keys with a fixed set of choices:")[1],
+                                   re.M)}
+    assert listed == dict(choices(Config))
+
+
+def test_every_module_says_its_job_first():
+    """Each module of the package opens with a docstring whose first line names its job."""
+    for path in PACKAGE.rglob("*.py"):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and len(doc.splitlines()[0]) > 20, path

@@ -14,7 +14,7 @@ from dbl_scale.cli.launch import torchrun_command
 from dbl_scale.cli.mine import MODULE as MINE_MODULE
 from dbl_scale.cli.mine import add_parser as add_mine_parser
 from dbl_scale.cli.mine import forwarded
-from dbl_scale.data import Tokenize
+from dbl_scale.preprocess import Tokenize
 from dbl_scale.mining import Candidates, OfflineNegatives, mine, shard_rows, top_candidates
 
 from conftest import TINY, torchrun
@@ -191,7 +191,7 @@ def raw_split(root, split):
 
 
 def test_offline_negatives_follow_the_definitions(shapes_root):
-    from dbl_scale.data import ImageTransform
+    from dbl_scale.preprocess import ImageTransform
 
     raw = raw_split(shapes_root, "train")
     k = 5

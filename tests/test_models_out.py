@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,7 +34,8 @@ def _run_embeddings(run, images, captions):
 
     from dbl_scale.branches import load_model
     from dbl_scale.config import load_config
-    from dbl_scale.data import Tokenize, ensure_tokenizer, image_transform
+    from dbl_scale.preprocess import Tokenize, image_transform
+    from dbl_scale.tokenizer import ensure_tokenizer
 
     cfg = load_config(run / "config.yaml")
     tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)

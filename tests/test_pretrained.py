@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from dbl_scale.config import load_config
-from dbl_scale.data import DataError, ImageTransform, image_transform, resolve_image_config
+from dbl_scale.data import DataError
+from dbl_scale.preprocess import ImageTransform, image_transform, resolve_image_config
 from dbl_scale.hub import NotCached, local_folder
 from dbl_scale.models import DualEncoder
 from conftest import TINY, torchrun

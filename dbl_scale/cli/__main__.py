@@ -1,3 +1,4 @@
+"""`python -m dbl_scale.cli`: the same as the `dbl-scale` command."""
 import sys
 
 from .main import main

@@ -11,7 +11,8 @@ from pathlib import Path
 from data_tools import shapes_captions
 from data_tools.shapes_captions import build_shapes_captions
 
-from ..data import ensure_tokenizer, eval_root, is_shard_list, load_index, plain_shard_folder
+from ..data import eval_root, is_shard_list, load_index, plain_shard_folder
+from ..tokenizer import ensure_tokenizer
 
 
 def prepare_data(cfg) -> dict:

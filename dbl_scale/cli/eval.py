@@ -23,7 +23,9 @@ import torch
 from .. import distributed
 from ..branches import load_model
 from ..config import load_config
-from ..data import Tokenize, ensure_tokenizer, eval_root, image_transform
+from ..data import eval_root
+from ..preprocess import Tokenize, image_transform
+from ..tokenizer import ensure_tokenizer
 from ..evaluation import evaluate, format_table, report
 from ..tracking import Tracker
 from .launch import run_ranks

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 from .. import distributed
 from ..branches import load_model
 from ..config import load_config
-from ..data import Tokenize, ensure_tokenizer, image_transform
+from ..preprocess import Tokenize, image_transform
+from ..tokenizer import ensure_tokenizer
 from ..mining import mine
 from .launch import run_ranks
 

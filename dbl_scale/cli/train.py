@@ -16,7 +16,9 @@ import warnings
 
 from .. import distributed
 from ..config import load_config, resolve_config
-from ..data import check_data, resolve_image_config
+from ..data import DataError, eval_root, split_shards
+from ..preprocess import resolve_image_config
+from ..tokenizer import tokenizer_path
 from ..methods import build_method
 from ..optim import deepspeed_config
 from ..run import Preempted
@@ -39,6 +41,26 @@ def cmd_train(args) -> int:
     check_data(cfg, nproc * args.nnodes)  # a data problem is one line here, not a traceback from every rank
     return run_ranks(nproc, MODULE, config_args(config, args.overrides), args.nnodes, args.node_rank,
                      args.rdzv_endpoint)
+
+
+def check_data(cfg, world: int) -> None:
+    """What the ranks will ask of the data, asked once before any of them starts, so a problem
+    is one line (a DataError), not a traceback from every rank: the training shards and their
+    sample count, enough shards for every rank and loader worker, the evaluation splits the
+    run will score, and where the tokenizer is."""
+    d = cfg.data
+    urls, samples = split_shards(d.root, d.train_split, d.samples_per_epoch)
+    workers = max(d.workers, 1)
+    if len(urls) < world * workers:
+        raise DataError(f"{len(urls)} '{d.train_split}' shard(s) of {d.root} for {world} ranks x {workers} loader "
+                        f"worker(s): every worker needs a shard of its own; write smaller shards (dbl-scale data "
+                        f"convert --shard-size) or set data.workers={max(1, len(urls) // world)}")
+    if samples < world * d.batch_size:
+        raise DataError(f"{samples} samples in {d.root} cannot fill one batch of {d.batch_size} on each of {world} ranks")
+    splits = ([d.eval_split] if cfg.eval.at_end else []) + ([cfg.eval.val_split] if cfg.eval.every else [])
+    for split in splits:
+        split_shards(eval_root(d), split)
+    tokenizer_path(d, cfg.model.text)
 
 
 def add_parser(sub) -> None:

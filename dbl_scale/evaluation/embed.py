@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..data import as_transform, decode_sample, log, read_samples, split_shards
+from ..data import decode_sample, log, read_samples, split_shards
+from ..preprocess import as_transform
 
 STANDARD_K = 5  # captions per image in the COCO / Flickr30K protocol
 

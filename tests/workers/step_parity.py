@@ -16,7 +16,7 @@ from dbl_scale import distributed
 from dbl_scale.branches import build_branches, new_model
 from dbl_scale.checkpoint import full_state_dict
 from dbl_scale.config import load_config, save_config
-from dbl_scale.data import ensure_tokenizer
+from dbl_scale.tokenizer import ensure_tokenizer
 from dbl_scale.methods import build_method
 from dbl_scale.train import train_step
 from parity_common import GLOBAL_BATCH, LOSS_ONLY, MODEL, VARIANTS, local_slice, make_batch, make_queues

@@ -30,7 +30,9 @@ from PIL import Image, ImageDraw
 from data_tools import convert
 
 from ...config import load_config
-from ...data import ImageTransform, TrainLoader, ensure_tokenizer, split_shards
+from ...data import TrainLoader, split_shards
+from ...preprocess import ImageTransform
+from ...tokenizer import ensure_tokenizer
 from .common import machine_line
 
 WORDS = ["red", "blue", "green", "large", "small", "circle", "square", "dog", "tree", "street", "left", "right"]

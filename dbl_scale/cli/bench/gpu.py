@@ -42,7 +42,9 @@ from ... import distributed
 from ...branches import build_branches, ema_update, new_model
 from ...checkpoint import rng_state, safe_load, set_rng_state
 from ...config import load_config, resolve_config
-from ...data import TrainLoader, ensure_tokenizer, image_transform
+from ...data import TrainLoader
+from ...preprocess import image_transform
+from ...tokenizer import ensure_tokenizer
 from ...evaluation.metrics import protocol_metrics
 from ...methods import build_method
 from ...mining import top_candidates

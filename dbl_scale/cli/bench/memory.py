@@ -44,7 +44,7 @@ from ... import distributed
 from ...branches import build_branches
 from ...checkpoint import save_model
 from ...config import load_config, resolve_config, save_config
-from ...data import ensure_tokenizer
+from ...tokenizer import ensure_tokenizer
 from ...methods import build_method
 from ...optim import resolve_ds_config
 from ...train import train_step
