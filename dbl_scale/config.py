@@ -23,22 +23,37 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key and what is allowed."""
 
 
+def bounded(default, low=None, high=None, *, low_open: bool = False, high_open: bool = False):
+    """A field with the range its values must lie in, beside it: `validate` checks every field
+    that has one (None, for an optional field, is always allowed)."""
+    return field(default=default, metadata={"bounds": (low, low_open, high, high_open)})
+
+
+def positive(default):
+    return bounded(default, 0, low_open=True)
+
+
+def at_least_0(default):
+    return bounded(default, 0)
+
+
+
 @dataclass
 class VisionConfig:
     # precomp: pre-extracted region features (data convert precomp), `feature_dim` wide
     kind: Literal["clip_vision", "vit", "precomp"] = "clip_vision"
     # a local folder (save_pretrained) or a hub id in the local HF cache; None: build from config
     pretrained: Optional[str] = None
-    image_size: int = 64
-    patch_size: int = 8
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 4
-    mlp_ratio: int = 4
+    image_size: int = positive(64)
+    patch_size: int = positive(8)
+    hidden: int = positive(128)
+    layers: int = positive(2)
+    heads: int = positive(4)
+    mlp_ratio: int = positive(4)
     # model: the checkpoint's own pooling and projection (CLIP: its pooled output and projection);
     # gpo and max: over the regions of a precomp tower (gpo: VSE-infinity's generalized pooling)
     pooling: Literal["cls", "mean", "model", "gpo", "max"] = "cls"
-    feature_dim: int = 2048  # precomp: width of each region feature (bottom-up attention: 2048)
+    feature_dim: int = positive(2048)  # precomp: width of each region feature (bottom-up attention: 2048)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
 
 
@@ -46,11 +61,11 @@ class VisionConfig:
 class TextConfig:
     kind: Literal["bert", "clip_text", "roberta"] = "bert"
     pretrained: Optional[str] = None  # folder or cached hub id (model and tokenizer); None: from config
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 4
-    mlp_ratio: int = 4
-    max_length: int = 32
+    hidden: int = positive(128)
+    layers: int = positive(2)
+    heads: int = positive(4)
+    mlp_ratio: int = positive(4)
+    max_length: int = positive(32)
     pooling: Literal["cls", "mean", "model"] = "mean"  # model: as above (CLIP: the EOS token)
     gradient_checkpointing: bool = False
 
@@ -59,7 +74,7 @@ class TextConfig:
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    embed_dim: int = 128
+    embed_dim: int = positive(128)
 
 
 @dataclass
@@ -82,19 +97,19 @@ class DataConfig:
     # a folder with shards and dbl_index.json, or the training shards themselves as any
     # WebDataset URL: "shards/{00000..00099}.tar", "pipe:curl -s URL", "s3://bucket/{0..9}.tar"
     root: str = "data/shapes_captions"
-    eval_root: Optional[str] = None  # folder whose index holds val/test; None: root
-    samples_per_epoch: Optional[int] = None  # training samples per epoch; None: from the index
+    eval_root: Optional[str] = None  # folder whose index holds val/test; None: root, when its index has them
+    samples_per_epoch: Optional[int] = positive(None)  # training samples per epoch; None: from the index
     train_split: str = "train"
     eval_split: str = "test"
     image: ImageConfig = field(default_factory=ImageConfig)
-    batch_size: int = 32  # per rank
-    workers: int = 1  # loader processes per rank
-    shuffle_buffer: int = 1000  # samples; 0 turns sample shuffling off
+    batch_size: int = positive(32)  # per rank
+    workers: int = at_least_0(1)  # loader processes per rank
+    shuffle_buffer: int = at_least_0(1000)  # samples; 0 turns sample shuffling off
     tokenizer: Optional[str] = None  # local HF tokenizer folder; None: <root>/tokenizer
     # ShapesCaptions, built under `root` when it is absent or empty (--build-data, the demo).
-    build_train: int = 4000
-    build_val: int = 250
-    build_test: int = 500
+    build_train: int = at_least_0(4000)
+    build_val: int = at_least_0(250)
+    build_test: int = at_least_0(500)
     build_variant: Literal["standard", "dense"] = "standard"  # dense: 3 shapes, each solid or hollow
 
 
@@ -102,39 +117,39 @@ class DataConfig:
 class DBLConfig:
     # how the anchor is obtained: EMA of the target, K branches trained together, or frozen
     scenario: Literal["momentum", "online", "offline"] = "momentum"
-    branches: int = 2  # online: K branches; branch k is boosted against the mean over n < k
+    branches: int = bounded(2, 2)  # online: K branches; branch k is boosted against the mean over n < k
     anchor: Optional[str] = None  # offline: run folder of the trained anchor (config.yaml, model.pt)
     boost: Literal["relative", "absolute"] = "relative"
     # the boost's own reduction over negatives, at every step: "max" (the hardest negative; the
     # authors' code, the paper's l_RM / l_AM) or "sum" (l_RS / l_AS). Warm-ups never touch it.
     reduction: Literal["max", "sum"] = "max"
-    alpha: float = 1.0  # weight of the boosting term
-    beta: float = 1.0  # boosting margin = margin * beta
-    gamma: float = 0.5  # absolute boosting: share of the margin for positives
+    alpha: float = at_least_0(1.0)  # weight of the boosting term
+    beta: float = positive(1.0)  # boosting margin = margin * beta
+    gamma: float = bounded(0.5, 0, 1)  # absolute boosting: share of the margin for positives
     soft_adapt: bool = False  # margins shrink smoothly near the score bounds (our reading)
-    momentum: float = 0.9995  # EMA start value m0; cosine schedule up to 1 at the last step
+    momentum: float = bounded(0.9995, 0, 1, high_open=True)  # EMA start value m0; cosine schedule up to 1 at the last step
     # what m0 means depends on the run's length: the share of the anchor's random init left at
     # the last step (~ m0 ** (steps / 2)). When set, m0 is derived from it and train.steps.
-    momentum_init_left: Optional[float] = None
+    momentum_init_left: Optional[float] = bounded(None, 0, 1, low_open=True, high_open=True)
 
 
 @dataclass
 class InfoNCEConfig:
-    temperature: float = 0.07  # initial; learnable
-    max_logit_scale: float = 100.0  # 1/temperature is clamped here, inside forward
+    temperature: float = positive(0.07)  # initial; learnable
+    max_logit_scale: float = positive(100.0)  # 1/temperature is clamped here, inside forward
 
 
 @dataclass
 class DistillConfig:
     teacher: Optional[str] = None  # run folder of the frozen teacher (config.yaml, model.pt)
-    temperature: float = 0.1
-    weight: float = 1.0
+    temperature: float = positive(0.1)
+    weight: float = at_least_0(1.0)
 
 
 @dataclass
 class MutualConfig:
-    smooth: float = 10.0  # softmax sharpness on cosine scores
-    weight: float = 1.0
+    smooth: float = positive(10.0)  # softmax sharpness on cosine scores
+    weight: float = at_least_0(1.0)
 
 
 @dataclass
@@ -145,45 +160,45 @@ class StructureConfig:
     teacher_vision: Optional[str] = None
     teacher_text: Optional[str] = None
     init_lambda: float = 0.5  # learnable text/image mix of the teacher relation
-    temperature: float = 0.07  # tau_2, initial; learnable, clamped to the range below
+    temperature: float = positive(0.07)  # tau_2, initial; learnable, clamped to the range below
     # every relation term scales with 1/tau_2, so training raises tau_2: the clamp bounds that
-    temperature_min: float = 0.02
-    temperature_max: float = 0.5
+    temperature_min: float = positive(0.02)
+    temperature_max: float = positive(0.5)
     mode: Literal["per_modality", "pair_mean"] = "per_modality"
     weight: float = 2.0  # L_sd (the authors' 2)
     consistency_weight: float = 1.0  # each teacher relation against the mixed one (trains lambda, tau_2)
     repr_weight_image: float = 1.0  # InfoNCE(student image -> projected teacher image feature)
     repr_weight_text: float = 2.0  # InfoNCE(student caption -> projected teacher caption feature)
-    repr_temperature: float = 0.07  # initial; learnable
+    repr_temperature: float = positive(0.07)  # initial; learnable
 
 
 @dataclass
 class CODERConfig:
     """CODER (our reading of the paper: no public code exists)."""
-    momentum: float = 0.999  # key encoders: EMA of the query encoders (constant, as MoCo)
-    queue_size: int = 16384  # FIFO of keys per modality, filled from all ranks
-    temperature: float = 0.07
-    beta: float = 1.0  # diversity weighting sharpness; 0 gives plain InfoNCE
-    concepts: int = 256  # concept bank rows = pseudo-label clusters
+    momentum: float = bounded(0.999, 0, 1, high_open=True)  # key encoders: EMA of the query encoders (constant, as MoCo)
+    queue_size: int = at_least_0(16384)  # FIFO of keys per modality, filled from all ranks
+    temperature: float = positive(0.07)
+    beta: float = at_least_0(1.0)  # diversity weighting sharpness; 0 gives plain InfoNCE
+    concepts: int = bounded(256, 1)  # concept bank rows = pseudo-label clusters
     concept_file: Optional[str] = None  # C x d tensor (.pt / .npy) to start the bank from
-    concept_temperature: float = 0.1
+    concept_temperature: float = positive(0.1)
     concept_weight: float = 1.0
-    sinkhorn_epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
+    sinkhorn_epsilon: float = positive(0.05)
+    sinkhorn_iterations: int = bounded(3, 1)
 
 
 @dataclass
 class AOQConfig:
     """Adaptive offline quintuplet loss: hard negatives mined from the whole training set."""
     candidates: Optional[str] = None  # folder from `dbl-scale mine`; None: mine at start with the start model
-    refresh_epochs: int = 0  # re-mine with the current target every N epochs; 0: never (the authors)
-    k_captions: int = 2000  # mined caption candidates per image
-    k_images: int = 400  # mined image candidates per caption
-    n_max: int = 300  # the offline negative is drawn among the first n_max candidates
-    cache_mb: float = 256.0  # decoded negatives kept per rank (read from the shards by random access)
+    refresh_epochs: int = at_least_0(0)  # re-mine with the current target every N epochs; 0: never (the authors)
+    k_captions: int = bounded(2000, 1)  # mined caption candidates per image
+    k_images: int = bounded(400, 1)  # mined image candidates per caption
+    n_max: int = bounded(300, 1)  # the offline negative is drawn among the first n_max candidates
+    cache_mb: float = positive(256.0)  # decoded negatives kept per rank (read from the shards by random access)
     m_on: float = 0.2
     m_off: float = 0.0
-    a: float = 0.3
+    a: float = positive(0.3)
     b: float = 1.5
     clamp_weights: bool = True  # False: the authors' unclamped adaptive weights
 
@@ -191,11 +206,11 @@ class AOQConfig:
 @dataclass
 class LossConfig:
     method: Literal["triplet", "infonce", "dbl", "distill", "mutual", "structure", "coder", "aoq"] = "triplet"
-    margin: float = 0.2
+    margin: float = positive(0.2)
     max_violation: bool = True
     # VSE-infinity's warm-up: sum over all negatives (VSE0) for this many steps, then the
     # hardest negative. Towers trained from scratch collapse under max-violation from step 0.
-    sum_warmup_steps: int = 0
+    sum_warmup_steps: int = at_least_0(0)
     mask_same_image: bool = True  # pairs sharing an image id are never negatives
     dbl: DBLConfig = field(default_factory=DBLConfig)
     infonce: InfoNCEConfig = field(default_factory=InfoNCEConfig)
@@ -208,49 +223,49 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-4
-    weight_decay: float = 0.05
+    lr: float = positive(5e-4)
+    weight_decay: float = at_least_0(0.05)
     betas: tuple = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 50
+    eps: float = positive(1e-6)
+    warmup_steps: int = at_least_0(50)
     schedule: Literal["cosine", "step", "constant"] = "cosine"  # after the linear warm-up
     step_milestones: tuple = ()  # "step": the LR is multiplied by step_gamma at each of these steps
     step_gamma: float = 0.1
-    grad_clip: float = 2.0  # 0 turns clipping off
-    backbone_lr_mult: float = 1.0  # LR of the vision and text towers relative to the heads
-    freeze_towers_steps: int = 0  # towers get LR 0 for this many steps (the heads train alone)
+    grad_clip: float = at_least_0(2.0)  # 0 turns clipping off
+    backbone_lr_mult: float = at_least_0(1.0)  # LR of the vision and text towers relative to the heads
+    freeze_towers_steps: int = at_least_0(0)  # towers get LR 0 for this many steps (the heads train alone)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = positive(600)
     init_from: Optional[str] = None  # run folder: trained branches start from its target's weights
     # micro-batches per optimizer step. Each micro-batch is its own contrastive batch (its
     # negatives are gathered across ranks, not across micro-batches); the gradient is the
     # mean of the micro-batches' gradients. `steps` counts optimizer steps.
-    grad_accum: int = 1
+    grad_accum: int = positive(1)
     # a DeepSpeed config by name, shipped with the package (zero0-3, zero2_bf16, zero3_bf16,
     # zero2_offload, zero3_offload), or a path to your own JSON
     deepspeed: str = "zero2"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # bf16: a named config's _bf16 twin; auto: as the file says
     seed: int = 0
-    log_every: int = 10
+    log_every: int = positive(10)
     output_dir: str = "runs"
     # a step whose loss is not finite on some rank is skipped on every rank (no update, no EMA,
     # no queue push); this many skips in a row stop the run with a checkpoint of the last good state
-    max_nonfinite: int = 20
+    max_nonfinite: int = positive(20)
     # how long a rank waits in a collective for the others before it fails (a rank that died or
     # hangs): NCCL's own default; raise it if rank 0 alone writes very large files
-    collective_timeout_s: int = 600
+    collective_timeout_s: int = positive(600)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps between checkpoints (0: only at the end)
+    every: int = at_least_0(0)  # steps between checkpoints (0: only at the end)
     at_end: bool = True
-    keep: int = 3  # newest complete checkpoints kept
+    keep: int = at_least_0(3)  # newest complete checkpoints kept
     resume: Optional[str] = None  # "latest" (the newest complete one, if any) or a checkpoint folder
-    stop_at: Optional[int] = None  # checkpoint and exit after this step, to be resumed (time slices)
+    stop_at: Optional[int] = positive(None)  # checkpoint and exit after this step, to be resumed (time slices)
 
 
 def default_tracking_uri() -> str:
@@ -263,21 +278,21 @@ class TrackingConfig:
     uri: str = field(default_factory=default_tracking_uri)
     experiment: str = "dbl_scale"
     run_name: Optional[str] = None
-    flush_every: int = 50  # steps between batched metric uploads
+    flush_every: int = positive(50)  # steps between batched metric uploads
     # when MLflow does not answer: records wait in <run>/mlflow_spool.jsonl (at most spool_max_mb),
     # retried every 1, 2, 4 ... retry_max_s seconds; the run's end waits final_wait_s for it
-    spool_max_mb: float = 256
-    retry_max_s: float = 60
-    final_wait_s: float = 120
-    system_metrics_s: float = 30  # rank 0 samples CPU / memory / GPU into system/* every N s; 0: off
+    spool_max_mb: float = positive(256)
+    retry_max_s: float = positive(60)
+    final_wait_s: float = at_least_0(120)
+    system_metrics_s: float = at_least_0(30)  # rank 0 samples CPU / memory / GPU into system/* every N s; 0: off
     log_model: bool = True  # a finished run exports its target to <run>/model and logs it as an MLflow model
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 128
+    batch_size: int = positive(128)
     at_end: bool = True  # on data.eval_split, with recall@K plot and HTML samples as MLflow artifacts
-    every: int = 0  # validate on `val_split` every N steps; the best val rSum is kept in <run>/best/
+    every: int = at_least_0(0)  # validate on `val_split` every N steps; the best val rSum is kept in <run>/best/
     val_split: str = "val"
     protocol: Literal["standard", "coco1k"] = "standard"  # coco1k: mean over 5 folds of 1000 images
 
@@ -428,24 +443,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express."""
-    positive = {
-        "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
-        "model.embed_dim": cfg.model.embed_dim, "model.vision.image_size": cfg.model.vision.image_size,
-        "model.text.max_length": cfg.model.text.max_length, "train.log_every": cfg.train.log_every,
-        "train.max_nonfinite": cfg.train.max_nonfinite, "train.collective_timeout_s": cfg.train.collective_timeout_s,
-        "eval.batch_size": cfg.eval.batch_size, "tracking.flush_every": cfg.tracking.flush_every,
-        "tracking.spool_max_mb": cfg.tracking.spool_max_mb, "tracking.retry_max_s": cfg.tracking.retry_max_s,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}': got {value}, expected a positive number")
-    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 0:
-        raise ConfigError("config keys 'checkpoint.every' and 'checkpoint.keep' must be >= 0")
+    """Every field's bounds (declared beside it, `bounded`), then the rules that tie fields of
+    different sections together. A method's own rules are its `Method.check`."""
+    _check_bounds(cfg)
     if cfg.checkpoint.resume and not cfg.tracking.run_name:
         raise ConfigError("config key 'checkpoint.resume' needs 'tracking.run_name': the run to continue")
-    if cfg.data.workers < 0:
-        raise ConfigError(f"config key 'data.workers': got {cfg.data.workers}, expected >= 0")
     if is_shard_list(cfg.data.root) and not cfg.data.eval_root and (cfg.eval.at_end or cfg.eval.every):
         raise ConfigError(f"config key 'data.eval_root': data.root '{cfg.data.root}' names training shards "
                           "only; set data.eval_root to a folder with the val/test splits (dbl-scale data "
@@ -455,51 +457,38 @@ def validate(cfg: Config) -> None:
     if vc.pooling not in allowed:
         raise ConfigError(f"config key 'model.vision.pooling': got {vc.pooling!r} for a {vc.kind} tower; "
                           f"allowed: {', '.join(allowed)}")
-    if cfg.model.vision.image_size % cfg.model.vision.patch_size:
+    if vc.image_size % vc.patch_size:
         raise ConfigError("config key 'model.vision.patch_size': must divide model.vision.image_size "
-                          f"({cfg.model.vision.patch_size} does not divide {cfg.model.vision.image_size})")
+                          f"({vc.patch_size} does not divide {vc.image_size})")
     for sec in ("vision", "text"):
         tower = getattr(cfg.model, sec)
         if tower.hidden % tower.heads:
             raise ConfigError(f"config key 'model.{sec}.heads': must divide model.{sec}.hidden "
                               f"({tower.heads} does not divide {tower.hidden})")
-    if not 0.0 <= cfg.loss.dbl.momentum < 1.0:
-        raise ConfigError(f"config key 'loss.dbl.momentum': got {cfg.loss.dbl.momentum}, expected 0 <= m < 1")
-    left = cfg.loss.dbl.momentum_init_left
-    if left is not None and not 0.0 < left < 1.0:
-        raise ConfigError(f"config key 'loss.dbl.momentum_init_left': got {left}, expected 0 < share < 1")
-    if not 0.0 <= cfg.loss.dbl.gamma <= 1.0:
-        raise ConfigError(f"config key 'loss.dbl.gamma': got {cfg.loss.dbl.gamma}, expected 0 <= g <= 1")
-    lc = cfg.loss  # settings one method needs are checked by that method (methods.Method.check)
-    if not 0.0 <= lc.coder.momentum < 1.0:
-        raise ConfigError(f"config key 'loss.coder.momentum': got {lc.coder.momentum}, expected 0 <= m < 1")
-    sc = lc.structure
-    if not 0.0 < sc.temperature_min <= sc.temperature <= sc.temperature_max:
-        raise ConfigError("config keys 'loss.structure.temperature_min' <= 'loss.structure.temperature' <= "
-                          f"'loss.structure.temperature_max' (all > 0): got {sc.temperature_min}, "
-                          f"{sc.temperature}, {sc.temperature_max}")
-    if lc.coder.queue_size < 0 or lc.coder.concepts < 1:
-        raise ConfigError("config keys 'loss.coder.queue_size' (>= 0) and 'loss.coder.concepts' (>= 1)")
-    if lc.aoq.refresh_epochs < 0 or lc.aoq.n_max < 1:
-        raise ConfigError("config keys 'loss.aoq.refresh_epochs' (>= 0) and 'loss.aoq.n_max' (>= 1)")
-    if lc.dbl.branches < 2:
-        raise ConfigError(f"config key 'loss.dbl.branches': got {lc.dbl.branches}, expected >= 2")
-    for key, value in (("loss.infonce.temperature", lc.infonce.temperature),
-                       ("loss.distill.temperature", lc.distill.temperature), ("loss.mutual.smooth", lc.mutual.smooth)):
-        if value <= 0:
-            raise ConfigError(f"config key '{key}': got {value}, expected > 0")
-    ranges = {  # key: (value, lowest allowed, whether the lowest is allowed)
-        "optim.lr": (cfg.optim.lr, 0.0, False), "loss.margin": (lc.margin, 0.0, False),
-        "optim.weight_decay": (cfg.optim.weight_decay, 0.0, True), "optim.grad_clip": (cfg.optim.grad_clip, 0.0, True),
-        "loss.dbl.alpha": (lc.dbl.alpha, 0.0, True), "loss.dbl.beta": (lc.dbl.beta, 0.0, False),
-        "loss.coder.temperature": (lc.coder.temperature, 0.0, False), "loss.aoq.a": (lc.aoq.a, 0.0, False), "loss.aoq.cache_mb": (lc.aoq.cache_mb, 0.0, False),
-        "optim.warmup_steps": (cfg.optim.warmup_steps, 0, True),
-        "tracking.final_wait_s": (cfg.tracking.final_wait_s, 0.0, True),
-        "tracking.system_metrics_s": (cfg.tracking.system_metrics_s, 0.0, True),
-    }
-    for key, (value, low, inclusive) in ranges.items():
-        if value < low or (value == low and not inclusive):
-            raise ConfigError(f"config key '{key}': got {value}, expected {'>=' if inclusive else '>'} {low}")
+
+
+def _check_bounds(section, prefix: str = "") -> None:
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_bounds(value, key + ".")
+            continue
+        bounds = f.metadata.get("bounds")
+        if bounds is None or value is None:
+            continue
+        low, low_open, high, high_open = bounds
+        below = low is not None and (value < low or (low_open and value == low))
+        above = high is not None and (value > high or (high_open and value == high))
+        if below or above:
+            raise ConfigError(f"config key '{key}': got {value}, expected {_describe_bounds(*bounds)}")
+
+
+def _describe_bounds(low, low_open, high, high_open) -> str:
+    if low == 0 and low_open and high is None:
+        return "a positive number"
+    parts = [f"{'>' if low_open else '>='} {low}"] if low is not None else []
+    parts += [f"{'<' if high_open else '<='} {high}"] if high is not None else []
+    return " and ".join(parts)
 
 
 def to_dict(cfg: Config) -> dict:

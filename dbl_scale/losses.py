@@ -105,7 +105,7 @@ def hinge_triplet(scores: ScoresLike, margin: float = 0.2, max_violation: bool =
     """VSE++ hinge triplet, summed over queries in both directions (VSE0 when not max_violation)."""
     s = _as_scores(scores, image_ids)
     total = 0.0
-    for q, neg, pos in ((s.i2t, s.neg_i2t, s.positives()[0]), (s.t2i, s.neg_t2i, s.positives()[1])):
+    for q, _, neg, pos, _ in _directions(s):
         total = total + _violations(lambda c: (margin + _take(q, c) - pos).clamp(min=0), neg, max_violation,
                                     key=q.detach())
     return total
@@ -132,8 +132,7 @@ def boost_relative(scores: ScoresLike, anchor_scores: ScoresLike, margin: float 
     t, a = _as_scores(scores, image_ids), _as_scores(anchor_scores, image_ids).detach()
     m = margin * beta
     total = 0.0
-    for t_q, a_q, neg, t_pos, a_pos in ((t.i2t, a.i2t, t.neg_i2t, *_pair(t, a, 0)),
-                                        (t.t2i, a.t2i, t.neg_t2i, *_pair(t, a, 1))):
+    for t_q, a_q, neg, t_pos, a_pos in _directions(t, a):
         def cost_at(cols, t_q=t_q, a_q=a_q, t_pos=t_pos, a_pos=a_pos):
             gap = t_pos - _take(t_q, cols)
             margin_ij = soft_margin_upper(m, gap, 2.0) if soft_adapt else m
@@ -159,8 +158,7 @@ def boost_absolute(scores: ScoresLike, anchor_scores: ScoresLike, margin: float 
     t, a = _as_scores(scores, image_ids), _as_scores(anchor_scores, image_ids).detach()
     m_pos, m_neg = gamma * margin * beta, (1.0 - gamma) * margin * beta
     total = 0.0
-    for t_q, a_q, neg, t_pos, a_pos in ((t.i2t, a.i2t, t.neg_i2t, *_pair(t, a, 0)),
-                                        (t.t2i, a.t2i, t.neg_t2i, *_pair(t, a, 1))):
+    for t_q, a_q, neg, t_pos, a_pos in _directions(t, a):
         mp = soft_margin_upper(m_pos, t_pos, 1.0) if soft_adapt else m_pos
         total = total + (mp + a_pos - t_pos).clamp(min=0).sum()
 
@@ -177,8 +175,14 @@ def boost_absolute(scores: ScoresLike, anchor_scores: ScoresLike, margin: float 
     return total
 
 
-def _pair(t: Scores, a: Scores, direction: int):
-    return t.positives()[direction], a.positives()[direction]
+def _directions(t: Scores, a: Optional[Scores] = None) -> list[tuple]:
+    """Both directions of a score set, image to text then text to image, each as (the target's
+    query x candidate scores, the anchor's (or None), the negatives mask, the target's
+    positives, the anchor's (or None)): the loop every hinge loss runs."""
+    return [(t.i2t, a.i2t if a is not None else None, t.neg_i2t, t.positives()[0],
+             a.positives()[0] if a is not None else None),
+            (t.t2i, a.t2i if a is not None else None, t.neg_t2i, t.positives()[1],
+             a.positives()[1] if a is not None else None)]
 
 
 @torch.no_grad()
@@ -194,8 +198,7 @@ def boost_diagnostics(scores: ScoresLike, anchor_scores: ScoresLike, margin: flo
     Queries without a negative count 0 everywhere."""
     t, a = _as_scores(scores, image_ids), _as_scores(anchor_scores, image_ids)
     out = {k: t.i2t.new_zeros(()) for k in ("active", "target_gap", "anchor_gap", "same_negative")}
-    for t_q, a_q, neg, t_pos, a_pos in ((t.i2t, a.i2t, t.neg_i2t, *_pair(t, a, 0)),
-                                        (t.t2i, a.t2i, t.neg_t2i, *_pair(t, a, 1))):
+    for t_q, a_q, neg, t_pos, a_pos in _directions(t, a):
         cols = (t_q - a_q).masked_fill(~neg, float("-inf")).argmax(dim=1, keepdim=True)
         hardest = t_q.masked_fill(~neg, float("-inf")).argmax(dim=1, keepdim=True)
         valid = neg.gather(1, cols).squeeze(1)

@@ -172,3 +172,33 @@ def test_an_installed_package_finds_its_deepspeed_configs_and_trains(tmp_path, s
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-5000:]
     assert "ZeRO-1" in run.stderr and (tmp_path / "runs" / "installed" / "model.pt").exists()
+
+
+def test_every_bound_declared_beside_its_field_is_enforced():
+    """Each field that declares its range (`config.bounded`) refuses a value just outside it,
+    naming the key; a value at an open end is refused, at a closed end taken."""
+    import dataclasses
+
+    from dbl_scale.config import Config
+
+    def bounded_fields(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else None):
+                continue
+            bounds = f.metadata.get("bounds")
+            if bounds:
+                yield prefix + f.name, bounds
+        for f in dataclasses.fields(cls):
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(value):
+                yield from bounded_fields(type(value), prefix + f.name + ".")
+
+    found = dict(bounded_fields(Config))
+    assert len(found) > 60 and "loss.dbl.momentum" in found and "data.batch_size" in found
+    for key, (low, low_open, high, high_open) in found.items():
+        if low is not None:
+            with pytest.raises(ConfigError, match=f"'{key}'"):
+                load_config(None, [f"{key}={low if low_open else low - 1}"])
+        if high is not None:
+            with pytest.raises(ConfigError, match=f"'{key}'"):
+                load_config(None, [f"{key}={high if high_open else high + 1}"])

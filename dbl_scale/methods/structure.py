@@ -6,6 +6,7 @@ embedding to the teacher's feature of that modality, projected into the joint sp
 from __future__ import annotations
 
 from .. import distributed
+from ..config import ConfigError
 from ..losses import info_nce, structure_terms
 from ..models import StructureHead
 from .base import Method, StepScores, gathered_scores
@@ -20,6 +21,10 @@ class Structure(Method):
         self.require(sc.teacher or (sc.teacher_vision and sc.teacher_text), "loss.structure.teacher",
                      "the run folder of a trained teacher (config.yaml, model.pt), or both "
                      "'loss.structure.teacher_vision' and 'loss.structure.teacher_text' (local HF folders)")
+        if not sc.temperature_min <= sc.temperature <= sc.temperature_max:
+            raise ConfigError("config keys 'loss.structure.temperature_min' <= 'loss.structure.temperature' <= "
+                              f"'loss.structure.temperature_max': got {sc.temperature_min}, {sc.temperature}, "
+                              f"{sc.temperature_max}")
 
     def frozen_source(self):
         return self.lc.structure.teacher
