@@ -20,8 +20,7 @@ def momentum_at(step: int, total: int, m0: float) -> float:
 def init_left(m0: float, total: int) -> float:
     """The share of the anchor's starting weights (the random init) left after `total` steps:
     the product of the momenta the EMA applies, after steps 1..total."""
-    t = np.arange(1, total + 1)
-    momenta = 1.0 - (1.0 - m0) * (np.cos(np.pi * t / max(1, total)) + 1.0) / 2.0
+    momenta = np.array([momentum_at(t, total, m0) for t in range(1, total + 1)])
     return float(np.exp(np.log(momenta).sum()))
 
 
