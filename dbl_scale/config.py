@@ -201,6 +201,8 @@ class AOQConfig:
     a: float = positive(0.3)
     b: float = 1.5
     clamp_weights: bool = True  # False: the authors' unclamped adaptive weights
+    # what the offline negatives bring (their four terms, the weights' departure from 1); 0: the triplet
+    offline_weight: float = at_least_0(1.0)
 
 
 @dataclass

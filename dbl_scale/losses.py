@@ -290,21 +290,30 @@ def _hardest(q: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 def aoq_quintuplet(scores: ScoresLike, offline: OfflineScores, m_on: float = 0.2, m_off: float = 0.0,
                    a: float = 0.3, b: float = 1.5, clamp_weights: bool = True,
-                   image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   image_ids: Optional[torch.Tensor] = None, offline_weight: float = 1.0) -> torch.Tensor:
     """Adaptive offline quintuplet loss, summed over pairs. The online hinge terms are weighted by
     how much harder the offline negative is than the in-batch one:
     `w_c = b - (S(I,T-) - S(I,T_on-)) / a`, `w_i = b - (S(I-,T) - S(I_on-,T)) / a`, with gradient
-    (as the authors), clamped at 0 unless `clamp_weights=False` (the authors' form)."""
+    (as the authors), clamped at 0 unless `clamp_weights=False` (the authors' form).
+    `offline_weight` scales what the offline negatives bring: the four offline terms, and the
+    weights' departure from 1; at 0 the loss is the hinge triplet (its null test), at 1 (the
+    default) the authors' loss, computed exactly as written above."""
     s = _as_scores(scores, image_ids)
     pos = s.positives()[0].squeeze(1)  # S(I, T) of each local pair
     hard_t, hard_i = _hardest(s.i2t, s.neg_i2t), _hardest(s.t2i, s.neg_t2i)  # S(I,T_on-), S(I_on-,T)
+    online_t, online_i = (m_on + hard_t - pos).clamp(min=0), (m_on + hard_i - pos).clamp(min=0)
+    if offline_weight == 0:
+        return online_t.sum() + online_i.sum()
     w_c = b - (offline.i_tneg - hard_t) / a
     w_i = b - (offline.ineg_t - hard_i) / a
     if clamp_weights:
         w_c, w_i = w_c.clamp(min=0), w_i.clamp(min=0)
-    total = (w_c * (m_on + hard_t - pos).clamp(min=0)).sum() + (w_i * (m_on + hard_i - pos).clamp(min=0)).sum()
+    if offline_weight != 1:
+        w_c, w_i = 1 + offline_weight * (w_c - 1), 1 + offline_weight * (w_i - 1)
+    total = (w_c * online_t).sum() + (w_i * online_i).sum()
     for neg in (offline.i_tneg, offline.ineg_t, offline.ineg_tneg, offline.itneg_tineg):
-        total = total + (m_off + neg - pos).clamp(min=0).sum()
+        term = (m_off + neg - pos).clamp(min=0).sum()
+        total = total + (term if offline_weight == 1 else offline_weight * term)
     return total
 
 
@@ -317,7 +326,7 @@ def diversity_contrastive(scores: ScoresLike, temperature: float = 0.07, beta: f
     `-log(e^{s+/t} / (e^{s+/t} + sum_k w_k e^{s_k/t}))`, `w_k = K_neg * softmax_k(beta * s_k)` under
     stop-gradient, over the in-batch negatives plus the other modality's momentum queue
     (`queue_i2t`: local images x caption queue; `queue_t2i`: local captions x image queue).
-    beta = 0 gives plain InfoNCE."""
+    beta = 0 gives plain InfoNCE at a fixed temperature over the same negatives and queues."""
     s = _as_scores(scores, image_ids)
     n = s.i2t.shape[1]
     total = 0.0
@@ -327,10 +336,13 @@ def diversity_contrastive(scores: ScoresLike, temperature: float = 0.07, beta: f
         if queue is not None:
             negs = torch.cat([q, queue], dim=1)
             valid = torch.cat([neg, torch.ones_like(queue, dtype=torch.bool)], dim=1)
-        with torch.no_grad():
-            k_neg = valid.sum(dim=1, keepdim=True).to(q.dtype)
-            log_w = torch.log(k_neg) + torch.log_softmax((beta * negs).masked_fill(~valid, float("-inf")), dim=1)
-        logits = torch.cat([pos / temperature, (negs / temperature + log_w).masked_fill(~valid, float("-inf"))], 1)
+        weighted = negs / temperature
+        if beta != 0:  # beta = 0: every weight is 1, left out rather than computed as log(K) - log(K)
+            with torch.no_grad():
+                k_neg = valid.sum(dim=1, keepdim=True).to(q.dtype)
+                log_w = torch.log(k_neg) + torch.log_softmax((beta * negs).masked_fill(~valid, float("-inf")), dim=1)
+            weighted = weighted + log_w
+        logits = torch.cat([pos / temperature, weighted.masked_fill(~valid, float("-inf"))], 1)
         total = total + (torch.logsumexp(logits, dim=1) - pos.squeeze(1) / temperature).sum()
     return total / (2 * n)
 

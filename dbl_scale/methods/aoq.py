@@ -42,5 +42,5 @@ class AOQ(Method):
         offline = OfflineScores((img * tneg).sum(1), (ineg * txt).sum(1), (ineg * tneg).sum(1),
                                 (itneg * tineg).sum(1))
         loss = aoq_quintuplet(gathered_scores(img, txt, self.mask_ids(image_ids)), offline, a.m_on, a.m_off, a.a,
-                              a.b, a.clamp_weights)
+                              a.b, a.clamp_weights, offline_weight=a.offline_weight)
         return [{"loss/aoq": loss, "loss": loss}]

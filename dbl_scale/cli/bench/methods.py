@@ -63,7 +63,11 @@ ROWS = [
     Row("DBL online K=2", ("loss.method=dbl", "loss.dbl.scenario=online", "loss.dbl.branches=2"), "scratch",
         ("mutual learning", BASE)),  # mutual learning: two branches, the same compute
     Row("mutual learning", ("loss.method=mutual",), "scratch", (BASE,)),
-    Row("CODER", ("loss.method=coder",), "scratch", (BASE,)),
+    Row("CODER", ("loss.method=coder",), "scratch", ("CODER, no concept branch", BASE)),
+    Row("CODER, no concept branch", ("loss.method=coder", "loss.coder.concept_weight=0"), "scratch",
+        ("InfoNCE, CODER's queues", BASE)),  # DCL alone
+    Row("InfoNCE, CODER's queues", ("loss.method=coder", "loss.coder.concept_weight=0", "loss.coder.beta=0"),
+        "scratch", ("InfoNCE", BASE)),  # uniform weights: the same key encoders and queues, no diversity weighting
     Row("distillation", ("loss.method=distill", "loss.distill.teacher={ckpt}"), "scratch, triplet teacher", (BASE,)),
     Row("structure distillation", ("loss.method=structure", "loss.structure.teacher={ckpt}"),
         "scratch, triplet teacher", (BASE,)),
