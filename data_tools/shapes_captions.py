@@ -27,7 +27,7 @@ import random
 import re
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -63,7 +63,12 @@ _SIZE_FRAC = {"small": 0.17, "large": 0.30}
 _COUNT_WEIGHTS = ((1, 0.2), (2, 0.4), (3, 0.4))
 # The "dense" variant: always 3 shapes, each also solid or hollow (a fourth attribute), so
 # that look-alikes differing in one attribute or relation are common within a batch.
-VARIANTS = ("standard", "dense")
+# The "occluded" variant: the standard scenes, but in OCCLUDED_RATE of the images one shape
+# (drawn at random) is covered by a square of bright noise, while the captions still describe
+# every shape: the image is short of information its captions carry (modal imbalance). The
+# covered shape's index is the json's "occluded" (absent when nothing is covered).
+VARIANTS = ("standard", "dense", "occluded")
+OCCLUDED_RATE = 0.5
 STYLES = ("solid", "hollow")
 _STYLE_WORDS = {"solid": ("solid", "filled"), "hollow": ("hollow", "outlined")}
 _DENSE_MAX_WORDS = 40  # captions name three objects with four attributes each
@@ -410,8 +415,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(shape)
 
 
-def render_image(objects: Sequence[dict], image_size: int, rng: random.Random, nrng: np.random.Generator):
-    """Draw the objects on a dark, slightly noisy background; returns a PIL RGB image."""
+def render_image(objects: Sequence[dict], image_size: int, rng: random.Random, nrng: np.random.Generator,
+                 occlude: Optional[int] = None):
+    """Draw the objects on a dark, slightly noisy background; returns a PIL RGB image. `occlude`:
+    the index of an object to cover with a square of noise (the occluded variant)."""
     s = image_size
     base = np.array([rng.randint(10, 40)] * 3, dtype=np.int16) + np.array(
         [rng.randint(-6, 6) for _ in range(3)], dtype=np.int16
@@ -432,6 +439,12 @@ def render_image(objects: Sequence[dict], image_size: int, rng: random.Random, n
             _draw_outline(draw, o["shape"], cx, cy, r, fill)
         else:
             _draw_shape(draw, o["shape"], cx, cy, r, fill)
+    if occlude is not None:  # the shape's whole grid cell under noise: nothing of it shows
+        row, col = objects[occlude]["cell"]
+        x0, y0 = int(col * cell), int(row * cell)
+        x1, y1 = int((col + 1) * cell), int((row + 1) * cell)
+        patch = nrng.integers(60, 256, size=(y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        img.paste(Image.fromarray(patch, "RGB"), (x0, y0))
     return img
 
 
@@ -451,10 +464,15 @@ def _iter_samples(split: str, n: int, image_size: int, seed: int, jpeg_quality: 
     for image_id in range(n):
         objects = make_objects(rng, variant)
         captions, facts = make_captions(rng, objects, max_words=max_words)
-        img = render_image(objects, image_size, rng, nrng)
+        occlude = None
+        if variant == "occluded" and rng.random() < OCCLUDED_RATE:
+            occlude = rng.randrange(len(objects))
+        img = render_image(objects, image_size, rng, nrng, occlude)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=jpeg_quality)
         meta = {"image_id": image_id, "captions": captions, "objects": objects, "caption_facts": facts}
+        if occlude is not None:
+            meta["occluded"] = occlude
         yield {
             "__key__": f"{split}{image_id:07d}",
             "jpg": buf.getvalue(),
@@ -478,7 +496,8 @@ def build_shapes_captions(
     variant: str = "standard",
 ) -> dict:
     """Write ShapesCaptions shards and the index into out_dir; returns the index (dbl_index.json) as a dict.
-    `variant`: "standard" (1-3 shapes) or "dense" (3 shapes, each solid or hollow).
+    `variant`: "standard" (1-3 shapes), "dense" (3 shapes, each solid or hollow) or "occluded"
+    (standard, with one shape covered by noise in OCCLUDED_RATE of the images).
 
     Shards are named ``{split}-{index:05d}.tar``; each is written under a temporary name
     and renamed when complete.  Shards of an earlier build that the new one does not
@@ -618,7 +637,8 @@ def add_arguments(p: argparse.ArgumentParser, default_out: str | None = None) ->
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--variant", choices=VARIANTS, default="standard",
-                   help="dense: always 3 shapes, each also solid or hollow (harder negatives)")
+                   help="dense: always 3 shapes, each also solid or hollow (harder negatives); occluded: "
+                        f"one shape covered by noise in {OCCLUDED_RATE:.0%} of the images, the captions unchanged")
     p.add_argument("--oracle", action="store_true", help="also print the fact-oracle rSum of the test split")
 
 

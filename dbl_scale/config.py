@@ -110,7 +110,8 @@ class DataConfig:
     build_train: int = at_least_0(4000)
     build_val: int = at_least_0(250)
     build_test: int = at_least_0(500)
-    build_variant: Literal["standard", "dense"] = "standard"  # dense: 3 shapes, each solid or hollow
+    # dense: 3 shapes, each solid or hollow; occluded: one shape under noise in half the images
+    build_variant: Literal["standard", "dense", "occluded"] = "standard"
 
 
 @dataclass

@@ -299,11 +299,11 @@ def aoq_quintuplet(scores: ScoresLike, offline: OfflineScores, m_on: float = 0.2
     weights' departure from 1; at 0 the loss is the hinge triplet (its null test), at 1 (the
     default) the authors' loss, computed exactly as written above."""
     s = _as_scores(scores, image_ids)
+    if offline_weight == 0:  # nothing of the offline negatives: the hinge triplet, hardest negatives
+        return hinge_triplet(s, m_on, max_violation=True)
     pos = s.positives()[0].squeeze(1)  # S(I, T) of each local pair
     hard_t, hard_i = _hardest(s.i2t, s.neg_i2t), _hardest(s.t2i, s.neg_t2i)  # S(I,T_on-), S(I_on-,T)
     online_t, online_i = (m_on + hard_t - pos).clamp(min=0), (m_on + hard_i - pos).clamp(min=0)
-    if offline_weight == 0:
-        return online_t.sum() + online_i.sum()
     w_c = b - (offline.i_tneg - hard_t) / a
     w_i = b - (offline.ineg_t - hard_i) / a
     if clamp_weights:

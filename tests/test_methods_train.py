@@ -62,6 +62,24 @@ def test_offline_dbl_without_its_boost_is_the_triplet_continued(shapes_root, tmp
     assert not all(torch.equal(dbl[k], start[k]) for k in dbl)  # both trained away from the checkpoint
 
 
+def test_dbl_momentum_without_its_boost_is_the_triplet(shapes_root, tmp_path):
+    """Null test of DBL momentum: with alpha = 0 the EMA anchor still runs beside the target
+    (its scores, the boost and its diagnostics are computed and logged) but the target trains,
+    bit for bit, what the triplet from scratch with the same seed trains."""
+    client, run = _run(shapes_root, tmp_path, "null-momentum", "loss.method=dbl", "loss.dbl.scenario=momentum",
+                       "loss.dbl.alpha=0")
+    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "loss/boost"))
+    _run(shapes_root, tmp_path, "null-triplet", "loss.method=triplet")
+    dbl, triplet = (torch.load(tmp_path / "runs" / name / "model.pt", weights_only=True)
+                    for name in ("null-momentum", "null-triplet"))
+    assert dbl.keys() == triplet.keys()
+    assert all(torch.equal(dbl[k], triplet[k]) for k in dbl)
+    boosted = _run(shapes_root, tmp_path, "boosted", "loss.method=dbl", "loss.dbl.scenario=momentum")[1]
+    assert boosted.info.status == "FINISHED"
+    trained = torch.load(tmp_path / "runs" / "boosted" / "model.pt", weights_only=True)
+    assert not all(torch.equal(trained[k], triplet[k]) for k in trained)  # alpha > 0 does train otherwise
+
+
 def test_structure_aware_distillation_from_a_finished_run(shapes_root, tmp_path, teacher):
     client, run = _run(shapes_root, tmp_path, "structure", "loss.method=structure",
                        f"loss.structure.teacher={teacher}")
