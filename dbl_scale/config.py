@@ -298,6 +298,12 @@ class EvalConfig:
     every: int = at_least_0(0)  # validate on `val_split` every N steps; the best val rSum is kept in <run>/best/
     val_split: str = "val"
     protocol: Literal["standard", "coco1k"] = "standard"  # coco1k: mean over 5 folds of 1000 images
+    # text-to-text and image-to-image retrieval beside the cross-modal metrics (on the whole split);
+    # it scores (K*N)^2 + N^2 pairs more: turn it off for very large splits
+    single_modal: bool = True
+    # which images are relevant to each other: a json member, as it is or "MEMBER:field,field" for
+    # a list of dicts (ShapesCaptions: the same shapes in the same colours); no such member: no I2I
+    image_relevance: Optional[str] = "objects:shape,colour"
 
 
 @dataclass

@@ -272,7 +272,7 @@ def mine(model, data_root: str | Path, split: str, image: "ImageTransform | int"
     was_training = model.training
     model.eval()
     try:
-        img, txt, ids, k = embed_split(model, data_root, split, image, tokenize, batch_size, captions_per_image)
+        img, txt, ids, k, _ = embed_split(model, data_root, split, image, tokenize, batch_size, captions_per_image)
     finally:
         model.train(was_training)
     if len(ids) < 2:

@@ -20,7 +20,7 @@ from .config import Config, flatten, save_config, to_dict
 from .data import dataset_inputs, eval_root
 from .preprocess import image_transform
 from .tokenizer import tokenizer_path
-from .evaluation import evaluate, format_table, report
+from .evaluation import evaluate, format_evaluation, report
 from .export import export
 from .export import log_model as log_mlflow_model
 from .methods import Method
@@ -174,7 +174,7 @@ class Run:
         cfg = self.cfg
         protocol = cfg.eval.protocol if split == cfg.data.eval_split else "standard"
         return evaluate(model, eval_root(cfg.data), split, image_transform(cfg), self.tokenize,
-                        cfg.eval.batch_size, protocol)
+                        cfg.eval.batch_size, protocol, cfg.eval.single_modal, cfg.eval.image_relevance)
 
     def validate(self, step: int) -> None:
         """Validation rSum; a new best is saved to <run>/best/ (the model selected on val)."""
@@ -223,7 +223,7 @@ class Run:
         self.tracker.log_metrics({"train_seconds": train_seconds, "eval_seconds": time.time() - t0}, step)
         if distributed.is_main():
             print(f"\n[{self.name}] retrieval on the {split} split\n"
-                  + format_table({cfg.loss.method: ev.metrics}), flush=True)
+                  + format_evaluation(cfg.loss.method, ev.metrics), flush=True)
             for name, metrics in written.items():
                 (self.dir / name).write_text(json.dumps(metrics, indent=2))
                 self.tracker.log_artifact(self.dir / name)

@@ -40,6 +40,7 @@ def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path
     assert len(run["tags.mlflow.source.git.commit"]) == 40 and run["tags.git_dirty"] in ("true", "false")
     assert run["metrics.system/cpu_utilization_percentage"] >= 0  # sampled on rank 0 every second
     assert 0 < run["metrics.test/rsum"] <= 600
+    assert 0 <= run["metrics.test/t2t_r1"] <= run["metrics.test/t2t_r10"] <= 100  # single-modal beside it
 
     client = MlflowClient(uri)
     for key in ("loss", "loss/raw", "loss/boost", "lr", "samples_per_s", "momentum", "dbl/active",
@@ -81,6 +82,10 @@ def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = np.load(run_dir / "eval" / "test-standard" / "ranks.npz")
     assert ranks["i2t"].shape == (40,) and ranks["t2i"].shape == (200,)
+    assert ranks["t2t"].shape == (200,) and ranks["i2i"].shape == (40,) and (ranks["t2t"] >= 0).all()
+    assert "T2T R@1" in proc.stdout
+    html = (run_dir / "eval" / "test-standard" / "test_retrieval.html").read_text()
+    assert "T2T R@1" in html and "I2T R@1" in html
     metrics = MlflowClient(uri).get_run(run["run_id"]).data.metrics
     assert metrics["eval/test-standard/rsum"] == pytest.approx(metrics["best/test/rsum"], rel=1e-5)
 
@@ -113,6 +118,9 @@ def test_demo_builds_data_trains_both_methods_and_compares(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("demo-")]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("run,")).split(",")
+    assert {"rsum", "t2t_r1", "t2t_r10"} <= set(header)  # single-modal recalls beside the cross-modal ones
+    assert all(line.split(",")[header.index("t2t_r1")] not in ("", "-") for line in lines)
     ordered = runs.sort_values("metrics.test/rsum", ascending=False)
     assert [line.split(",")[0] for line in lines] == list(ordered["tags.mlflow.runName"])
     # the best run's model, exported from its folder (tiny runs log none themselves), registered

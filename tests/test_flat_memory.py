@@ -67,16 +67,21 @@ def test_two_ranks_score_their_own_rows_and_agree(tmp_path):
     import sys
 
     sys.path.insert(0, str(REPO / "tests" / "workers"))
-    from tiled_ranks import embeddings
+    from tiled_ranks import embeddings, image_groups
+
+    from dbl_scale.evaluation.single_modal import within_ranks
 
     torchrun([str(REPO / "tests" / "workers" / "tiled_ranks.py"), str(tmp_path / "ranks.npz")], nproc=2, timeout=300)
     got = np.load(tmp_path / "ranks.npz")
     img, txt, k = embeddings()
     i2t, t2i = embedding_ranks(img, txt, k, rows=16)
+    t2t, i2i = within_ranks(txt, np.arange(len(txt)) // k, size=16), within_ranks(img, image_groups(len(img)), size=16)
     ref = _ranks((img @ txt.t()).numpy(), k, 5)
     for r in range(2):
         assert np.array_equal(got[f"i2t{r}"], i2t) and np.array_equal(got[f"t2i{r}"], t2i)
+        assert np.array_equal(got[f"t2t{r}"], t2t) and np.array_equal(got[f"i2i{r}"], i2i)  # single-modal too
     assert np.array_equal(i2t, ref[0]) and np.array_equal(t2i, ref[1])
+    assert (t2t >= 0).all() and 0 < (i2i >= 0).sum() < len(i2i)
 
 
 def test_shard_index_reads_what_the_stream_reads(shapes_root, tmp_path):

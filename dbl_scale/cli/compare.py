@@ -34,7 +34,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ..config import default_tracking_uri
-from ..evaluation import RECALL_HEADS, RECALL_KEYS
+from ..evaluation import RECALL_HEADS, RECALL_KEYS, SINGLE_MODAL_HEADS, SINGLE_MODAL_KEYS
 from ..evaluation.report import recall_curve
 from ..export import export, log_model
 
@@ -46,7 +46,7 @@ THROUGHPUT = "samples_per_s"
 # column key -> header (text and markdown); CSV uses the keys
 _HEADS = {"run": "run", "method": "method", "scenario": "scenario", "steps": "steps", "train_steps": "train.steps",
           "batch_size": "batch", "lr": "lr", "deepspeed": "deepspeed", "split": "split", **RECALL_HEADS,
-          "samples_per_s": "samples/s", "status": "status"}
+          **SINGLE_MODAL_HEADS, "samples_per_s": "samples/s", "status": "status"}
 
 
 def _eval_split(metric_names: Iterable[str], sort_by: str) -> Optional[str]:
@@ -83,13 +83,14 @@ def compare_runs(tracking_uri: str, experiment: str, sort_by: str = "test/rsum",
 
     `sort_by` is a metric name as logged (`test/rsum`, `samples_per_s`) or a row key
     (`rsum`: of whichever split the run reports, `steps`, ...). `metrics`: the evaluation
-    metrics to read, without split prefix (default: R@1/5/10 both ways and rSum).
+    metrics to read, without split prefix (default: R@1/5/10 both ways and rSum, then the
+    single-modal recalls; a column no run has is left out).
     """
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported when used
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = _experiment(client, experiment, tracking_uri)
-    keys = tuple(metrics) if metrics else RECALL_KEYS
+    keys = tuple(metrics) if metrics else RECALL_KEYS + SINGLE_MODAL_KEYS
     rows = []
     for run in _search_all(client, exp.experiment_id):
         params, tags, latest = run.data.params, run.data.tags, run.data.metrics
@@ -109,7 +110,8 @@ def compare_runs(tracking_uri: str, experiment: str, sort_by: str = "test/rsum",
         row["samples_per_s"] = sum(m.value for m in history) / len(history) if history else None
         steps = [m.step for m in history]
         if split:
-            steps += [m.step for m in client.get_metric_history(run.info.run_id, f"{split}/{keys[-1]}")]
+            last = "rsum" if "rsum" in keys else keys[-1]
+            steps += [m.step for m in client.get_metric_history(run.info.run_id, f"{split}/{last}")]
         row["steps"] = max(steps) if steps else None
         row["status"] = run.info.status
         rows.append((latest.get(sort_by, row.get(sort_by)), row))
@@ -128,7 +130,8 @@ def compare_runs(tracking_uri: str, experiment: str, sort_by: str = "test/rsum",
 def _columns(rows: Sequence[dict]) -> list[str]:
     fixed = ["run", "method", "scenario", "steps", "train_steps", "batch_size", "lr", "deepspeed", "split"]
     tail = ["samples_per_s", "status"]
-    metric_cols = [k for k in (rows[0] if rows else {}) if k not in fixed + tail + ["run_id"]]
+    metric_cols = [k for k in (rows[0] if rows else {}) if k not in fixed + tail + ["run_id"]
+                   and (k not in SINGLE_MODAL_KEYS or any(r.get(k) is not None for r in rows))]
     if not any(r.get("scenario") for r in rows):
         fixed.remove("scenario")
     return fixed + metric_cols + tail

@@ -26,7 +26,7 @@ from ..config import load_config
 from ..data import eval_root
 from ..preprocess import Tokenize, image_transform
 from ..tokenizer import ensure_tokenizer
-from ..evaluation import evaluate, format_table, report
+from ..evaluation import evaluate, format_evaluation, report
 from ..tracking import Tracker
 from .launch import run_ranks
 
@@ -47,17 +47,18 @@ def main(argv=None) -> int:
     tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
     model = load_model(model_dir, tokenizer).to(distributed.device()).eval()
     ev = evaluate(model, eval_root(cfg.data), args.split, image_transform(cfg),
-                  Tokenize(tokenizer, cfg.model.text.max_length), args.batch_size, args.protocol)
+                  Tokenize(tokenizer, cfg.model.text.max_length), args.batch_size, args.protocol,
+                  cfg.eval.single_modal, cfg.eval.image_relevance)
     if distributed.is_main():
         out = Path(args.out or run_dir / "eval" / f"{args.split}-{args.protocol}")
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / "ranks.npz", i2t=ev.ranks["i2t"], t2i=ev.ranks["t2i"], image_ids=ev.image_ids.numpy())
+        np.savez(out / "ranks.npz", **ev.ranks, image_ids=ev.image_ids.numpy())
         if args.save_embeddings:  # N x d and K*N x d float32, image-id order: for your own analysis
             np.savez(out / "embeddings.npz", img=ev.img.numpy(), txt=ev.txt.numpy(), image_ids=ev.image_ids.numpy(),
                      captions_per_image=ev.captions_per_image)
         (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2))
         print(f"{model_dir} on {eval_root(cfg.data)} / {args.split} ({args.protocol}, {len(ev.image_ids)} images)\n"
-              + format_table({"model": ev.metrics}), flush=True)
+              + format_evaluation("model", ev.metrics), flush=True)
         run_file = run_dir / "run.json"
         tracker = Tracker(args.tracking_uri or cfg.tracking.uri, cfg.tracking.experiment)
         parent = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.exists() else None

@@ -4,8 +4,9 @@ embeddings; all ranks then get all embeddings in image-id order. Memory per rank
 of pixels plus the embeddings (N x (1 + K) x d floats), never the decoded split."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ import torch
 from .. import distributed
 from ..data import decode_sample, log, read_samples, split_shards
 from ..preprocess import as_transform
+from .single_modal import relevance_key
 
 STANDARD_K = 5  # captions per image in the COCO / Flickr30K protocol
 
@@ -22,23 +24,25 @@ class Embedded(NamedTuple):
     txt: torch.Tensor  # K*N x d: caption j of image row i at i * K + j
     image_ids: torch.Tensor  # N, int64, ascending
     captions_per_image: int  # K: 5, or the fewest captions any image of the split has (web data: often 1)
+    image_keys: Optional[list] = None  # N relevance keys (`single_modal.relevance_key`, None: no key), if asked
 
 
 @torch.no_grad()
 def embed_split(model, data_root: str | Path, split: str, image, tokenize, batch_size: int,
-                captions_per_image: int = STANDARD_K) -> Embedded:
+                captions_per_image: int = STANDARD_K, image_relevance: Optional[str] = None) -> Embedded:
     """Embed a split with `model` (on `distributed.device()`); collective. Every rank runs the
     same number of forward calls (a rank that has run out embeds a dummy batch), so sharded
     (ZeRO-3) towers never wait on a rank that has finished. Samples that do not decode are
     skipped. Each image keeps its first `captions_per_image` captions; if some image has
-    fewer, every image is scored with that many (logged)."""
+    fewer, every image is scored with that many (logged). `image_relevance`: also read each
+    image's relevance key under that spec from its json (`single_modal.relevance_key`)."""
     dev = distributed.device()
     transform = as_transform(image)
     urls, _ = split_shards(data_root, split)
     rank, world = distributed.rank(), distributed.world_size()
     dtype = next(model.parameters()).dtype
     samples = iter(read_samples(urls[rank::world]))
-    ids, img_parts, txt_parts, counts = [], [], [], []
+    ids, img_parts, txt_parts, counts, keys = [], [], [], [], []
     bar = distributed.progress(None, "embedding")
     while True:
         pixels, texts, batch_counts = [], [], []
@@ -49,6 +53,8 @@ def embed_split(model, data_root: str | Path, split: str, image, tokenize, batch
                 log.warning("skipping eval sample %s: %s", sample.get("__key__"), exc)
                 continue
             pixels.append(p), ids.append(image_id), batch_counts.append(min(len(caps), captions_per_image))
+            if image_relevance:
+                keys.append(relevance_key(json.loads(sample["json"]) if "json" in sample else {}, image_relevance))
             texts.extend(caps[:captions_per_image])
             if len(pixels) == batch_size:
                 break
@@ -72,7 +78,7 @@ def embed_split(model, data_root: str | Path, split: str, image, tokenize, batch
     d = _width(img_parts, txt_parts)
     local = (np.asarray(ids, dtype=np.int64), torch.cat(img_parts).numpy() if img_parts else np.zeros((0, d), np.float32),
              torch.cat(txt_parts).numpy() if txt_parts else np.zeros((0, d), np.float32),
-             np.asarray(counts, dtype=np.int64))
+             np.asarray(counts, dtype=np.int64), keys)
     parts = [local]
     if world > 1:
         parts = [None] * world
@@ -90,8 +96,9 @@ def embed_split(model, data_root: str | Path, split: str, image, tokenize, batch
     keep = (starts[:, None] + np.arange(k)[None, :]).reshape(-1)
     order = np.argsort(ids_all, kind="stable")
     txt_rows = keep.reshape(-1, k)[order].reshape(-1)
+    keys_all = [key for p in parts for key in p[4]]
     return Embedded(torch.from_numpy(img_all[order]), torch.from_numpy(txt_all[txt_rows]),
-                    torch.from_numpy(ids_all[order]), k)
+                    torch.from_numpy(ids_all[order]), k, [keys_all[i] for i in order] if image_relevance else None)
 
 
 def _width(*parts: list) -> int:

@@ -34,6 +34,7 @@ import torch
 
 from .. import distributed
 from .counting import count_tile
+from .single_modal import SINGLE_MODAL_HEADS, SINGLE_MODAL_KEYS
 
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")  # what tables show
@@ -429,12 +430,22 @@ def chance_metrics(n_images: int, captions_per_image: int = 5) -> dict[str, floa
 
 def format_table(rows: dict[str, dict[str, float]], keys=RECALL_KEYS) -> str:
     """Rows of metrics as an aligned text table."""
-    heads = RECALL_HEADS
+    heads = {**RECALL_HEADS, **SINGLE_MODAL_HEADS}
     width = max(len(name) for name in rows) + 2
     lines = ["".ljust(width) + "".join(f"{heads.get(k, k):>9}" for k in keys)]
     for name, m in rows.items():
         lines.append(name.ljust(width) + "".join(f"{m[k]:9.1f}" if k in m else f"{'-':>9}" for k in keys))
     return "\n".join(lines)
+
+
+def format_evaluation(name: str, metrics: dict[str, float]) -> str:
+    """One evaluation as text: the cross-modal recalls, then the single-modal ones it has."""
+    text = format_table({name: metrics})
+    single = [k for k in SINGLE_MODAL_KEYS if k in metrics]
+    if single:
+        queries = f" ({metrics['i2i_queries']:.0f} image queries)" if "i2i_queries" in metrics else ""
+        text += "\n" + format_table({name: metrics}, single) + queries
+    return text
 
 
 def protocol_metrics(img: torch.Tensor, txt: torch.Tensor, protocol: str = "standard", k: int = 5,

@@ -19,13 +19,16 @@ import torch
 from PIL import Image
 
 from .metrics import METRIC_KEYS, TileScores, retrieval_metrics
+from .single_modal import SINGLE_MODAL_KEYS
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 THUMB_PX = 128
 _METRIC_HEADS = {"i2t_r1": "I2T R@1", "i2t_r5": "I2T R@5", "i2t_r10": "I2T R@10", "t2i_r1": "T2I R@1",
                  "t2i_r5": "T2I R@5", "t2i_r10": "T2I R@10", "rsum": "rSum", "i2t_medr": "I2T medr",
-                 "t2i_medr": "T2I medr", "i2t_meanr": "I2T meanr", "t2i_meanr": "T2I meanr"}
+                 "t2i_medr": "T2I medr", "i2t_meanr": "I2T meanr", "t2i_meanr": "T2I meanr",
+                 "t2t_r1": "T2T R@1", "t2t_r5": "T2T R@5", "t2t_r10": "T2T R@10", "i2i_r1": "I2I R@1",
+                 "i2i_r5": "I2I R@5", "i2i_r10": "I2I R@10", "i2i_queries": "I2I queries"}
 
 
 def _numpy(x: ArrayLike) -> np.ndarray:
@@ -110,7 +113,7 @@ li.wrong .mark { color: #c62828; }
 
 
 def _metrics_table(metrics: dict) -> str:
-    keys = [k for k in METRIC_KEYS if k in metrics]
+    keys = [k for k in METRIC_KEYS + SINGLE_MODAL_KEYS + ("i2i_queries",) if k in metrics]
     heads = "".join(f"<th>{_METRIC_HEADS.get(k, html.escape(k))}</th>" for k in keys)
     cells = "".join(f"<td>{metrics[k]:.1f}</td>" for k in keys)
     return f'<table class="metrics"><tr>{heads}</tr><tr>{cells}</tr></table>'

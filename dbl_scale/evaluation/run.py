@@ -8,6 +8,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from ..data import split_shards
 from ..shard_index import ShardIndex
 from .embed import embed_split
 from .metrics import TileScores, protocol_metrics
+from .single_modal import image_groups, single_modal_metrics
 from .report import log_reports
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Evaluation:
     metrics: dict[str, float]
-    ranks: dict[str, np.ndarray]  # 0-based rank of every query: "i2t" (N), "t2i" (K*N)
+    ranks: dict[str, np.ndarray]  # 0-based rank of every query: "i2t" (N), "t2i" (K*N); "t2t", "i2i" (-1: no query)
     img: torch.Tensor  # N x d, image-id order
     txt: torch.Tensor  # K*N x d
     image_ids: torch.Tensor  # N
@@ -34,18 +36,26 @@ class Evaluation:
 
 
 def evaluate(model, data_root: str | Path, split: str, image, tokenize, batch_size: int,
-             protocol: str = "standard") -> Evaluation:
+             protocol: str = "standard", single_modal: bool = True,
+             image_relevance: Optional[str] = None) -> Evaluation:
     """Retrieval metrics of `model` on a split, the same on every rank (collective: every rank
     embeds its share of the split, then scores its share of the queries). `protocol`:
-    "standard" (all images) or "coco1k"."""
+    "standard" (all images) or "coco1k". `single_modal`: also text-to-text and, when
+    `image_relevance` names a key the split's json has, image-to-image retrieval, on the whole
+    split whatever the protocol (`single_modal.py`)."""
     was_training = model.training
     model.eval()
     try:
-        img, txt, ids, k = embed_split(model, data_root, split, image, tokenize, batch_size)
+        img, txt, ids, k, keys = embed_split(model, data_root, split, image, tokenize, batch_size,
+                                             image_relevance=image_relevance if single_modal else None)
     finally:
         model.train(was_training)
     dev = distributed.device()
     metrics, ranks = protocol_metrics(img.to(dev), txt.to(dev), protocol, k, return_ranks=True)
+    if single_modal:
+        groups = image_groups(keys) if keys is not None and any(key is not None for key in keys) else None
+        extra, extra_ranks = single_modal_metrics(img.to(dev), txt.to(dev), k, groups)
+        metrics, ranks = {**metrics, **extra}, {**ranks, **extra_ranks}
     return Evaluation(metrics, ranks, img, txt, ids, k)
 
 

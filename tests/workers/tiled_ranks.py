@@ -1,6 +1,7 @@
 """2 ranks score the same embeddings with `embedding_ranks` (each its own blocks of image rows,
-merged): rank 0 writes the ranks it ends with, and rank 1's, for the test to compare with one
-process. Embeddings: integer-valued (exact scores, many ties) with a NaN, several tiles."""
+merged) and the single-modal `within_ranks` (text to text; image to image by `GROUPS`): rank 0
+writes the ranks it ends with, and rank 1's, for the test to compare with one process.
+Embeddings: integer-valued (exact scores, many ties) with a NaN, several tiles."""
 import sys
 
 import numpy as np
@@ -9,6 +10,9 @@ import torch.distributed as dist
 
 from dbl_scale import distributed
 from dbl_scale.evaluation.metrics import embedding_ranks
+from dbl_scale.evaluation.single_modal import within_ranks
+
+NAMES = ("i2t", "t2i", "t2t", "i2i")
 
 
 def embeddings(n: int = 90, k: int = 3, d: int = 6):
@@ -20,14 +24,21 @@ def embeddings(n: int = 90, k: int = 3, d: int = 6):
     return img, txt, k
 
 
+def image_groups(n: int = 90) -> np.ndarray:
+    """Groups of 1 to 4 images, spread over the tiles (image i in group (i * 7) % 31)."""
+    return (np.arange(n) * 7) % 31
+
+
 def main(out: str) -> int:
     distributed.init_distributed()
     img, txt, k = embeddings()
     i2t, t2i = embedding_ranks(img, txt, k, rows=16)
+    t2t = within_ranks(txt, np.arange(txt.shape[0]) // k, size=16)
+    i2i = within_ranks(img, image_groups(len(img)), size=16)
     parts = [None] * distributed.world_size()
-    dist.all_gather_object(parts, (i2t, t2i))
+    dist.all_gather_object(parts, (i2t, t2i, t2t, i2i))
     if distributed.rank() == 0:
-        np.savez(out, **{f"{name}{r}": part[j] for r, part in enumerate(parts) for j, name in enumerate(("i2t", "t2i"))})
+        np.savez(out, **{f"{name}{r}": part[j] for r, part in enumerate(parts) for j, name in enumerate(NAMES)})
     distributed.shutdown()
     return 0
 
