@@ -321,11 +321,13 @@ def aoq_quintuplet(scores: ScoresLike, offline: OfflineScores, m_on: float = 0.2
 
 def diversity_contrastive(scores: ScoresLike, temperature: float = 0.07, beta: float = 1.0,
                           queue_i2t: Optional[torch.Tensor] = None, queue_t2i: Optional[torch.Tensor] = None,
-                          image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          image_ids: Optional[torch.Tensor] = None,
+                          queue_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CODER's diversity-sensitive contrastive loss (our reading of the paper), mean over queries:
     `-log(e^{s+/t} / (e^{s+/t} + sum_k w_k e^{s_k/t}))`, `w_k = K_neg * softmax_k(beta * s_k)` under
     stop-gradient, over the in-batch negatives plus the other modality's momentum queue
-    (`queue_i2t`: local images x caption queue; `queue_t2i`: local captions x image queue).
+    (`queue_i2t`: local images x caption queue; `queue_t2i`: local captions x image queue;
+    `queue_keep`: local queries x queue, False for entries of the query's own image).
     beta = 0 gives plain InfoNCE at a fixed temperature over the same negatives and queues."""
     s = _as_scores(scores, image_ids)
     n = s.i2t.shape[1]
@@ -335,7 +337,8 @@ def diversity_contrastive(scores: ScoresLike, temperature: float = 0.07, beta: f
         negs, valid = q, neg
         if queue is not None:
             negs = torch.cat([q, queue], dim=1)
-            valid = torch.cat([neg, torch.ones_like(queue, dtype=torch.bool)], dim=1)
+            keep = queue_keep if queue_keep is not None else torch.ones_like(queue, dtype=torch.bool)
+            valid = torch.cat([neg, keep], dim=1)
         weighted = negs / temperature
         if beta != 0:  # beta = 0: every weight is 1, left out rather than computed as log(K) - log(K)
             with torch.no_grad():

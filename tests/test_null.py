@@ -7,8 +7,9 @@ config) on the same embeddings as its reference, and compares values and gradien
 - structure-aware distillation with its four weights 0 is the student's matching loss, bit
   for bit;
 - CODER's DCL with `loss.coder.beta=0` (uniform weights) is InfoNCE at CODER's fixed
-  temperature over the in-batch keys of all ranks plus the other modality's queue (an
-  independent cross-entropy reference, to float rounding).
+  temperature over the in-batch keys of all ranks plus the other modality's queue, less the
+  queued keys of the query's own image (an independent cross-entropy reference, to float
+  rounding).
 DBL momentum with alpha = 0 is checked by training, in test_methods_train.py."""
 from __future__ import annotations
 
@@ -99,13 +100,14 @@ def _coder_outs(seed: int, n: int = 8, d: int = 16):
 
 
 def _infonce_with_queue(q: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, ids: torch.Tensor,
-                        temperature: float) -> torch.Tensor:
+                        queue_ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """Sum over queries of -log softmax of the own key among [own key, in-batch keys of other
-    images, the queue], written out with F.cross_entropy (the reference)."""
+    images, the queue's keys of other images], written out with F.cross_entropy (the reference)."""
     total = 0.0
     for i in range(q.shape[0]):
         others = [j for j in range(keys.shape[0]) if ids[j] != ids[i]]
-        logits = torch.cat([q[i] @ keys[[i] + others].t(), q[i] @ queue.t()]) / temperature
+        queued = [j for j in range(queue.shape[0]) if queue_ids[j] != ids[i]]
+        logits = torch.cat([q[i] @ keys[[i] + others].t(), q[i] @ queue[queued].t()]) / temperature
         total = total + F.cross_entropy(logits[None], torch.tensor([0]), reduction="sum")
     return total
 
@@ -116,12 +118,14 @@ def test_coder_dcl_with_uniform_weights_is_infonce_over_the_same_queues():
     coder = _method("loss.method=coder", "loss.coder.beta=0", "loss.coder.concept_weight=0",
                     "loss.coder.queue_size=24")
     coder.queues = KeyQueues(24, 16, dtype=torch.float64)
-    coder.queues.push(_unit(30, 24).detach(), _unit(31, 24).detach())
+    queue_ids = torch.arange(100, 124)
+    queue_ids[[3, 9, 10]] = torch.tensor([2, 2, 5])  # older keys of images in the batch: not negatives
+    coder.queues.push(_unit(30, 24).detach(), _unit(31, 24).detach(), queue_ids)
     terms = coder.losses(outs, ids)[1]
     key, query = outs
     t = coder.lc.coder.temperature
-    want = (_infonce_with_queue(query.img, key.txt, coder.queues.txt, ids, t)
-            + _infonce_with_queue(query.txt, key.img, coder.queues.img, ids, t)) / (2 * len(ids))
+    want = (_infonce_with_queue(query.img, key.txt, coder.queues.txt, ids, queue_ids, t)
+            + _infonce_with_queue(query.txt, key.img, coder.queues.img, ids, queue_ids, t)) / (2 * len(ids))
     leaves = [query.img, query.txt]
     got, ref = _value_and_grads(terms["loss"], leaves), _value_and_grads(want, leaves)
     assert torch.allclose(got[0], ref[0], rtol=1e-12, atol=0)

@@ -6,6 +6,7 @@ balanced clustering of the keys (Sinkhorn-Knopp)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,17 +20,22 @@ from .base import Method, gathered_scores
 
 class KeyQueues:
     """CODER's dictionaries: a FIFO of key embeddings per modality, filled after every step
-    with the keys of all ranks, so it is identical on every rank (and saved with checkpoints)."""
+    with the keys of all ranks, so it is identical on every rank (and saved with checkpoints).
+    Each entry keeps its image id, so that a query never meets a key of its own image as a
+    negative: when the queue is longer than an epoch (a small data set), it holds older keys
+    of the very pairs in the batch."""
 
     def __init__(self, size: int, dim: int, device=None, dtype=torch.float32):
         self.img = torch.zeros(size, dim, device=device, dtype=dtype)
         self.txt = torch.zeros(size, dim, device=device, dtype=dtype)
+        self.ids = torch.full((size,), -1, dtype=torch.long, device=device)  # -1: no id (never masked)
         self.filled, self.ptr = 0, 0
 
-    def stage(self, img: torch.Tensor, txt: torch.Tensor) -> None:
-        """Keep this step's gathered keys; `commit` enqueues them once backward no longer needs
-        the queue as it was (the loss's queue scores keep a view of it for the gradient)."""
-        self._staged = (img.detach(), txt.detach())
+    def stage(self, img: torch.Tensor, txt: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
+        """Keep this step's gathered keys (and their image ids); `commit` enqueues them once
+        backward no longer needs the queue as it was (the loss's queue scores keep a view of
+        it for the gradient)."""
+        self._staged = (img.detach(), txt.detach(), ids)
 
     def commit(self) -> None:
         staged, self._staged = getattr(self, "_staged", None), None
@@ -37,22 +43,30 @@ class KeyQueues:
             self.push(*staged)
 
     @torch.no_grad()
-    def push(self, img: torch.Tensor, txt: torch.Tensor) -> None:
+    def push(self, img: torch.Tensor, txt: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
         size = self.img.shape[0]
         if size == 0:
             return
         img, txt = img[-size:], txt[-size:]
         idx = (self.ptr + torch.arange(img.shape[0], device=img.device)) % size
         self.img[idx], self.txt[idx] = img.to(self.img.dtype), txt.to(self.txt.dtype)
+        self.ids[idx] = ids[-size:].to(self.ids.device) if ids is not None else -1
         self.ptr = int((self.ptr + img.shape[0]) % size)
         self.filled = min(size, self.filled + img.shape[0])
 
     def state_dict(self) -> dict:
-        return {"img": self.img, "txt": self.txt, "filled": self.filled, "ptr": self.ptr}
+        return {"img": self.img, "txt": self.txt, "ids": self.ids, "filled": self.filled, "ptr": self.ptr}
 
     def load_state_dict(self, state: dict) -> None:
         self.img.copy_(state["img"]), self.txt.copy_(state["txt"])
+        self.ids.copy_(state["ids"]) if "ids" in state else self.ids.fill_(-1)  # older checkpoints: no ids
         self.filled, self.ptr = int(state["filled"]), int(state["ptr"])
+
+    def keep(self, ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(queries x filled) True where the entry is a negative for the query: not of its image."""
+        if ids is None:
+            return None
+        return self.ids[:self.filled][None, :] != ids[:, None].to(self.ids.device)
 
 
 class CODER(Method):
@@ -94,12 +108,13 @@ class CODER(Method):
         all_ids = distributed.gather_no_grad(ids) if ids is not None else None
         offset = distributed.rank() * query.img.shape[0]
         inst = Scores.local(query.img, query.txt, all_k_img, all_k_txt, offset, ids, all_ids)
-        queue_i2t = queue_t2i = None
+        queue_i2t = queue_t2i = queue_keep = None
         if queues is not None and queues.filled:
             queue_i2t = query.img @ queues.txt[:queues.filled].t()
             queue_t2i = query.txt @ queues.img[:queues.filled].t()
+            queue_keep = queues.keep(ids)
         if queues is not None:
-            queues.stage(all_k_img, all_k_txt)
+            queues.stage(all_k_img, all_k_txt, all_ids)
         h = query.heads
         concept = gathered_scores(h["concept_img"], h["concept_txt"], ids, all_ids=all_ids)
         with torch.no_grad():
@@ -107,7 +122,7 @@ class CODER(Method):
             labels = sinkhorn(keys @ h["prototypes"].detach().t(), c.sinkhorn_epsilon, c.sinkhorn_iterations,
                               distributed.all_reduce).argmax(1)
         n = all_k_img.shape[0]
-        t = {"loss/dcl": diversity_contrastive(inst, c.temperature, c.beta, queue_i2t, queue_t2i),
+        t = {"loss/dcl": diversity_contrastive(inst, c.temperature, c.beta, queue_i2t, queue_t2i, queue_keep=queue_keep),
              "loss/dcl_concept": diversity_contrastive(concept, c.temperature, c.beta),
              "loss/pseudo_label": (F.cross_entropy(h["concept_logits_img"], labels, reduction="sum")
                                    + F.cross_entropy(h["concept_logits_txt"], labels, reduction="sum")) / (2 * n)}

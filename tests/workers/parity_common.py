@@ -34,13 +34,16 @@ MODEL = ["model.vision.image_size=16", "model.vision.patch_size=8", "model.visio
 
 
 def make_queues(cfg):
-    """A CODER queue half full of fixed keys (the same in both halves of the test)."""
+    """A CODER queue half full of fixed keys (the same in both halves of the test); some carry
+    the ids of images in the batch, so the masking of a query's own image's keys is compared too."""
     if cfg.loss.method != "coder":
         return None
     g = torch.Generator().manual_seed(3)
     queues = KeyQueues(32, cfg.model.embed_dim)
     norm = torch.nn.functional.normalize
-    queues.push(norm(torch.randn(20, 16, generator=g), dim=1), norm(torch.randn(20, 16, generator=g), dim=1))
+    ids = torch.arange(1000, 1020)
+    ids[:6] = torch.tensor(IMAGE_IDS[:6])
+    queues.push(norm(torch.randn(20, 16, generator=g), dim=1), norm(torch.randn(20, 16, generator=g), dim=1), ids)
     return queues
 
 

@@ -109,11 +109,12 @@ def select_rows(only: Optional[list[str]] = None, vary: Optional[str] = None) ->
         raise ValueError(f"unknown rows {unknown}; rows: {', '.join(known)}")
     if vary and not only:
         raise ValueError("--vary needs --only: the rows whose setting varies")
-    chosen = set(only or known)
-    for name in list(chosen):
-        chosen |= set(known[name].yardsticks) | ({BASE} if known[name].needs_checkpoint else set())
-        for y in known[name].yardsticks:  # a yardstick's own checkpoint
-            chosen |= {BASE} if known[y].needs_checkpoint else set()
+    chosen, todo = set(), list(only or known)
+    while todo:  # the rows named, their yardsticks, theirs in turn, and the checkpoint row where needed
+        name = todo.pop()
+        if name not in chosen:
+            chosen.add(name)
+            todo += list(known[name].yardsticks) + ([BASE] if known[name].needs_checkpoint else [])
     rows = []
     for row in ROWS:
         if row.name not in chosen:
