@@ -1,7 +1,7 @@
 """Branches: building the models a method trains or consults, and keeping them in step.
 
 One `Branch` per role of the method (`methods.Method.roles`), the target last. A trained
-branch is a DeepSpeed engine; an "ema" or "frozen" branch is a module without gradient.
+branch is a DeepSpeed engine; an EMA or FROZEN branch is a module without gradient.
 Under ZeRO-3 every branch is built partitioned (`partitioned`), and weights from finished
 runs or `from_pretrained` folders are loaded straight into the shards.
 """
@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint, distributed
 from .config import Config, load_config
-from .methods import Method, build_method
+from .methods import EMA, FROZEN, TARGET, TRAINED, Method, build_method
 from .models import DualEncoder, FrozenEncoders
 from .optim import deepspeed_config, is_zero3, lr_lambdas, param_groups
 
@@ -24,7 +24,7 @@ from .optim import deepspeed_config, is_zero3, lr_lambdas, param_groups
 @dataclass
 class Branch:
     """One branch: a DeepSpeed engine when it trains, else a plain module without gradient."""
-    role: str  # "trained", "ema" or "frozen" (methods.Method.roles)
+    role: str  # TRAINED, EMA or FROZEN (methods.Method.roles)
     module: torch.nn.Module
     engine: Any = None
     scheduler: Any = None
@@ -143,7 +143,7 @@ def _init_from(run_dir: str, roles: list[str], modules: list[torch.nn.Module]) -
     heads keep their init)."""
     _, start = read_run(run_dir, "train.init_from: ")
     for role, module in zip(roles, modules):
-        if role == "trained":
+        if role == TRAINED:
             missing, unexpected = checkpoint.load_weights(module, start, strict=False)
             towers = [k for k in missing + unexpected if not k.startswith(("heads.", "log_logit_scale"))]
             if towers:
@@ -157,21 +157,21 @@ def build_branches(cfg: Config, method: Method, tokenizer, world: int) -> list[B
 
     ds = deepspeed_config(cfg, world)
     roles = method.roles
-    frozen, teacher_dims = _frozen(method, tokenizer, ds) if "frozen" in roles else (None, None)
+    frozen, teacher_dims = _frozen(method, tokenizer, ds) if FROZEN in roles else (None, None)
     modules = []
     for k, role in enumerate(roles):
-        if role == "frozen":
+        if role == FROZEN:
             modules.append(frozen)
-        elif role == "trained" and method.target_starts_from_frozen:
+        elif role == TRAINED and method.target_starts_from_frozen:
             modules.append(load_model(method.frozen_source(), tokenizer, ds))
         else:  # an EMA is built as the target (index 0) and set equal to it below
-            modules.append(new_model(cfg, tokenizer, k if "ema" not in roles else 0, teacher_dims, ds))
+            modules.append(new_model(cfg, tokenizer, k if EMA not in roles else 0, teacher_dims, ds))
     if cfg.train.init_from:  # e.g. continue a baseline from the checkpoint an offline anchor uses
         _init_from(cfg.train.init_from, roles, modules)
 
     branches = []
     for role, module in zip(roles, modules):
-        if role == "trained":
+        if role == TRAINED:
             groups = param_groups(module, cfg)
             engine, _, _, scheduler = deepspeed.initialize(
                 model=module, model_parameters=groups, config=ds,
@@ -179,7 +179,7 @@ def build_branches(cfg: Config, method: Method, tokenizer, world: int) -> list[B
             branches.append(Branch(role, engine.module, engine, scheduler))
         else:
             branches.append(Branch(role, module))
-    target = branches[-1].engine
+    target = branches[TARGET].engine
     for br in branches:
         if br.engine is not None:
             continue
@@ -192,7 +192,7 @@ def build_branches(cfg: Config, method: Method, tokenizer, world: int) -> list[B
             br.module = br.partitioner.module
         else:
             br.module.to(target.device, dtype=param_dtype(target.module))
-        if br.role == "ema":
+        if br.role == EMA:
             ema_update(br.module, target.module, 0.0)  # the EMA starts equal to the target
             br.reset_master()
     return branches
@@ -289,8 +289,8 @@ def relative_distance(anchor: torch.nn.Module, target: torch.nn.Module) -> float
 
 def anchor_metrics(branches: list[Branch]) -> dict[str, float]:
     """Logged with every metric line of a run with an EMA anchor: its distance to the target."""
-    ema = [br for br in branches if br.role == "ema"]
-    return {"anchor/distance": relative_distance(ema[0].module, branches[-1].module)} if ema else {}
+    ema = [br for br in branches if br.role == EMA]
+    return {"anchor/distance": relative_distance(ema[0].module, branches[TARGET].module)} if ema else {}
 
 
 def param_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .methods import EMA
 
 PREFIX = "step_"
 
@@ -179,7 +180,7 @@ def save(root: Path, step: int, branches, state: dict, rank_state: dict, keep: i
         for k, br in enumerate(branches):
             if br.engine is not None:
                 br.engine.save_checkpoint(str(tmp), tag=f"branch{k}", save_latest=False)
-            elif br.role == "ema":
+            elif br.role == EMA:
                 state_k = br.ema_state_dict()  # fp32 when a bf16 anchor keeps an fp32 average
                 if distributed.is_main():
                     torch.save(state_k, tmp / f"branch{k}_ema.pt")
@@ -244,7 +245,7 @@ def load(path: Path, branches, expected: Optional[dict] = None) -> tuple[dict, d
             loaded, _ = br.engine.load_checkpoint(str(path), tag=f"branch{k}")
             if loaded is None:
                 raise RuntimeError(f"DeepSpeed could not load branch {k} from {path}")
-        elif br.role == "ema":
+        elif br.role == EMA:
             br.load_ema_state(safe_load(path / f"branch{k}_ema.pt", mmap=True))
     rank_file = path / f"rank{distributed.rank():05d}.pt"
     if not rank_file.exists():

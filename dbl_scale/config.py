@@ -461,14 +461,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.eval_root': data.root '{cfg.data.root}' names training shards "
                           "only; set data.eval_root to a folder with the val/test splits (dbl-scale data "
                           "convert writes one), or eval.at_end=false and eval.every=0")
-    vc = cfg.model.vision
-    allowed = ("gpo", "max", "mean") if vc.kind == "precomp" else ("cls", "mean", "model")
-    if vc.pooling not in allowed:
-        raise ConfigError(f"config key 'model.vision.pooling': got {vc.pooling!r} for a {vc.kind} tower; "
+    vision = cfg.model.vision
+    allowed = ("gpo", "max", "mean") if vision.kind == "precomp" else ("cls", "mean", "model")
+    if vision.pooling not in allowed:
+        raise ConfigError(f"config key 'model.vision.pooling': got {vision.pooling!r} for a {vision.kind} tower; "
                           f"allowed: {', '.join(allowed)}")
-    if vc.image_size % vc.patch_size:
+    if vision.image_size % vision.patch_size:
         raise ConfigError("config key 'model.vision.patch_size': must divide model.vision.image_size "
-                          f"({vc.patch_size} does not divide {vc.image_size})")
+                          f"({vision.patch_size} does not divide {vision.image_size})")
     for sec in ("vision", "text"):
         tower = getattr(cfg.model, sec)
         if tower.hidden % tower.heads:

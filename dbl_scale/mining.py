@@ -280,17 +280,17 @@ def mine(model, data_root: str | Path, split: str, image: "ImageTransform | int"
     if len(torch.unique(ids)) != len(ids):
         raise DataError(f"split '{split}' of {data_root} repeats image ids: candidates need unique ones")
     dev = distributed.device()
-    cc, ic = top_candidates(img.to(dev), txt.to(dev), k_captions, k_images, chunk=chunk, rank=rank, world=world,
-                            memory_mb=memory_mb)
+    caption_cands, image_cands = top_candidates(img.to(dev), txt.to(dev), k_captions, k_images, chunk=chunk,
+                                                rank=rank, world=world, memory_mb=memory_mb)
     n = len(ids)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "captions_per_image": k, "split": split, "run": run,
             "meta": {"requested_k_captions": int(k_captions), "requested_k_images": int(k_images),
                      "embed_dim": int(img.shape[1]), "world": world, "data_root": str(data_root)}}
-    shapes = {"image_ids": ((n,), np.int64), "caption_candidates": ((n, cc.shape[1]), np.int32),
-              "image_candidates": ((k * n, ic.shape[1]), np.int32)}
+    shapes = {"image_ids": ((n,), np.int64), "caption_candidates": ((n, caption_cands.shape[1]), np.int32),
+              "image_candidates": ((k * n, image_cands.shape[1]), np.int32)}
     blocks = {"image_ids": (0, ids.numpy()[:n if rank == 0 else 0]),  # rank 0 writes the ids
-              "caption_candidates": (shard_rows(n, rank, world)[0], cc.numpy()),
-              "image_candidates": (shard_rows(k * n, rank, world)[0], ic.numpy())}
+              "caption_candidates": (shard_rows(n, rank, world)[0], caption_cands.numpy()),
+              "image_candidates": (shard_rows(k * n, rank, world)[0], image_cands.numpy())}
     write_shared(out, shapes, blocks, meta)
     return Candidates.load(out)
 

@@ -162,11 +162,12 @@ def image_transform(cfg, train: bool = False) -> "ImageTransform | RegionFeature
     the augmentation. A precomp tower reads region features instead."""
     if cfg.model.vision.kind == "precomp":
         return RegionFeatures(cfg.model.vision.feature_dim)
-    ic = cfg.data.image
-    mean, std, resize = ic.mean or tuple(MEAN.tolist()), ic.std or tuple(STD.tolist()), ic.resize or "crop"
+    image_cfg = cfg.data.image
+    mean, std = image_cfg.mean or tuple(MEAN.tolist()), image_cfg.std or tuple(STD.tolist())
+    resize = image_cfg.resize or "crop"
     if train:
-        return ImageTransform(cfg.model.vision.image_size, tuple(mean), tuple(std), resize, tuple(ic.crop_scale),
-                              ic.hflip)
+        return ImageTransform(cfg.model.vision.image_size, tuple(mean), tuple(std), resize, tuple(image_cfg.crop_scale),
+                              image_cfg.hflip)
     return ImageTransform(cfg.model.vision.image_size, tuple(mean), tuple(std), resize)
 
 
@@ -175,25 +176,25 @@ def resolve_image_config(cfg) -> None:
     (`preprocessor_config.json`), else CLIP's statistics and a centre crop, so that the run's
     saved config records what it used. A processor whose crop size is not
     model.vision.image_size is an error naming both."""
-    ic, vc = cfg.data.image, cfg.model.vision
-    if vc.kind == "precomp":
+    image_cfg, vision = cfg.data.image, cfg.model.vision
+    if vision.kind == "precomp":
         return
     proc = {}
-    if vc.pretrained:
-        path = Path(local_folder(vc.pretrained, "model.vision.pretrained")) / "preprocessor_config.json"
+    if vision.pretrained:
+        path = Path(local_folder(vision.pretrained, "model.vision.pretrained")) / "preprocessor_config.json"
         if path.exists():
             proc = json.loads(path.read_text())
-    if ic.mean is None:
-        ic.mean = tuple(float(x) for x in proc.get("image_mean", MEAN.tolist()))
-    if ic.std is None:
-        ic.std = tuple(float(x) for x in proc.get("image_std", STD.tolist()))
-    if ic.resize is None:
-        ic.resize = "squash" if proc and not proc.get("do_center_crop", False) else "crop"
+    if image_cfg.mean is None:
+        image_cfg.mean = tuple(float(x) for x in proc.get("image_mean", MEAN.tolist()))
+    if image_cfg.std is None:
+        image_cfg.std = tuple(float(x) for x in proc.get("image_std", STD.tolist()))
+    if image_cfg.resize is None:
+        image_cfg.resize = "squash" if proc and not proc.get("do_center_crop", False) else "crop"
     crop = proc.get("crop_size") if proc.get("do_center_crop") else proc.get("size")
     side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
-    if side is not None and int(side) != vc.image_size:
-        raise DataError(f"config key 'model.vision.image_size': {vc.image_size}, but the image processor of "
-                        f"{vc.pretrained} makes {side} px inputs; set model.vision.image_size={side}")
+    if side is not None and int(side) != vision.image_size:
+        raise DataError(f"config key 'model.vision.image_size': {vision.image_size}, but the image processor of "
+                        f"{vision.pretrained} makes {side} px inputs; set model.vision.image_size={side}")
 
 
 def preprocessor_config(transform: ImageTransform) -> dict:

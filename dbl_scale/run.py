@@ -23,7 +23,7 @@ from .tokenizer import tokenizer_path
 from .evaluation import evaluate, format_evaluation, report
 from .export import export
 from .export import log_model as log_mlflow_model
-from .methods import Method
+from .methods import TARGET, Method
 from .tracking import Tracker
 
 log = logging.getLogger("dbl_scale")
@@ -90,16 +90,17 @@ class Run:
             f"{cfg.loss.method}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.dir = Path(cfg.train.output_dir) / self.name
         self.checkpoints = self.dir / "checkpoints"
-        tc = cfg.tracking
-        self.tracker = Tracker(tc.uri, tc.experiment, enabled=distributed.is_main(), spool=self.dir / "mlflow_spool.jsonl",
-                               spool_max_mb=tc.spool_max_mb, retry_max_s=tc.retry_max_s, final_wait_s=tc.final_wait_s,
-                               system_metrics_s=tc.system_metrics_s)
+        tracking = cfg.tracking
+        self.tracker = Tracker(tracking.uri, tracking.experiment, enabled=distributed.is_main(),
+                               spool=self.dir / "mlflow_spool.jsonl", spool_max_mb=tracking.spool_max_mb,
+                               retry_max_s=tracking.retry_max_s, final_wait_s=tracking.final_wait_s,
+                               system_metrics_s=tracking.system_metrics_s)
         self.best_val = float("-inf")
         self.saved_step = -1  # the step of the newest checkpoint this process wrote
 
     @property
     def engine(self):
-        return self.branches[-1].engine
+        return self.branches[TARGET].engine
 
     def begin(self) -> int:
         """Resume from the newest checkpoint when `checkpoint.resume` names one (same MLflow

@@ -21,7 +21,7 @@ from .config import Config
 from .data import TrainLoader
 from .preprocess import image_transform, resolve_image_config
 from .tokenizer import ensure_tokenizer, tokenizer_path
-from .methods import Method, build_method
+from .methods import EMA, TARGET, Method, build_method
 from .models import Embeddings, FrozenEncoders
 from .run import Preempted, Preemption, Run
 from .meter import StepMeter
@@ -44,7 +44,7 @@ def train(cfg: Config) -> dict:
 
     method = build_method(cfg)
     branches = build_branches(cfg, method, tokenizer, world)
-    target = branches[-1]
+    target = branches[TARGET]
     loader = TrainLoader(cfg.data, image_transform(cfg, train=True), tokenizer, cfg.model.text.max_length,
                          rank, world, cfg.train.seed, target.engine.device)
     run = Run(cfg, method, branches, loader.tokenize)
@@ -113,7 +113,7 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
     (DeepSpeed applies the update at the last micro-batch of an accumulation, `boundary`).
     Returns the logged terms, or None when a loss was not finite on some rank and every rank
     skipped the micro-batch."""
-    target = branches[-1]
+    target = branches[TARGET]
     dev = target.engine.device
     pixels = batch["pixel_values"].to(dev, param_dtype(target.module), non_blocking=True)
     input_ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
@@ -155,9 +155,9 @@ def train_step(method: Method, branches: list[Branch], batch: dict, step: int,
         if t is not None:  # the target's terms as they are, other trained branches' with a prefix
             prefix = "" if k == len(branches) - 1 else f"branch{k}/"
             logged.update({prefix + name: v.detach() for name, v in t.items()})
-    if outs[-1].logit_scale is not None:
+    if outs[TARGET].logit_scale is not None:
         # the same on every rank; the log step adds ranks up, so each contributes its share
-        logged["logit_scale"] = outs[-1].logit_scale.detach().squeeze() / distributed.world_size()
+        logged["logit_scale"] = outs[TARGET].logit_scale.detach().squeeze() / distributed.world_size()
     return logged
 
 
@@ -175,8 +175,8 @@ def in_float32(out: Embeddings) -> Embeddings:
 
 def _update_anchors(method: Method, branches: list[Branch], step: int, boundary: bool) -> None:
     for br in branches:
-        if br.role == "ema" and boundary:
-            ema_update(br.module, branches[-1].module, method.momentum(step + 1), br.master)
+        if br.role == EMA and boundary:
+            ema_update(br.module, branches[TARGET].module, method.momentum(step + 1), br.master)
 
 
 def _skip_nonfinite(terms: list, step: int) -> bool:

@@ -123,7 +123,7 @@ def test_coder_dcl_with_uniform_weights_is_infonce_over_the_same_queues():
     coder.queues.push(_unit(30, 24).detach(), _unit(31, 24).detach(), queue_ids)
     terms = coder.losses(outs, ids)[1]
     key, query = outs
-    t = coder.lc.coder.temperature
+    t = coder.loss_cfg.coder.temperature
     want = (_infonce_with_queue(query.img, key.txt, coder.queues.txt, ids, queue_ids, t)
             + _infonce_with_queue(query.txt, key.img, coder.queues.img, ids, queue_ids, t)) / (2 * len(ids))
     leaves = [query.img, query.txt]

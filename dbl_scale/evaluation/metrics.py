@@ -233,27 +233,27 @@ def embedding_ranks(img: torch.Tensor, txt: torch.Tensor, captions_per_image: in
     the results are merged, the same on every rank. Memory: a few tiles per thread, and
     O(K*N) counts. On a GPU the tiles are made and counted there. `stats`, when given, gets
     the seconds of each pass and how many queries were re-scored for a tie."""
-    sc, k = TileScores(img, txt, captions_per_image, rows), captions_per_image
-    n, n_cap = sc.shape
-    dev = sc.img.device
-    lo, hi = _shard(sc.tiles)
+    grid, k = TileScores(img, txt, captions_per_image, rows), captions_per_image
+    n, n_cap = grid.shape
+    dev = grid.img.device
+    lo, hi = _shard(grid.tiles)
     mine = range(lo, hi)
     # pass 1: the diagonal tiles give every image's best positive and every caption's positive
     best = torch.full((n,), float("nan"), device=dev)
     pos = torch.full((n_cap,), float("nan"), device=dev)
     own_at_best = torch.zeros(n, dtype=torch.long, device=dev)
     for t in mine:
-        d = sc.tile(t, t)
+        d = grid.tile(t, t)
         r = torch.arange(d.shape[0], device=dev)
         own = d[r[:, None], r[:, None] * k + torch.arange(k, device=dev)]  # rows x K positives
         best[t * rows:t * rows + d.shape[0]] = _nan_max(own)
         own_at_best[t * rows:t * rows + d.shape[0]] = (own == best[t * rows:t * rows + d.shape[0], None]).sum(1)
-        pos[t * sc.cols:t * sc.cols + own.numel()] = own.reshape(-1)
-    pos = _merge_blocks(pos, lo * sc.cols, min(hi * sc.cols, n_cap))
+        pos[t * grid.cols:t * grid.cols + own.numel()] = own.reshape(-1)
+    pos = _merge_blocks(pos, lo * grid.cols, min(hi * grid.cols, n_cap))
     # pass 2: every tile of my rows once, both directions counted in it
     t0 = time.perf_counter()
     count = _count_on_cpu if dev.type == "cpu" else _count_on_device
-    i2t, eq, tied, cap_gt, cap_ge, cap_nan = count(sc, mine, best, pos)
+    i2t, eq, tied, cap_gt, cap_ge, cap_nan = count(grid, mine, best, pos)
     t1 = time.perf_counter()
     tied = (tied | (eq > own_at_best.cpu())).numpy()  # ... or a negative ties with the best positive
     i2t = i2t.numpy()
@@ -263,11 +263,11 @@ def embedding_ranks(img: torch.Tensor, txt: torch.Tensor, captions_per_image: in
     # queries whose positive is tied with a negative (or whose scores hold a NaN): the reference's
     # own order, on their whole row or column of the tiles' matrix
     rows_tied = np.flatnonzero(tied)
-    i2t[rows_tied] = _reference_ranks(sc, rows_tied, "row")
+    i2t[rows_tied] = _reference_ranks(grid, rows_tied, "row")
     t2i = cap_gt.copy()
     resolve = np.flatnonzero((cap_ge - cap_gt > 1) | cap_nan)
-    mine_cols = resolve[(resolve // sc.cols >= lo) & (resolve // sc.cols < hi)]  # by caption block
-    t2i[mine_cols] = _reference_ranks(sc, mine_cols, "col")
+    mine_cols = resolve[(resolve // grid.cols >= lo) & (resolve // grid.cols < hi)]  # by caption block
+    t2i[mine_cols] = _reference_ranks(grid, mine_cols, "col")
     if stats is not None:
         stats.update(count_s=t1 - t0, rescore_s=time.perf_counter() - t1, rows_rescored=len(rows_tied),
                      cols_rescored=len(mine_cols))
@@ -296,25 +296,25 @@ def _shard(n_tiles: int) -> tuple[int, int]:
     return n_tiles * rank // world, n_tiles * (rank + 1) // world
 
 
-def _reference_ranks(sc: TileScores, queries: np.ndarray, kind: str) -> np.ndarray:
+def _reference_ranks(grid: TileScores, queries: np.ndarray, kind: str) -> np.ndarray:
     """The reference's rank of each query (image rows for "row", captions for "col"), from its
     whole row or column: the queries are grouped by their block, and each block's strip of
     tiles is made once for all of its queries (on the CPU, in torch's threads)."""
-    k, out = sc.k, {}
-    block = sc.rows if kind == "row" else sc.cols
+    k, out = grid.k, {}
+    block = grid.rows if kind == "row" else grid.cols
     groups = [queries[queries // block == b] for b in np.unique(queries // block)]
 
     def strip(group: np.ndarray) -> dict:
         b, buffers = int(group[0] // block), {}
         if kind == "row":
-            parts = [sc.tile(b, u, buffers)[torch.as_tensor(group - b * sc.rows)].cpu() for u in range(sc.tiles)]
+            parts = [grid.tile(b, u, buffers)[torch.as_tensor(group - b * grid.rows)].cpu() for u in range(grid.tiles)]
             scores = torch.cat(parts, dim=1).numpy()
             return {int(q): _reference_rank(x, lambda order, q=int(q): order // k == q) for q, x in zip(group, scores)}
-        parts = [sc.tile(t, b, buffers)[:, torch.as_tensor(group - b * sc.cols)].cpu() for t in range(sc.tiles)]
+        parts = [grid.tile(t, b, buffers)[:, torch.as_tensor(group - b * grid.cols)].cpu() for t in range(grid.tiles)]
         scores = torch.cat(parts, dim=0).t().contiguous().numpy()
         return {int(q): _reference_rank(x, lambda order, img=int(q) // k: order == img) for q, x in zip(group, scores)}
 
-    for found in _in_threads(strip, groups, sc.img.device):
+    for found in _in_threads(strip, groups, grid.img.device):
         out.update(found)
     return np.array([out[int(q)] for q in queries], dtype=np.int64)
 
@@ -335,13 +335,13 @@ def _in_threads(fn, jobs: list, dev: torch.device):
         torch.set_num_threads(before)
 
 
-def _count_on_cpu(sc: TileScores, mine: range, best: torch.Tensor, pos: torch.Tensor) -> tuple:
+def _count_on_cpu(grid: TileScores, mine: range, best: torch.Tensor, pos: torch.Tensor) -> tuple:
     """Pass 2 on the CPU: torch's threads each take every T-th of my row blocks, make each tile
     with a one-thread product (the same bits as a many-thread one: the BLAS splits rows and
     columns, not the sums) and count it in one pass (`counting.count_tile`). Row counts go
     straight into the shared arrays (a block's rows are one thread's); column counts into the
     thread's own arrays, added up at the end."""
-    n, n_cap = sc.shape
+    n, n_cap = grid.shape
     threads = max(1, min(torch.get_num_threads(), len(mine)))
     best_np, pos_np = best.numpy(), pos.numpy()
     row_gt, row_eq, row_nan = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.uint8)
@@ -351,13 +351,13 @@ def _count_on_cpu(sc: TileScores, mine: range, best: torch.Tensor, pos: torch.Te
         col_gt, col_ge, col_nan = cols[w]
         buffers: dict = {}
         for t in list(mine)[w::threads]:
-            r = slice(t * sc.rows, min((t + 1) * sc.rows, n))
-            for u in range(sc.tiles):
-                c = slice(u * sc.cols, min((u + 1) * sc.cols, n_cap))
-                count_tile(sc.tile(t, u, buffers).numpy(), best_np[r], pos_np[c], row_gt[r], row_eq[r], col_gt[c],
+            r = slice(t * grid.rows, min((t + 1) * grid.rows, n))
+            for u in range(grid.tiles):
+                c = slice(u * grid.cols, min((u + 1) * grid.cols, n_cap))
+                count_tile(grid.tile(t, u, buffers).numpy(), best_np[r], pos_np[c], row_gt[r], row_eq[r], col_gt[c],
                            col_ge[c], row_nan[r], col_nan[c])
 
-    list(_in_threads(work, list(range(threads)), sc.img.device))
+    list(_in_threads(work, list(range(threads)), grid.img.device))
     cap_gt = torch.from_numpy(sum(c[0].astype(np.int64) for c in cols))
     cap_ge = torch.from_numpy(sum(c[1].astype(np.int64) for c in cols))
     cap_nan = torch.from_numpy(np.logical_or.reduce([c[2] > 0 for c in cols]))
@@ -365,20 +365,20 @@ def _count_on_cpu(sc: TileScores, mine: range, best: torch.Tensor, pos: torch.Te
             cap_nan)
 
 
-def _count_on_device(sc: TileScores, mine: range, best: torch.Tensor, pos: torch.Tensor) -> tuple:
+def _count_on_device(grid: TileScores, mine: range, best: torch.Tensor, pos: torch.Tensor) -> tuple:
     """Pass 2 on a GPU: the tiles made and counted there, in order; only the counts come back."""
-    n, n_cap = sc.shape
-    dev = sc.img.device
+    n, n_cap = grid.shape
+    dev = grid.img.device
     i2t, eq = torch.zeros(n, dtype=torch.long, device=dev), torch.zeros(n, dtype=torch.long, device=dev)
     tied = torch.zeros(n, dtype=torch.bool, device=dev)
     cap_gt, cap_ge = torch.zeros(n_cap, dtype=torch.long, device=dev), torch.zeros(n_cap, dtype=torch.long, device=dev)
     cap_nan = torch.zeros(n_cap, dtype=torch.bool, device=dev)
     for t in mine:
-        r = slice(t * sc.rows, min((t + 1) * sc.rows, n))
+        r = slice(t * grid.rows, min((t + 1) * grid.rows, n))
         bb = best[r, None]
-        for u in range(sc.tiles):
-            c = slice(u * sc.cols, min((u + 1) * sc.cols, n_cap))
-            s, pp = sc.tile(t, u), pos[None, c]
+        for u in range(grid.tiles):
+            c = slice(u * grid.cols, min((u + 1) * grid.cols, n_cap))
+            s, pp = grid.tile(t, u), pos[None, c]
             i2t[r] += (s > bb).sum(1)
             eq[r] += (s == bb).sum(1)
             cap_gt[c] += (s > pp).sum(0)

@@ -19,7 +19,7 @@ class AOQ(Method):
         self.steps_per_epoch = steps_per_epoch
 
     def prepare(self, batch, consumed, target):
-        every = self.steps_per_epoch * self.lc.aoq.refresh_epochs
+        every = self.steps_per_epoch * self.loss_cfg.aoq.refresh_epochs
         if consumed and every and consumed % every == 0:
             self.offline.refresh(target, consumed)
         return self.offline.extend(batch)
@@ -36,7 +36,7 @@ class AOQ(Method):
     def losses(self, outs, image_ids, step=0):
         """The branch embedded 3B images [I, I-, I_{T-}] and 3B captions [T, T-, T_{I-}] (the
         pairs, then their offline negatives, as `OfflineHardNegatives.extend` lays them out)."""
-        a, out = self.lc.aoq, outs[0]
+        a, out = self.loss_cfg.aoq, outs[0]
         img, ineg, itneg = out.img.chunk(3)
         txt, tneg, tineg = out.txt.chunk(3)
         offline = OfflineScores((img * tneg).sum(1), (ineg * txt).sum(1), (ineg * tneg).sum(1),

@@ -1,11 +1,11 @@
 """What a method is: its branches, the heads its target carries, the state it keeps between
 steps, and the loss each trained branch gets (the equations are in docs/methods.md).
 
-Branches are listed anchor first; the last branch is the target, the model a run keeps,
-evaluates and exports. A branch's role is
-  "trained"  its own DeepSpeed engine and optimizer;
-  "ema"      a momentum copy: an exponential moving average of the target, no gradient;
-  "frozen"   a trained checkpoint (offline DBL anchor, a teacher), no gradient.
+Branches are listed anchor first; the last branch (`TARGET`) is the target, the model a run
+keeps, evaluates and exports. A branch's role is
+  TRAINED  its own DeepSpeed engine and optimizer;
+  EMA      a momentum copy: an exponential moving average of the target, no gradient;
+  FROZEN   a trained checkpoint (offline DBL anchor, a teacher), no gradient.
 
 Losses are computed from this rank's queries against the candidates of all ranks; each term
 is a per-rank share of the single-process loss of the global batch, and "loss" is the
@@ -26,6 +26,10 @@ from ..losses import Scores, hinge_triplet
 from ..models import Embeddings
 
 Terms = dict[str, torch.Tensor]
+
+# branch roles (the strings are what checkpoints record)
+TRAINED, EMA, FROZEN = "trained", "ema", "frozen"
+TARGET = -1  # the target is the last branch: branches[TARGET], outs[TARGET], terms[TARGET]
 
 
 def gathered_scores(img: torch.Tensor, txt: torch.Tensor, image_ids: Optional[torch.Tensor] = None,
@@ -54,7 +58,7 @@ class StepScores:
     def __getitem__(self, k: int) -> Scores:
         if k not in self._built:
             out = self.outs[k]
-            self._built[k] = gathered_scores(out.img, out.txt, self.ids, self.roles[k] == "trained", self.all_ids)
+            self._built[k] = gathered_scores(out.img, out.txt, self.ids, self.roles[k] == TRAINED, self.all_ids)
         return self._built[k]
 
 
@@ -66,7 +70,7 @@ class Method:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.lc = cfg.loss
+        self.loss_cfg = cfg.loss
         self.check()
 
     def check(self) -> None:
@@ -79,7 +83,7 @@ class Method:
     # ------------------------------------------------------------------ branches
     @property
     def roles(self) -> list[str]:
-        return ["trained"]
+        return [TRAINED]
 
     def frozen_source(self) -> Optional[str]:
         """The finished run whose target becomes the frozen branch."""
@@ -108,7 +112,7 @@ class Method:
         return {}
 
     def momentum(self, step: int) -> float:
-        """The EMA momentum after optimizer step `step` (methods with an "ema" branch)."""
+        """The EMA momentum after optimizer step `step` (methods with an EMA branch)."""
         raise NotImplementedError(f"{self.name} has no momentum branch")
 
     # ------------------------------------------------------------------ per-run state
@@ -136,7 +140,7 @@ class Method:
 
     def step_metrics(self, step: int) -> dict[str, float]:
         """Logged with every metric line: what the method's schedule is at `step`."""
-        return {"momentum": self.momentum(step)} if "ema" in self.roles else {}
+        return {"momentum": self.momentum(step)} if EMA in self.roles else {}
 
     # ------------------------------------------------------------------ losses
     def losses(self, outs: list[Embeddings], image_ids: torch.Tensor, step: int = 0) -> list[Optional[Terms]]:
@@ -145,13 +149,13 @@ class Method:
 
     def mask_ids(self, image_ids: torch.Tensor) -> Optional[torch.Tensor]:
         """The image ids that mark same-image pairs as non-negatives (None: nothing masked)."""
-        return image_ids if self.lc.mask_same_image else None
+        return image_ids if self.loss_cfg.mask_same_image else None
 
     def max_violation(self, step: int) -> bool:
         """Hardest negative or sum over negatives: VSE-infinity's warm-up sums for
         `sum_warmup_steps` steps, then takes the hardest."""
-        return self.lc.max_violation and step >= self.lc.sum_warmup_steps
+        return self.loss_cfg.max_violation and step >= self.loss_cfg.sum_warmup_steps
 
-    def raw(self, scores: Scores, step: int) -> torch.Tensor:
+    def triplet(self, scores: Scores, step: int) -> torch.Tensor:
         """The hinge triplet every matching method builds on."""
-        return hinge_triplet(scores, self.lc.margin, self.max_violation(step))
+        return hinge_triplet(scores, self.loss_cfg.margin, self.max_violation(step))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..losses import Scores, diversity_contrastive, sinkhorn
 from ..models import ConceptBank
-from .base import Method, gathered_scores
+from .base import EMA, TRAINED, Method, gathered_scores
 
 
 class KeyQueues:
@@ -71,21 +71,21 @@ class KeyQueues:
 
 class CODER(Method):
     name = "coder"
-    roles = ["ema", "trained"]  # momentum key encoders, query encoders
+    roles = [EMA, TRAINED]  # momentum key encoders, query encoders
     queues: KeyQueues | None = None
 
     def heads(self, teacher_dims=None):
-        c, init = self.lc.coder, None
+        c, init = self.loss_cfg.coder, None
         if c.concept_file:
             path = Path(c.concept_file)
             init = torch.from_numpy(np.load(path)) if path.suffix == ".npy" else torch.load(path, weights_only=True)
         return {"concepts": ConceptBank(self.cfg.model.embed_dim, c.concepts, c.concept_temperature, init)}
 
     def momentum(self, step):
-        return self.lc.coder.momentum  # constant, as MoCo's key encoders
+        return self.loss_cfg.coder.momentum  # constant, as MoCo's key encoders
 
     def start(self, target, tokenize, steps_per_epoch, rank, workdir):
-        self.queues = KeyQueues(self.lc.coder.queue_size, self.cfg.model.embed_dim, distributed.device())
+        self.queues = KeyQueues(self.loss_cfg.coder.queue_size, self.cfg.model.embed_dim, distributed.device())
 
     def after_step(self):
         if self.queues is not None:  # enqueue this step's keys of all ranks (gathered by the loss)
@@ -102,7 +102,7 @@ class CODER(Method):
         other modality's queue; concept-level DCL between the concept descriptors; and the
         concept logits predicting the pseudo labels that balanced clustering of the keys gives,
         with the concept vectors as prototypes."""
-        c, key, query, queues = self.lc.coder, outs[0], outs[1], self.queues
+        c, key, query, queues = self.loss_cfg.coder, outs[0], outs[1], self.queues
         ids = self.mask_ids(image_ids)
         all_k_img, all_k_txt = distributed.gather_no_grad(key.img), distributed.gather_no_grad(key.txt)
         all_ids = distributed.gather_no_grad(ids) if ids is not None else None
@@ -115,16 +115,17 @@ class CODER(Method):
             queue_keep = queues.keep(ids)
         if queues is not None:
             queues.stage(all_k_img, all_k_txt, all_ids)
-        h = query.heads
-        concept = gathered_scores(h["concept_img"], h["concept_txt"], ids, all_ids=all_ids)
+        heads = query.heads
+        concept = gathered_scores(heads["concept_img"], heads["concept_txt"], ids, all_ids=all_ids)
         with torch.no_grad():
             keys = F.normalize(key.img + key.txt, dim=-1)
-            labels = sinkhorn(keys @ h["prototypes"].detach().t(), c.sinkhorn_epsilon, c.sinkhorn_iterations,
+            labels = sinkhorn(keys @ heads["prototypes"].detach().t(), c.sinkhorn_epsilon, c.sinkhorn_iterations,
                               distributed.all_reduce).argmax(1)
         n = all_k_img.shape[0]
-        t = {"loss/dcl": diversity_contrastive(inst, c.temperature, c.beta, queue_i2t, queue_t2i, queue_keep=queue_keep),
+        terms = {"loss/dcl": diversity_contrastive(inst, c.temperature, c.beta, queue_i2t, queue_t2i,
+                                                   queue_keep=queue_keep),
              "loss/dcl_concept": diversity_contrastive(concept, c.temperature, c.beta),
-             "loss/pseudo_label": (F.cross_entropy(h["concept_logits_img"], labels, reduction="sum")
-                                   + F.cross_entropy(h["concept_logits_txt"], labels, reduction="sum")) / (2 * n)}
-        t["loss"] = t["loss/dcl"] + c.concept_weight * (t["loss/dcl_concept"] + t["loss/pseudo_label"])
-        return [None, t]
+             "loss/pseudo_label": (F.cross_entropy(heads["concept_logits_img"], labels, reduction="sum")
+                                   + F.cross_entropy(heads["concept_logits_txt"], labels, reduction="sum")) / (2 * n)}
+        terms["loss"] = terms["loss/dcl"] + c.concept_weight * (terms["loss/dcl_concept"] + terms["loss/pseudo_label"])
+        return [None, terms]

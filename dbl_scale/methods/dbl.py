@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..losses import boost_absolute, boost_diagnostics, boost_relative
-from .base import Method, StepScores
+from .base import EMA, FROZEN, TARGET, TRAINED, Method, StepScores
 
 
 def momentum_at(step: int, total: int, m0: float) -> float:
@@ -39,29 +39,29 @@ class DBL(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        d = self.lc.dbl
+        d = self.loss_cfg.dbl
         self.m0 = m0_for_init_left(d.momentum_init_left, cfg.train.steps) if d.momentum_init_left else d.momentum
 
     def check(self):
-        if self.lc.dbl.scenario == "offline":
-            self.require(self.lc.dbl.anchor, "loss.dbl.anchor", "the run folder of a trained anchor in the offline "
-                         "scenario (it holds config.yaml and model.pt)")
+        if self.loss_cfg.dbl.scenario == "offline":
+            self.require(self.loss_cfg.dbl.anchor, "loss.dbl.anchor", "the run folder of a trained anchor in the "
+                         "offline scenario (it holds config.yaml and model.pt)")
 
     @property
     def roles(self):
-        scenario = self.lc.dbl.scenario
+        scenario = self.loss_cfg.dbl.scenario
         if scenario == "momentum":
-            return ["ema", "trained"]
+            return [EMA, TRAINED]
         if scenario == "offline":
-            return ["frozen", "trained"]
-        return ["trained"] * self.lc.dbl.branches  # online: branch k boosted against branches n < k
+            return [FROZEN, TRAINED]
+        return [TRAINED] * self.loss_cfg.dbl.branches  # online: branch k boosted against branches n < k
 
     def frozen_source(self):
-        return self.lc.dbl.anchor
+        return self.loss_cfg.dbl.anchor
 
     @property
     def target_starts_from_frozen(self):
-        return self.lc.dbl.scenario == "offline"
+        return self.loss_cfg.dbl.scenario == "offline"
 
     def momentum(self, step):
         return momentum_at(step, self.cfg.train.steps, self.m0)
@@ -70,7 +70,7 @@ class DBL(Method):
         """The boost in its own form at every step: max or sum by `loss.dbl.reduction`, never
         the raw triplet's warm-up (with anchor ~ target every negative violates by
         margin*beta, and a summed boost would swamp the first steps)."""
-        d, margin = self.lc.dbl, self.lc.margin
+        d, margin = self.loss_cfg.dbl, self.loss_cfg.margin
         max_violation = d.reduction == "max"
         if d.boost == "relative":
             return boost_relative(target, anchor, margin, d.beta, max_violation=max_violation, soft_adapt=d.soft_adapt)
@@ -82,21 +82,21 @@ class DBL(Method):
         scores = StepScores(outs, roles, self.mask_ids(image_ids))
         terms = [None] * len(outs)
         for k, role in enumerate(roles):
-            if role != "trained":
+            if role != TRAINED:
                 continue
-            t = {"loss/raw": self.raw(scores[k], step)}
-            t["loss"] = t["loss/raw"]
+            branch_terms = {"loss/raw": self.triplet(scores[k], step)}
+            branch_terms["loss"] = branch_terms["loss/raw"]
             if k > 0:  # boosted against the mean over the branches before it
-                t["loss/boost"] = torch.stack([self.boost(scores[k], scores[n]) for n in range(k)]).mean()
-                t["loss"] = t["loss"] + self.lc.dbl.alpha * t["loss/boost"]
-            terms[k] = t
-        terms[-1].update(self.diagnostics(scores, len(outs) - 1))
+                branch_terms["loss/boost"] = torch.stack([self.boost(scores[k], scores[n]) for n in range(k)]).mean()
+                branch_terms["loss"] = branch_terms["loss"] + self.loss_cfg.dbl.alpha * branch_terms["loss/boost"]
+            terms[k] = branch_terms
+        terms[TARGET].update(self.diagnostics(scores, len(outs) - 1))
         return terms
 
     def diagnostics(self, scores: StepScores, k: int) -> dict[str, torch.Tensor]:
         """Why the boost helps or not, for the target against the branch before it: the share
         of queries it is active on, the mean target and anchor gaps at its negative, and how
         often that negative is the target's hardest (each rank its share of the global mean)."""
-        sums = boost_diagnostics(scores[k], scores[k - 1], self.lc.margin, self.lc.dbl.beta)
+        sums = boost_diagnostics(scores[k], scores[k - 1], self.loss_cfg.margin, self.loss_cfg.dbl.beta)
         queries = 2 * scores[k].i2t.shape[1]  # both directions of the global batch
         return {f"dbl/{name}": value / queries for name, value in sums.items()}

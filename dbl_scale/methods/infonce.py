@@ -9,7 +9,7 @@ class InfoNCE(Method):
     name = "infonce"
 
     def logit_temperature(self):
-        return self.lc.infonce.temperature
+        return self.loss_cfg.infonce.temperature
 
     def losses(self, outs, image_ids, step=0):
         scores = StepScores(outs, self.roles, self.mask_ids(image_ids))

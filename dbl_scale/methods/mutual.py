@@ -3,19 +3,20 @@ score distribution."""
 from __future__ import annotations
 
 from ..losses import mutual_learning
-from .base import Method, StepScores
+from .base import TRAINED, Method, StepScores
 
 
 class Mutual(Method):
     name = "mutual"
-    roles = ["trained", "trained"]
+    roles = [TRAINED, TRAINED]
 
     def losses(self, outs, image_ids, step=0):
         scores = StepScores(outs, self.roles, self.mask_ids(image_ids))
-        m = self.lc.mutual
+        m = self.loss_cfg.mutual
         terms = []
         for k in (0, 1):
-            t = {"loss/raw": self.raw(scores[k], step), "loss/mutual": mutual_learning(scores[k], scores[1 - k], m.smooth)}
-            t["loss"] = t["loss/raw"] + m.weight * t["loss/mutual"]
-            terms.append(t)
+            branch_terms = {"loss/raw": self.triplet(scores[k], step),
+                            "loss/mutual": mutual_learning(scores[k], scores[1 - k], m.smooth)}
+            branch_terms["loss"] = branch_terms["loss/raw"] + m.weight * branch_terms["loss/mutual"]
+            terms.append(branch_terms)
         return terms

@@ -9,34 +9,35 @@ from .. import distributed
 from ..config import ConfigError
 from ..losses import info_nce, structure_terms
 from ..models import StructureHead
-from .base import Method, StepScores, gathered_scores
+from .base import FROZEN, TRAINED, Method, StepScores, gathered_scores
 
 
 class Structure(Method):
     name = "structure"
-    roles = ["frozen", "trained"]  # the teacher's towers give the per-modality features
+    roles = [FROZEN, TRAINED]  # the teacher's towers give the per-modality features
 
     def check(self):
-        sc = self.lc.structure
-        self.require(sc.teacher or (sc.teacher_vision and sc.teacher_text), "loss.structure.teacher",
-                     "the run folder of a trained teacher (config.yaml, model.pt), or both "
+        settings = self.loss_cfg.structure
+        self.require(settings.teacher or (settings.teacher_vision and settings.teacher_text),
+                     "loss.structure.teacher", "the run folder of a trained teacher (config.yaml, model.pt), or both "
                      "'loss.structure.teacher_vision' and 'loss.structure.teacher_text' (local HF folders)")
-        if not sc.temperature_min <= sc.temperature <= sc.temperature_max:
+        if not settings.temperature_min <= settings.temperature <= settings.temperature_max:
             raise ConfigError("config keys 'loss.structure.temperature_min' <= 'loss.structure.temperature' <= "
-                              f"'loss.structure.temperature_max': got {sc.temperature_min}, {sc.temperature}, "
-                              f"{sc.temperature_max}")
+                              f"'loss.structure.temperature_max': got {settings.temperature_min}, "
+                              f"{settings.temperature}, {settings.temperature_max}")
 
     def frozen_source(self):
-        return self.lc.structure.teacher
+        return self.loss_cfg.structure.teacher
 
     def teacher_folders(self):
-        sc = self.lc.structure
-        return None if sc.teacher else (sc.teacher_vision, sc.teacher_text)
+        settings = self.loss_cfg.structure
+        return None if settings.teacher else (settings.teacher_vision, settings.teacher_text)
 
     def heads(self, teacher_dims=None):
-        sc, dim = self.lc.structure, self.cfg.model.embed_dim
-        return {"structure": StructureHead(dim, teacher_dims or (dim, dim), sc.init_lambda, sc.temperature,
-                                           (sc.temperature_min, sc.temperature_max), sc.repr_temperature)}
+        settings, dim = self.loss_cfg.structure, self.cfg.model.embed_dim
+        return {"structure": StructureHead(dim, teacher_dims or (dim, dim), settings.init_lambda,
+                                           settings.temperature, (settings.temperature_min, settings.temperature_max),
+                                           settings.repr_temperature)}
 
     def forward_inputs(self, outs):
         return {"teacher": outs[0]}  # the head projects the teacher's features inside the target's forward
@@ -44,18 +45,19 @@ class Structure(Method):
     def losses(self, outs, image_ids, step=0):
         ids = self.mask_ids(image_ids)
         scores = StepScores(outs, self.roles, ids)
-        sc, teacher, student, h = self.lc.structure, outs[0], outs[1], outs[1].heads
+        settings, teacher, student, heads = self.loss_cfg.structure, outs[0], outs[1], outs[1].heads
         offset = distributed.rank() * student.img.shape[0]
-        sd, consistency = structure_terms(student.img, student.txt, teacher.img, teacher.txt, h["lam"], h["tau"],
-                                          sc.mode, distributed.gather, offset)
+        sd, consistency = structure_terms(student.img, student.txt, teacher.img, teacher.txt, heads["lam"],
+                                          heads["tau"], settings.mode, distributed.gather, offset)
 
         def representation(student_emb, teacher_emb):  # student queries against all projected teacher features
-            return info_nce(gathered_scores(student_emb, teacher_emb, ids, all_ids=scores.all_ids), h["repr_scale"],
-                            one_way=True)
+            return info_nce(gathered_scores(student_emb, teacher_emb, ids, all_ids=scores.all_ids),
+                            heads["repr_scale"], one_way=True)
 
-        t = {"loss/raw": self.raw(scores[1], step), "loss/structure": sd, "loss/consistency": consistency,
-             "loss/repr_image": representation(student.img, h["teacher_img"]),
-             "loss/repr_text": representation(student.txt, h["teacher_txt"])}
-        t["loss"] = (t["loss/raw"] + sc.weight * sd + sc.consistency_weight * consistency
-                     + sc.repr_weight_image * t["loss/repr_image"] + sc.repr_weight_text * t["loss/repr_text"])
-        return [None, t]
+        terms = {"loss/raw": self.triplet(scores[1], step), "loss/structure": sd, "loss/consistency": consistency,
+                 "loss/repr_image": representation(student.img, heads["teacher_img"]),
+                 "loss/repr_text": representation(student.txt, heads["teacher_txt"])}
+        terms["loss"] = (terms["loss/raw"] + settings.weight * sd + settings.consistency_weight * consistency
+                         + settings.repr_weight_image * terms["loss/repr_image"]
+                         + settings.repr_weight_text * terms["loss/repr_text"])
+        return [None, terms]

@@ -9,5 +9,5 @@ class Triplet(Method):
 
     def losses(self, outs, image_ids, step=0):
         scores = StepScores(outs, self.roles, self.mask_ids(image_ids))
-        raw = self.raw(scores[0], step)
+        raw = self.triplet(scores[0], step)
         return [{"loss/raw": raw, "loss": raw}]

@@ -46,7 +46,7 @@ from ...data import TrainLoader
 from ...preprocess import image_transform
 from ...tokenizer import ensure_tokenizer
 from ...evaluation.metrics import protocol_metrics
-from ...methods import build_method
+from ...methods import EMA, TARGET, TRAINED, build_method
 from ...mining import top_candidates
 from ...run import where_tags
 from ...train import in_float32, train_step
@@ -282,7 +282,7 @@ class BareLoop:
         self.method, self.dev, self.cfg = build_method(cfg), dev, cfg
         self.model = new_model(cfg, tokenizer, 0).to(dev).train()
         self.anchor = None
-        if "ema" in self.method.roles:
+        if EMA in self.method.roles:
             self.anchor = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                      eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
@@ -297,7 +297,7 @@ class BareLoop:
                     outs.append(self.anchor(*args))
             outs.append(self.model(*args))
         # the losses in float32, as train_step takes them (outside autocast, which would run their products in bf16)
-        loss = self.method.losses([in_float32(o) for o in outs], batch["image_ids"], step)[-1]["loss"]
+        loss = self.method.losses([in_float32(o) for o in outs], batch["image_ids"], step)[TARGET]["loss"]
         loss.backward()
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -376,7 +376,7 @@ def throughput(sizes: Sizes, work: Path, tokenizer, dev: torch.device) -> dict:
         else:
             method = build_method(cfg)
             branches = build_branches(cfg, method, tokenizer, distributed.world_size())
-            engine = branches[-1].engine
+            engine = branches[TARGET].engine
             inner = engine.optimizer
             while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
                 inner = inner.optimizer
@@ -385,7 +385,7 @@ def throughput(sizes: Sizes, work: Path, tokenizer, dev: torch.device) -> dict:
                      "param_dtype": str(next(engine.module.parameters()).dtype)}
             seconds = _timed(lambda s: train_step(method, branches, batches[s % 2], s), sizes.warmup, sizes.timed, dev)
             release(branches)
-        per_sample = flops["train"] + (flops["forward"] if "ema" in build_method(cfg).roles else 0)
+        per_sample = flops["train"] + (flops["forward"] if EMA in build_method(cfg).roles else 0)
         row = {"name": name, "batch": b, "step_s": seconds, "samples_per_s": b / seconds,
                "tflops_per_s": per_sample * b / seconds / 1e12, "peak_bytes": _peak(dev), **extra}
         row["mfu"] = row["tflops_per_s"] * 1e12 / peak if peak else None
@@ -441,15 +441,16 @@ def gpu_side_parts(sizes: Sizes, dev: torch.device) -> dict:
     _reset_peak(dev)
     base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
     t0 = time.perf_counter()
-    cc, ic = top_candidates(img, txt, 2000, 400)
+    caption_cands, image_cands = top_candidates(img, txt, 2000, 400)
     _sync(dev)
     seconds = time.perf_counter() - t0
     peak = _peak(dev)
-    mining = {"images": n, "captions": 5 * n, "dim": d, "k_captions": cc.shape[1], "k_images": ic.shape[1],
-              "seconds": seconds, "pairs_per_s": 2 * n * 5 * n / seconds,
+    own_images, own_captions = torch.arange(n)[:, None], torch.arange(5 * n)[:, None] // 5
+    mining = {"images": n, "captions": 5 * n, "dim": d, "k_captions": caption_cands.shape[1],
+              "k_images": image_cands.shape[1], "seconds": seconds, "pairs_per_s": 2 * n * 5 * n / seconds,
               "peak_above_inputs_bytes": None if peak is None else peak - base,
-              "own_pairs_excluded": bool((cc[:, :1] // 5 != torch.arange(len(cc))[:, None]).all()
-                                         and (ic[:, :1] != torch.arange(len(ic))[:, None] // 5).all())}
+              "own_pairs_excluded": bool((caption_cands[:, :1] // 5 != own_images).all()
+                                         and (image_cands[:, :1] != own_captions).all())}
     return {"eval": evaluation, "mining": mining}
 
 
@@ -506,7 +507,7 @@ def _losses_and_grads(method, modules: list, batch: dict, dev: torch.device) -> 
     args = (batch["pixel_values"].to(dev), batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
     outs = []
     for role, model in zip(method.roles, models):
-        with torch.set_grad_enabled(role == "trained"):
+        with torch.set_grad_enabled(role == TRAINED):
             outs.append(model(*args, **method.forward_inputs(outs)))
     terms = method.losses(outs, batch["image_ids"].to(dev), 10_000)
     values = [v.detach().reshape(-1).cpu() for t in terms if t is not None for v in t.values()]
@@ -514,7 +515,7 @@ def _losses_and_grads(method, modules: list, batch: dict, dev: torch.device) -> 
         if t is not None:
             t["loss"].backward(retain_graph=True)
     named = [(f"branch{k}.{n}", p.grad.detach().cpu()) for k, (m, role) in enumerate(zip(models, method.roles))
-             if role == "trained" for n, p in m.named_parameters() if p.grad is not None]
+             if role == TRAINED for n, p in m.named_parameters() if p.grad is not None]
     return {"terms": values, "names": [n for n, _ in named], "grads": [g for _, g in named]}
 
 

@@ -45,7 +45,7 @@ from ...branches import build_branches
 from ...checkpoint import save_model
 from ...config import load_config, resolve_config, save_config
 from ...tokenizer import ensure_tokenizer
-from ...methods import build_method
+from ...methods import TARGET, build_method
 from ...optim import resolve_ds_config
 from ...train import train_step
 from ..data import prepare_data
@@ -158,7 +158,7 @@ def zero_memory(args, tokenizer, rank: int, world: int, folder: Path) -> list[di
         cfg = load_config(args.config, [*args.overrides, "loss.method=triplet", f"train.deepspeed={ds}"])
         method = build_method(cfg)
         branches = build_branches(cfg, method, tokenizer, world)
-        engine = branches[-1].engine
+        engine = branches[TARGET].engine
         train_step(method, branches, _batch(cfg, len(tokenizer), rank, 0), 0)
         batch = _batch(cfg, len(tokenizer), rank, 1)
         dtype = next(engine.module.parameters()).dtype
@@ -191,7 +191,7 @@ def step_times(args, tokenizer, rank: int, world: int, folder: Path, anchor_dir:
             if rank == 0:
                 anchor_dir.mkdir()
             distributed.barrier()
-            save_model(built["triplet (baseline)"][1][-1].engine, anchor_dir / "model.pt")
+            save_model(built["triplet (baseline)"][1][TARGET].engine, anchor_dir / "model.pt")
             if rank == 0:
                 save_config(cfg0, anchor_dir / "config.yaml")
             distributed.barrier()
@@ -199,7 +199,7 @@ def step_times(args, tokenizer, rank: int, world: int, folder: Path, anchor_dir:
         method = build_method(load_config(args.config, common + extra))
         built[name] = (method, build_branches(method.cfg, method, tokenizer, world))
     times = {name: [] for name in built}
-    dev = built["triplet (baseline)"][1][-1].engine.device
+    dev = built["triplet (baseline)"][1][TARGET].engine.device
     for step in range(args.warmup + args.rounds):
         batch = _batch(built["triplet (baseline)"][0].cfg, len(tokenizer), rank, step)
         for name, (method, branches) in built.items():

@@ -75,12 +75,12 @@ def _eval_child(n: int, d: int, k: int, threads: int) -> dict:
     out.update(seconds=time.perf_counter() - t0, peak_above_inputs=_vm("VmHWM") - base, rsum=metrics["rsum"], **stats)
     # the bare product, every score once and nothing counted: in the tiles evaluation makes, and
     # in chunks of rows against all captions; the faster is the baseline
-    sc = TileScores(img, txt, k)
+    grid = TileScores(img, txt, k)
     base = _reset_peak()
     t0 = time.perf_counter()
-    for t in range(sc.tiles):
-        for u in range(sc.tiles):
-            sc.tile(t, u)
+    for t in range(grid.tiles):
+        for u in range(grid.tiles):
+            grid.tile(t, u)
     out.update(tiles_seconds=time.perf_counter() - t0)
     rows = TILE_ROWS
     buf = torch.empty(rows, k * n)
@@ -98,9 +98,9 @@ def _mine_child(n: int, d: int, k: int, threads: int) -> dict:
     img, txt = _unit(n, d, 3), _unit(k * n, d, 4)
     base = _reset_peak()
     t0 = time.perf_counter()
-    cc, ic = top_candidates(img, txt, 2000, 400)
+    caption_cands, image_cands = top_candidates(img, txt, 2000, 400)
     return {"seconds": time.perf_counter() - t0, "peak_above_inputs": _vm("VmHWM") - base,
-            "inputs_bytes": img.nbytes + txt.nbytes, "output_bytes": cc.nbytes + ic.nbytes}
+            "inputs_bytes": img.nbytes + txt.nbytes, "output_bytes": caption_cands.nbytes + image_cands.nbytes}
 
 
 def _aoq_child(root: str, size: int, batches: int, batch: int, cache_mb: float) -> dict:
