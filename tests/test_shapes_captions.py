@@ -148,3 +148,26 @@ def test_dense_variant_names_three_shapes_with_four_attributes(tmp_path):
     assert oracle_rsum(read_split_jsons(str(tmp_path), "test")) > 590
     with pytest.raises(ValueError, match="variant"):
         build_shapes_captions(str(tmp_path / "x"), n_train=1, n_val=1, n_test=1, variant="sparse")
+
+
+def test_occluded_variant_hides_one_shape_in_half_the_images(tmp_path):
+    """The occluded variant: in about half the images the json names one covered object, whose
+    grid cell is noise (neighbouring pixels differ far more than in a drawn cell); the captions still
+    state every object's facts, and those facts hold for the scene as generated."""
+    sizes = build_shapes_captions(str(tmp_path), n_train=8, n_val=8, n_test=80, image_size=64, shard_size=80,
+                                  variant="occluded")
+    assert sizes["variant"] == "occluded"
+    covered, spreads_covered, spreads_drawn = 0, [], []
+    for s in _read_samples(str(tmp_path), sizes["test"]["shards"][0]).values():
+        meta = json.loads(s["json"])
+        pixels = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("L"), dtype=np.float32)
+        for caption_facts in meta["caption_facts"]:
+            assert set(caption_facts) <= image_facts(meta["objects"])
+        for index, obj in enumerate(meta["objects"]):
+            row, col = obj["cell"]
+            cell = pixels[row * 64 // 3 + 2:(row + 1) * 64 // 3 - 2, col * 64 // 3 + 2:(col + 1) * 64 // 3 - 2]
+            roughness = (np.abs(np.diff(cell, axis=1)) > 25).mean()  # sharp steps: most of noise, a shape's edges
+            (spreads_covered if meta.get("occluded") == index else spreads_drawn).append(roughness)
+        covered += "occluded" in meta
+    assert 25 <= covered <= 55  # OCCLUDED_RATE = 0.5 of 80 images, far from 0 and from all
+    assert min(spreads_covered) > 2 * max(spreads_drawn)  # noise, not a drawn shape (about 0.6 against 0.14)
