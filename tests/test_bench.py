@@ -73,7 +73,7 @@ def test_cli(tmp_path, capsys):
 def test_bench_methods_rows_yardsticks_and_intervals():
     """Rows bring their yardsticks (and the checkpoint they start from); the paired interval is
     Student's t over seeds; the table states each row's yardstick and both models."""
-    from dbl_scale.cli.bench.methods import BASE, markdown, paired_interval, select_rows
+    from dbl_scale.cli.bench.methods import BASE, markdown, paired_interval, select_rows, single_modal_markdown
 
     assert [r.name for r in select_rows(["DBL offline"])] == [BASE, "triplet, continued", "DBL offline"]
     assert [r.name for r in select_rows(["DBL online K=2"])] == [BASE, "DBL online K=2", "mutual learning"]
@@ -99,6 +99,12 @@ def test_bench_methods_rows_yardsticks_and_intervals():
     line = [x for x in table.splitlines() if x.startswith("| DBL momentum")][0]
     assert "409.0 ± 9.9" in line and "410.0 ± 14.1" in line  # final and best-on-val, mean ± std
     assert f"{BASE}: +4.0 [-21.4, +29.4]" in line  # differences 2 and 6: 4 ± 12.706 * 2.83 / 1.41
+    assert single_modal_markdown(results) == ""  # runs without single-modal metrics: no second table
+    for entry, t2t in ((results[BASE], (50.0, 54.0)), (results["DBL momentum"], (53.0, 55.0))):
+        for r, v in zip(entry["runs"], t2t):
+            r["final"].update(t2t_r1=v, t2t_r5=v + 10, t2t_r10=v + 20)
+    single = [x for x in single_modal_markdown(results).splitlines() if x.startswith("| DBL momentum")][0]
+    assert "| 54.0 ± 1.4 | 64.0 | 74.0 |" in single and f"{BASE}: +2.0 [-10.7, +14.7]" in single
 
 
 @pytest.mark.timeout(600)

@@ -33,7 +33,7 @@ from typing import Optional
 
 from ...config import default_tracking_uri, load_config, resolve_config
 from ...data import eval_root, split_shards
-from ...evaluation import RECALL_HEADS, RECALL_KEYS, chance_metrics, format_table
+from ...evaluation import RECALL_HEADS, RECALL_KEYS, SINGLE_MODAL_KEYS, chance_metrics, format_table
 from ...shards import write_json_atomic
 from ..compare import plot_runs
 from ..data import prepare_data
@@ -220,8 +220,8 @@ def run_table(config: str, nproc: int, tracking_uri: str, experiment: str, overr
     return results
 
 
-def _rsums(results: dict, name: str, which: str) -> list[float]:
-    return [r[which]["rsum"] for r in results[name]["runs"] if r[which] is not None]
+def _rsums(results: dict, name: str, which: str, key: str = "rsum") -> list[float]:
+    return [r[which][key] for r in results[name]["runs"] if r[which] is not None and key in r[which]]
 
 
 def _pm(values: list[float]) -> str:
@@ -231,8 +231,8 @@ def _pm(values: list[float]) -> str:
     return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
-def _delta(results: dict, name: str, yardstick: str, which: str) -> str:
-    values, base = _rsums(results, name, which), _rsums(results, yardstick, which)
+def _delta(results: dict, name: str, yardstick: str, which: str, key: str = "rsum") -> str:
+    values, base = _rsums(results, name, which, key), _rsums(results, yardstick, which, key)
     if not values or len(values) != len(base):
         return "-"
     mean, half = paired_interval(values, base)
@@ -260,6 +260,26 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def single_modal_markdown(results: dict[str, dict]) -> str:
+    """The final models' text-to-text and image-to-image R@1 / R@5 / R@10 (mean ± std of R@1
+    over seeds) and each row's paired R@1 differences to its yardsticks with the 95% interval;
+    empty when the runs have no single-modal metrics."""
+    named = [(name, e) for name, e in results.items() if e["runs"] and _rsums(results, name, "final", "t2t_r1")]
+    if not named:
+        return ""
+    keys = [k for k in SINGLE_MODAL_KEYS if any(_rsums(results, n, "final", k) for n, _ in named)]
+    lines = ["| method | seeds | " + " | ".join(f"{k.split('_')[0].upper()} R@{k.split('_r')[1]}" for k in keys)
+             + " | yardstick: Δ T2T R@1 [95% CI] | Δ I2I R@1 [95% CI] |",
+             "|---|---|" + "---|" * len(keys) + "---|---|"]
+    for name, entry in named:
+        cells = [_pm(_rsums(results, name, "final", k)) if k.endswith("_r1") else
+                 f"{statistics.fmean(_rsums(results, name, 'final', k)):.1f}" for k in keys]
+        deltas = [("; ".join(f"{y}: {_delta(results, name, y, 'final', key)}" for y in entry["row"].yardsticks)
+                   or "(the yardstick)") for key in ("t2t_r1", "i2i_r1")]
+        lines.append(f"| {name} | {len(entry['runs'])} | " + " | ".join(cells) + f" | {deltas[0]} | {deltas[1]} |")
+    return "\n".join(lines)
+
+
 def cmd_bench_methods(args) -> int:
     rows = select_rows(args.only, args.vary)
     cfg = load_config(resolve_config(args.config), args.overrides)
@@ -272,6 +292,8 @@ def cmd_bench_methods(args) -> int:
              for name, e in results.items()}
     print("\n" + format_table({**means, "chance": chance_metrics(n_test)}))
     table = markdown(results)
+    single = single_modal_markdown(results)
+    table += f"\n\nSingle-modal retrieval (final models):\n\n{single}" if single else ""
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")
     run_ids = [r["run_id"] for e in results.values() for r in e["runs"]]
