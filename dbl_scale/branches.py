@@ -1,6 +1,6 @@
 """Branches: building the models a method trains or consults, and keeping them in step.
 
-One `Branch` per role of the method (`methods.Method.roles`), the target last. A trained
+One `Branch` per role of the method's layout (`methods.Layout.roles`), the target last. A trained
 branch is a DeepSpeed engine; an EMA or FROZEN branch is a module without gradient.
 Under ZeRO-3 every branch is built partitioned (`partitioned`), and weights from finished
 runs or `from_pretrained` folders are loaded straight into the shards.
@@ -24,7 +24,7 @@ from .optim import deepspeed_config, is_zero3, lr_lambdas, param_groups
 @dataclass
 class Branch:
     """One branch: a DeepSpeed engine when it trains, else a plain module without gradient."""
-    role: str  # TRAINED, EMA or FROZEN (methods.Method.roles)
+    role: str  # TRAINED, EMA or FROZEN (methods.Layout.roles)
     module: torch.nn.Module
     engine: Any = None
     scheduler: Any = None
@@ -100,7 +100,7 @@ def new_model(cfg: Config, tokenizer, index: int, teacher_dims=None, ds: Optiona
     torch.manual_seed(cfg.train.seed + 1000 * index)
     with partitioned(ds):
         heads = method.heads(teacher_dims)  # drawn before the towers: part of the seeded sequence
-        model = DualEncoder(cfg.model, tokenizer, method.logit_temperature(), cfg.loss.infonce.max_logit_scale,
+        model = DualEncoder(cfg.model, tokenizer, method.layout.logit_temperature, cfg.loss.infonce.max_logit_scale,
                             heads=heads)
     for tower, tower_cfg in ((model.vision, cfg.model.vision), (model.text, cfg.model.text)):
         if tower_cfg.gradient_checkpointing:
@@ -129,12 +129,12 @@ def load_model(run_dir: str | Path, tokenizer, ds: Optional[dict] = None) -> Dua
 
 def _frozen(method: Method, tokenizer, ds: dict) -> tuple[torch.nn.Module, tuple[int, int]]:
     """The method's frozen branch and its feature widths (vision, text)."""
-    folders = method.teacher_folders()
+    folders = method.layout.teacher_folders
     if folders:
         with partitioned(ds):  # the HF folders load straight into ZeRO-3 shards
             frozen = FrozenEncoders(*folders)
         return frozen, frozen.dims
-    frozen = load_model(method.frozen_source(), tokenizer, ds)
+    frozen = load_model(method.layout.frozen_source, tokenizer, ds)
     return frozen, (frozen.vision_proj.out_features, frozen.text_proj.out_features)
 
 
@@ -162,8 +162,8 @@ def build_branches(cfg: Config, method: Method, tokenizer, world: int) -> list[B
     for k, role in enumerate(roles):
         if role == FROZEN:
             modules.append(frozen)
-        elif role == TRAINED and method.target_starts_from_frozen:
-            modules.append(load_model(method.frozen_source(), tokenizer, ds))
+        elif role == TRAINED and method.layout.target_starts_from_frozen:
+            modules.append(load_model(method.layout.frozen_source, tokenizer, ds))
         else:  # an EMA is built as the target (index 0) and set equal to it below
             modules.append(new_model(cfg, tokenizer, k if EMA not in roles else 0, teacher_dims, ds))
     if cfg.train.init_from:  # e.g. continue a baseline from the checkpoint an offline anchor uses

@@ -14,6 +14,7 @@ weighted total a branch optimises. The method gathers (once per step, through
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -62,9 +63,21 @@ class StepScores:
         return self._built[k]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A method's branches, fixed for the run (read when the branches are built): their roles
+    in order, the target last, and where a frozen branch and the target's start come from."""
+    roles: list = field(default_factory=lambda: [TRAINED])
+    frozen_source: Optional[str] = None  # the finished run whose target becomes the frozen branch
+    teacher_folders: Optional[tuple[str, str]] = None  # or single-modal HF folders (vision, text)
+    target_starts_from_frozen: bool = False  # the target starts as a copy of the frozen branch
+    logit_temperature: Optional[float] = None  # initial temperature of a learnable logit scale
+
+
 class Method:
-    """A method family. Subclasses set `roles` and override `losses`; the rest has defaults
-    that fit a single trained branch without state."""
+    """A method family: its branch `Layout` (static), the heads and per-run state it adds, and
+    the loss terms of each trained branch at every step. Subclasses override `branch_layout`
+    and `losses`; the rest has defaults that fit a single trained branch without state."""
 
     name = ""
 
@@ -72,6 +85,7 @@ class Method:
         self.cfg = cfg
         self.loss_cfg = cfg.loss
         self.check()
+        self.layout = self.branch_layout()
 
     def check(self) -> None:
         """Settings this method needs (a ConfigError names the key and what is expected)."""
@@ -81,26 +95,13 @@ class Method:
             raise ConfigError(f"config key '{key}': {self.name} needs {what}")
 
     # ------------------------------------------------------------------ branches
+    def branch_layout(self) -> Layout:
+        """The branches this method's settings make (called once, after `check`)."""
+        return Layout()
+
     @property
     def roles(self) -> list[str]:
-        return [TRAINED]
-
-    def frozen_source(self) -> Optional[str]:
-        """The finished run whose target becomes the frozen branch."""
-        return None
-
-    def teacher_folders(self) -> Optional[tuple[str, str]]:
-        """Single-modal Hugging Face folders (vision, text) that form the frozen branch instead
-        of a finished run."""
-        return None
-
-    @property
-    def target_starts_from_frozen(self) -> bool:
-        return False
-
-    def logit_temperature(self) -> Optional[float]:
-        """Initial temperature of a learnable logit scale in the trained branches (None: none)."""
-        return None
+        return self.layout.roles
 
     def heads(self, teacher_dims: Optional[tuple[int, int]] = None) -> dict[str, nn.Module]:
         """Extra modules the method trains inside each of its DualEncoders."""

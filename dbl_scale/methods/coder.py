@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..losses import Scores, diversity_contrastive, sinkhorn
 from ..models import ConceptBank
-from .base import EMA, TRAINED, Method, gathered_scores
+from .base import EMA, TRAINED, Layout, Method, gathered_scores
 
 
 class KeyQueues:
@@ -71,8 +71,10 @@ class KeyQueues:
 
 class CODER(Method):
     name = "coder"
-    roles = [EMA, TRAINED]  # momentum key encoders, query encoders
     queues: KeyQueues | None = None
+
+    def branch_layout(self):
+        return Layout([EMA, TRAINED])  # momentum key encoders, query encoders
 
     def heads(self, teacher_dims=None):
         c, init = self.loss_cfg.coder, None

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..losses import boost_absolute, boost_diagnostics, boost_relative
-from .base import EMA, FROZEN, TARGET, TRAINED, Method, StepScores
+from .base import EMA, FROZEN, TARGET, TRAINED, Layout, Method, StepScores
 
 
 def momentum_at(step: int, total: int, m0: float) -> float:
@@ -47,21 +47,13 @@ class DBL(Method):
             self.require(self.loss_cfg.dbl.anchor, "loss.dbl.anchor", "the run folder of a trained anchor in the "
                          "offline scenario (it holds config.yaml and model.pt)")
 
-    @property
-    def roles(self):
-        scenario = self.loss_cfg.dbl.scenario
-        if scenario == "momentum":
-            return [EMA, TRAINED]
-        if scenario == "offline":
-            return [FROZEN, TRAINED]
-        return [TRAINED] * self.loss_cfg.dbl.branches  # online: branch k boosted against branches n < k
-
-    def frozen_source(self):
-        return self.loss_cfg.dbl.anchor
-
-    @property
-    def target_starts_from_frozen(self):
-        return self.loss_cfg.dbl.scenario == "offline"
+    def branch_layout(self):
+        d = self.loss_cfg.dbl
+        if d.scenario == "momentum":
+            return Layout([EMA, TRAINED])
+        if d.scenario == "offline":  # the target starts as the frozen anchor
+            return Layout([FROZEN, TRAINED], frozen_source=d.anchor, target_starts_from_frozen=True)
+        return Layout([TRAINED] * d.branches)  # online: branch k boosted against branches n < k
 
     def momentum(self, step):
         return momentum_at(step, self.cfg.train.steps, self.m0)

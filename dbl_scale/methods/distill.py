@@ -3,19 +3,17 @@ the KL divergence of the softened score distributions, both directions."""
 from __future__ import annotations
 
 from ..losses import distillation
-from .base import FROZEN, TRAINED, Method, StepScores
+from .base import FROZEN, TRAINED, Layout, Method, StepScores
 
 
 class Distill(Method):
     name = "distill"
-    roles = [FROZEN, TRAINED]
-
     def check(self):
         self.require(self.loss_cfg.distill.teacher, "loss.distill.teacher",
                      "the run folder of a trained teacher (it holds config.yaml and model.pt)")
 
-    def frozen_source(self):
-        return self.loss_cfg.distill.teacher
+    def branch_layout(self):
+        return Layout([FROZEN, TRAINED], frozen_source=self.loss_cfg.distill.teacher)
 
     def losses(self, outs, image_ids, step=0):
         scores = StepScores(outs, self.roles, self.mask_ids(image_ids))

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from ..losses import info_nce
-from .base import Method, StepScores
+from .base import Layout, Method, StepScores
 
 
 class InfoNCE(Method):
     name = "infonce"
 
-    def logit_temperature(self):
-        return self.loss_cfg.infonce.temperature
+    def branch_layout(self):
+        return Layout(logit_temperature=self.loss_cfg.infonce.temperature)
 
     def losses(self, outs, image_ids, step=0):
         scores = StepScores(outs, self.roles, self.mask_ids(image_ids))

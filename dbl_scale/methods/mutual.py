@@ -3,12 +3,14 @@ score distribution."""
 from __future__ import annotations
 
 from ..losses import mutual_learning
-from .base import TRAINED, Method, StepScores
+from .base import TRAINED, Layout, Method, StepScores
 
 
 class Mutual(Method):
     name = "mutual"
-    roles = [TRAINED, TRAINED]
+
+    def branch_layout(self):
+        return Layout([TRAINED, TRAINED])
 
     def losses(self, outs, image_ids, step=0):
         scores = StepScores(outs, self.roles, self.mask_ids(image_ids))

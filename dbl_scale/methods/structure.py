@@ -9,13 +9,11 @@ from .. import distributed
 from ..config import ConfigError
 from ..losses import info_nce, structure_terms
 from ..models import StructureHead
-from .base import FROZEN, TRAINED, Method, StepScores, gathered_scores
+from .base import FROZEN, TRAINED, Layout, Method, StepScores, gathered_scores
 
 
 class Structure(Method):
     name = "structure"
-    roles = [FROZEN, TRAINED]  # the teacher's towers give the per-modality features
-
     def check(self):
         settings = self.loss_cfg.structure
         self.require(settings.teacher or (settings.teacher_vision and settings.teacher_text),
@@ -26,12 +24,10 @@ class Structure(Method):
                               f"'loss.structure.temperature_max': got {settings.temperature_min}, "
                               f"{settings.temperature}, {settings.temperature_max}")
 
-    def frozen_source(self):
-        return self.loss_cfg.structure.teacher
-
-    def teacher_folders(self):
+    def branch_layout(self):  # the teacher's towers (or frozen HF encoders) give the per-modality features
         settings = self.loss_cfg.structure
-        return None if settings.teacher else (settings.teacher_vision, settings.teacher_text)
+        folders = None if settings.teacher else (settings.teacher_vision, settings.teacher_text)
+        return Layout([FROZEN, TRAINED], frozen_source=settings.teacher, teacher_folders=folders)
 
     def heads(self, teacher_dims=None):
         settings, dim = self.loss_cfg.structure, self.cfg.model.embed_dim
