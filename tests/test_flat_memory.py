@@ -238,3 +238,31 @@ def test_the_c_counting_kernel_equals_numpy():
         assert outs[1][0][0] == 5 + np.count_nonzero(s[0] > row_t[0])  # added to what was there
     if shutil.which("cc") or shutil.which("gcc"):
         assert counting.native()
+
+
+@pytest.mark.timeout(600)
+def test_bench_scale_prints_its_figures(tmp_path):
+    """`dbl-scale bench scale` at toy sizes: every part prints its figures and writes them; with
+    aligned (trained-like) embeddings the evaluation is far above chance and no query ties."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "bench", "scale", "--images", "700", "--dim", "16",
+                           "--mine-images", "300", "--aoq-images", "40", "80", "--aoq-size", "32", "--aoq-batches", "2",
+                           "--tmp", str(tmp_path), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["eval"]["bare_seconds"] > 0 and r["eval"]["rsum"] < 30  # random embeddings: near chance
+    assert r["mining"]["output_bytes"] == 300 * 1495 * 4 + 1500 * 299 * 4  # top-k capped by the split, own pairs out
+    assert [x["images"] for x in r["aoq"]] == [40, 80]
+    assert "evaluation / bare product" in proc.stdout and "(3) AOQ's negatives" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "bench", "scale", "--images", "700", "--dim", "16",
+                           "--embeddings", "aligned", "--parts", "eval", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["eval"]["rsum"] > 400 and r["eval"]["rows_rescored"] == 0 and "mining" not in r and r["aoq"] == []
+    assert "(2) mining" not in proc.stdout
