@@ -73,7 +73,8 @@ def test_cli(tmp_path, capsys):
 def test_bench_methods_rows_yardsticks_and_intervals():
     """Rows bring their yardsticks (and the checkpoint they start from); the paired interval is
     Student's t over seeds; the table states each row's yardstick and both models."""
-    from dbl_scale.cli.bench.methods import BASE, markdown, paired_interval, select_rows, single_modal_markdown
+    from dbl_scale.cli.bench.methods import (BASE, markdown, paired_interval, select_rows, single_modal_markdown,
+                                              split_only)
 
     assert [r.name for r in select_rows(["DBL offline"])] == [BASE, "triplet, continued", "DBL offline"]
     assert [r.name for r in select_rows(["DBL online K=2"])] == [BASE, "DBL online K=2", "mutual learning"]
@@ -84,6 +85,7 @@ def test_bench_methods_rows_yardsticks_and_intervals():
     assert varied[2].overrides[-1] == "loss.dbl.momentum_init_left=0.5" and varied[2].yardsticks == (BASE,)
     with pytest.raises(ValueError, match="unknown rows"):
         select_rows(["DBL"])
+    assert split_only(["DBL online K=2", "AOQ", "data.root=x"], ["a=1"]) == (["DBL online K=2", "AOQ"], ["a=1", "data.root=x"])
 
     mean, half = paired_interval([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])  # differences 2, 3, 4: sd 1
     assert mean == pytest.approx(3.0) and half == pytest.approx(4.303 / math.sqrt(3))

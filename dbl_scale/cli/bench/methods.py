@@ -280,7 +280,18 @@ def single_modal_markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def split_only(only: Optional[list[str]], overrides: list[str]) -> tuple[Optional[list[str]], list[str]]:
+    """`--only A B key=value`: argparse gives the trailing overrides to --only; a KEY=VALUE that
+    names no row is an override."""
+    if not only:
+        return only, overrides
+    known = {r.name for r in ROWS}
+    moved = [x for x in only if x not in known and "=" in x and " " not in x]
+    return [x for x in only if x not in moved], overrides + moved
+
+
 def cmd_bench_methods(args) -> int:
+    args.only, args.overrides = split_only(args.only, args.overrides)
     rows = select_rows(args.only, args.vary)
     cfg = load_config(resolve_config(args.config), args.overrides)
     out = Path(args.out or Path(cfg.train.output_dir) / f"bench_methods-{time.strftime('%Y%m%d-%H%M%S')}")
