@@ -25,8 +25,11 @@ def embeddings(n: int = 90, k: int = 3, d: int = 6):
 
 
 def image_groups(n: int = 90) -> np.ndarray:
-    """Groups of 1 to 4 images, spread over the tiles (image i in group (i * 7) % 31)."""
-    return (np.arange(n) * 7) % 31
+    """Groups of 2 to 4 images, spread over the tiles (image i in group (i * 7) % 31), and every
+    ninth image alone in a group of its own (not a query)."""
+    groups = (np.arange(n) * 7) % 31
+    groups[::9] = 100 + np.arange(n)[::9]
+    return groups
 
 
 def main(out: str) -> int:
