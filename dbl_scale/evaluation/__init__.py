@@ -3,9 +3,8 @@ retrieval (`single_modal`), embedding a split on all ranks
 (`embed`), reports a person looks at (`report`), and one evaluation run as training and
 `dbl-scale eval` call it (`run`)."""
 from .embed import embed_split
-from .metrics import (METRIC_KEYS, RECALL_HEADS, RECALL_KEYS, chance_metrics, format_evaluation, format_table,
-                      protocol_metrics, retrieval_metrics)
-from .single_modal import SINGLE_MODAL_HEADS, SINGLE_MODAL_KEYS
+from .metrics import (METRIC_KEYS, RECALL_HEADS, RECALL_KEYS, SINGLE_MODAL_HEADS, SINGLE_MODAL_KEYS, chance_metrics,
+                      format_evaluation, format_table, protocol_metrics, retrieval_metrics)
 from .run import Evaluation, evaluate, report
 
 __all__ = ["embed_split", "METRIC_KEYS", "RECALL_HEADS", "RECALL_KEYS", "SINGLE_MODAL_HEADS", "SINGLE_MODAL_KEYS",

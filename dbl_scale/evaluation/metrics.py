@@ -34,11 +34,13 @@ import torch
 
 from .. import distributed
 from .counting import count_tile
-from .single_modal import SINGLE_MODAL_HEADS, SINGLE_MODAL_KEYS
 
 
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")  # what tables show
 METRIC_KEYS = RECALL_KEYS + ("i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr")
+SINGLE_MODAL_KEYS = ("t2t_r1", "t2t_r5", "t2t_r10", "i2i_r1", "i2i_r5", "i2i_r10")  # single_modal.py's
+SINGLE_MODAL_HEADS = {"t2t_r1": "T2T R@1", "t2t_r5": "R@5", "t2t_r10": "R@10",
+                      "i2i_r1": "I2I R@1", "i2i_r5": "R@5", "i2i_r10": "R@10"}
 RECALL_HEADS = {"i2t_r1": "I2T R@1", "i2t_r5": "R@5", "i2t_r10": "R@10", "t2i_r1": "T2I R@1",
                 "t2i_r5": "R@5", "t2i_r10": "R@10", "rsum": "rSum"}  # table column headers
 

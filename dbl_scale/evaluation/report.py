@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .metrics import METRIC_KEYS, TileScores, retrieval_metrics
-from .single_modal import SINGLE_MODAL_KEYS
+from .metrics import METRIC_KEYS, SINGLE_MODAL_KEYS, TileScores, retrieval_metrics
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 

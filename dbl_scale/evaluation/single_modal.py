@@ -29,10 +29,8 @@ import numpy as np
 import torch
 
 from .. import distributed
+from .metrics import _merge_rows
 
-SINGLE_MODAL_KEYS = ("t2t_r1", "t2t_r5", "t2t_r10", "i2i_r1", "i2i_r5", "i2i_r10")
-SINGLE_MODAL_HEADS = {"t2t_r1": "T2T R@1", "t2t_r5": "R@5", "t2t_r10": "R@10",
-                      "i2i_r1": "I2I R@1", "i2i_r5": "R@5", "i2i_r10": "R@10"}
 TILE = 1280  # items per tile side
 
 
@@ -112,12 +110,7 @@ def within_ranks(emb: torch.Tensor, groups: np.ndarray, size: int = TILE) -> np.
             count += ((s > best[:, None]) & other).sum(1)
         count = torch.where(torch.isinf(best) & has, torch.full_like(count, n - 1), count)  # all NaN: last
         out[rows] = torch.where(has, count, torch.full_like(count, -1)).cpu().numpy()
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, (lo * size, min(hi * size, n), out[lo * size:hi * size]))
-        for a, b, block in parts:
-            out[a:b] = block
-    return out
+    return _merge_rows(out, lo * size, min(hi * size, n))
 
 
 def recalls(ranks: np.ndarray, prefix: str) -> dict[str, float]:
