@@ -34,19 +34,27 @@ def _embeddings(kind: str, n: int, k: int, d: int, seed: int):
     txt = torch.randint(-2, 3, (k * n, d), generator=g).float()
     if kind == "nan":
         img[n // 3, 0], txt[k * n // 2, 1] = float("nan"), float("nan")
+    if kind == "overflow":  # finite embeddings whose products overflow: inf scores, and NaN where inf - inf
+        img[n // 4, :2], txt[k * n // 3, :2] = torch.tensor([3e30, -3e30]), torch.tensor([3e30, 3e30])
     return img, txt
 
 
-@pytest.mark.parametrize("kind", ["float", "ties", "nan"])
+@pytest.mark.parametrize("kind", ["float", "ties", "nan", "overflow"])
 @pytest.mark.parametrize("n,k,rows", [(300, 5, 64), (257, 2, 256), (50, 1, 16)])
-def test_tiled_ranks_equal_the_full_matrix_path(kind, n, k, rows):
+def test_tiled_ranks_equal_the_full_matrix_path(kind, n, k, rows, caplog):
     """The tiles' ranks are the full-matrix path's (`retrieval_metrics`, the reference) on the
-    matrix the tiles make, including partial last tiles, ties and NaNs; with exact (integer)
-    scores that matrix is `img @ txt.T` itself."""
+    matrix the tiles make, including partial last tiles, ties, NaNs and overflow; with exact
+    (integer) scores that matrix is `img @ txt.T` itself. Tied queries are re-scored in stacks,
+    and every re-made line matches its tiles (no fallback to the strips)."""
     img, txt = _embeddings(kind, n, k, 8, seed=n + k)
     ref = _ranks(_tiles_matrix(img, txt, k, rows), k, 7)
-    got = embedding_ranks(img, txt, k, rows)
+    stats: dict = {}
+    with caplog.at_level("WARNING"):
+        got = embedding_ranks(img, txt, k, rows, stats=stats)
+    assert "did not match" not in caplog.text
     assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+    if kind in ("ties", "nan", "overflow"):
+        assert stats["rows_rescored"] > 0 and stats["cols_rescored"] > 0
     if kind != "float":
         assert all(np.array_equal(a, b) for a, b in zip(got, _ranks((img @ txt.t()).numpy(), k, 5)))
     assert embedding_metrics(img, txt, k, rows=rows) == retrieval_metrics(_tiles_matrix(img, txt, k, rows), k)
@@ -60,6 +68,56 @@ def test_tile_scores_read_as_the_matrix():
     buffers: dict = {}
     for t, u in ((0, 0), (2, 1), (0, 2), (2, 2), (0, 0)):  # into reused buffers: the same bits
         assert torch.equal(sc.tile(t, u, buffers), sc.tile(t, u))
+
+
+@pytest.mark.parametrize("d", [8, 128, 768])
+def test_a_product_element_does_not_depend_on_the_other_rows(d):
+    """The rule tied queries are re-scored by (`metrics._tied_ranks`): in a product of one shape,
+    an element's bits depend on its row and column of the operands and its place, not on the
+    other rows or columns (zeros, other values, NaN), on one thread and on several."""
+    g = torch.Generator().manual_seed(d)
+    a, b = torch.randn(256, d, generator=g), torch.randn(1280, d, generator=g)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ref = TileScores.product(a, b.t())
+            for fill in ("zeros", "random", "nan"):
+                keep_r, keep_c = torch.rand(256, generator=g) < 0.3, torch.rand(1280, generator=g) < 0.3
+                a2, b2 = torch.randn(256, d, generator=g), torch.randn(1280, d, generator=g)
+                if fill != "random":
+                    a2.fill_(0.0 if fill == "zeros" else float("nan")), b2.fill_(0.0 if fill == "zeros" else float("nan"))
+                a2[keep_r], b2[keep_c] = a[keep_r], b[keep_c]
+                assert torch.equal(TileScores.product(a2, b.t())[keep_r], ref[keep_r])
+                assert torch.equal(TileScores.product(a, b2.t())[:, keep_c], ref[:, keep_c])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tied_queries_go_in_stacks_and_a_mismatch_falls_back(caplog):
+    """Stacks hold one block size, one query per place, at most `limit`; and a re-made line that
+    does not give pass 2's counts is ranked from its own block's strip instead (here the counts
+    handed in are wrong on purpose: the ranks must still be the reference's)."""
+    from dbl_scale.evaluation.metrics import _stacks, _tied_ranks
+
+    queries = np.array([0, 16, 32, 1, 17, 40, 41, 42, 43, 44, 45])  # blocks of 16; 40..: the short last block of 46
+    stacks = _stacks(queries, 16, 46, limit=3)
+    assert sorted(q for s in stacks for q in s.values()) == sorted(queries.tolist())
+    for s in stacks:
+        assert len(s) <= 3 and all(q % 16 == place for place, q in s.items())
+        assert len({min(16, 46 - q // 16 * 16) for q in s.values()}) == 1  # one block size
+    img, txt = _embeddings("ties", 40, 3, 8, seed=3)
+    grid = TileScores(img, txt, 3, 16)
+    ref_i2t, ref_t2i = _ranks(_tiles_matrix(img, txt, 3, 16), 3, 7)
+    rows = np.arange(40)
+    wrong = np.full(40, -1)
+    with caplog.at_level("WARNING"):
+        got = _tied_ranks(grid, rows, "row", np.zeros(120, np.float32), np.zeros(40, np.float32), wrong, wrong)
+    assert np.array_equal(got, ref_i2t) and "did not match their tiles" in caplog.text
+    cols = np.arange(120)
+    got = _tied_ranks(grid, cols, "col", np.zeros(120, np.float32), np.zeros(120, np.float32), np.full(120, -1),
+                      np.full(120, -1))
+    assert np.array_equal(got, ref_t2i)
 
 
 def test_two_ranks_score_their_own_rows_and_agree(tmp_path):
@@ -236,6 +294,24 @@ def test_the_c_counting_kernel_equals_numpy():
             outs.append(acc)
         assert all(np.array_equal(a, b) for a, b in zip(*outs))
         assert outs[1][0][0] == 5 + np.count_nonzero(s[0] > row_t[0])  # added to what was there
+        # told there is no NaN (the C loop then does not look): the same counts on finite scores
+        finite = np.nan_to_num(s, nan=0.5)
+        for use_c in (True, False):
+            acc = [np.zeros(rows, np.int64), np.zeros(rows, np.int64), np.zeros(cols, np.int32), np.zeros(cols, np.int32)]
+            counting.count_tile(finite, row_t, col_t, *acc, use_c=use_c)
+            assert np.array_equal(acc[0], np.count_nonzero(finite > row_t[:, None], axis=1))
+            assert np.array_equal(acc[3], np.count_nonzero(finite >= col_t[None, :], axis=0))
+        # the bound counter: a tile added at offset (rows, cols) counts as count_tile on those slices
+        ref = [np.zeros(rows, np.int64), np.zeros(rows, np.int64), np.zeros(cols, np.int32), np.zeros(cols, np.int32),
+               np.zeros(rows, np.uint8), np.zeros(cols, np.uint8)]
+        counting.count_tile(s, row_t, col_t, *ref)
+        lengths = (rows, rows, cols, cols, rows, cols)
+        bound = [np.zeros(2 * n, a.dtype) for n, a in zip(lengths, ref)]
+        counter = counting.TileCounter(np.r_[row_t, row_t], np.r_[col_t, col_t], *bound)
+        counter.add(torch.from_numpy(s), rows, cols)
+        assert all(np.array_equal(b[n:], r) and not b[:n].any() for b, r, n in zip(bound, ref, lengths))
+        with pytest.raises(IndexError):
+            counter.add(torch.from_numpy(s), rows + 1, 0)
     if shutil.which("cc") or shutil.which("gcc"):
         assert counting.native()
 
