@@ -312,6 +312,8 @@ def test_the_c_counting_kernel_equals_numpy():
         assert all(np.array_equal(b[n:], r) and not b[:n].any() for b, r, n in zip(bound, ref, lengths))
         with pytest.raises(IndexError):
             counter.add(torch.from_numpy(s), rows + 1, 0)
+        with pytest.raises(ValueError, match="expected int64"):  # a wrong width would be written past
+            counting.TileCounter(row_t, col_t, row_t.astype(np.int32), *ref[1:])
     if shutil.which("cc") or shutil.which("gcc"):
         assert counting.native()
 

@@ -107,17 +107,23 @@ def count_tile(s: np.ndarray, row_t: np.ndarray, col_t: np.ndarray, row_gt: np.n
 class TileCounter:
     """`count_tile` for the tiles of one grid, each tile added at its row and column offset into
     arrays bound once, so a tile costs one C call (the per-call work of `count_tile`, checking
-    and converting nine arrays, is a few percent of a 256 x 1280 tile's product). Tiles are
-    torch float32 tensors, C-contiguous; the arrays as in `count_tile`."""
+    and converting nine arrays, is a few percent of a tile's product). Tiles are torch float32
+    tensors; the arrays as in `count_tile`, the row ones of one length and the column ones of
+    another (checked here, since the C loop writes where it is told)."""
 
     def __init__(self, row_t: np.ndarray, col_t: np.ndarray, row_gt: np.ndarray, row_eq: np.ndarray,
                  col_gt: np.ndarray, col_ge: np.ndarray, row_nan: Optional[np.ndarray] = None,
                  col_nan: Optional[np.ndarray] = None):
         self.arrays = (row_t, col_t, row_gt, row_eq, col_gt, col_ge, row_nan, col_nan)
+        by_row = (True, False, True, True, False, False, True, False)  # indexed by the tile's rows, or columns
+        dtypes = (np.float32, np.float32, np.int64, np.int64, np.int32, np.int32, np.uint8, np.uint8)
+        for i, (a, row, dtype) in enumerate(zip(self.arrays, by_row, dtypes)):
+            if a is not None and (a.dtype != dtype or a.ndim != 1 or len(a) != len(row_t if row else col_t)):
+                raise ValueError(f"array {i}: {a.dtype} of shape {a.shape}, expected {np.dtype(dtype)} of "
+                                 f"length {len(row_t if row else col_t)}")
         self.lib = _compiled()
         if self.lib is not None and not all(a.flags.c_contiguous for a in self.arrays if a is not None):
             self.lib = None
-        by_row = (True, False, True, True, False, False, True, False)  # indexed by the tile's rows, or columns
         self.ptrs = [None if a is None else (a.ctypes.data, a.itemsize, row) for a, row in zip(self.arrays, by_row)]
 
     def add(self, s, r0: int, c0: int) -> None:
