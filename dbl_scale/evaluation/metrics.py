@@ -347,9 +347,10 @@ def _tied_ranks(grid: TileScores, queries: np.ndarray, kind: str, pos: np.ndarra
         found = {}
         for q, s in zip(qs.tolist(), _stack_scores(grid, qs, places, kind)):
             t, n_above, n_equal = expected[q]
-            own = np.arange(q * k, (q + 1) * k) if kind == "row" else np.array([q // k])  # the positives in s
+            # the positives' places in s, and the captions whose positive scores pass 1 kept
+            own, captions = (np.arange(q * k, (q + 1) * k),) * 2 if kind == "row" else (np.array([q // k]), [q])
             if (np.count_nonzero(s > t) == n_above and np.count_nonzero(s == t) == n_equal
-                    and _same_bits(s[own], pos[own if kind == "row" else [q]])):
+                    and _same_bits(s[own], pos[captions])):
                 found[q] = _tie_rank(s, n_above, n_equal, own)
         return found
 
@@ -366,10 +367,10 @@ def _tie_rank(s: np.ndarray, above: int, equal: int, own: np.ndarray) -> int:
     """`_reference_rank` of a line whose best positive has `above` scores above it and `equal`
     scores equal to it (itself included). Without a NaN, argsort's top `above` are those above,
     and the first positive in `[::-1]` order lies in the next `equal`, the tied ones: only
-    those are searched. With a NaN, the whole order."""
+    those are searched. With a NaN, `_reference_rank` itself."""
+    if not np.isfinite(np.add.reduce(s, dtype=np.float64)) and np.isnan(s).any():  # a sum is finite without NaN / inf
+        return _reference_rank(s, lambda order: np.isin(order, own))
     order = np.argsort(s)
-    if not np.isfinite(np.add.reduce(s, dtype=np.float64)) and np.isnan(s).any():  # the sum is NaN only with a NaN (or inf - inf)
-        return int(np.flatnonzero(np.isin(order[::-1], own))[0])
     tied = order[len(s) - above - equal:len(s) - above][::-1]
     return above + int(np.flatnonzero(np.isin(tied, own))[0])
 
