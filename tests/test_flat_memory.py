@@ -106,6 +106,9 @@ def test_tied_queries_go_in_stacks_and_a_mismatch_falls_back(caplog):
     for s in stacks:
         assert len(s) <= 3 and all(q % 16 == place for place, q in s.items())
         assert len({min(16, 46 - q // 16 * 16) for q in s.values()}) == 1  # one block size
+    anywhere = _stacks(queries, 16, 46, limit=4, any_place=True)  # places free: only sizes and the limit
+    assert [sorted(s.values()) for s in anywhere] == [[0, 1, 16, 17], [32, 40, 41, 42], [43, 44, 45]]
+    assert sorted(q for s in anywhere for q in s.values()) == sorted(queries.tolist())
     img, txt = _embeddings("ties", 40, 3, 8, seed=3)
     grid = TileScores(img, txt, 3, 16)
     ref_i2t, ref_t2i = _ranks(_tiles_matrix(img, txt, 3, 16), 3, 7)
@@ -118,6 +121,88 @@ def test_tied_queries_go_in_stacks_and_a_mismatch_falls_back(caplog):
     got = _tied_ranks(grid, cols, "col", np.zeros(120, np.float32), np.zeros(120, np.float32), np.full(120, -1),
                       np.full(120, -1))
     assert np.array_equal(got, ref_t2i)
+
+
+@pytest.mark.parametrize("layout", ["own places", "any place", "compact"])
+def test_each_stack_layout_gives_the_reference_ranks(layout, monkeypatch):
+    """However the tied queries' operands are laid out (own places in block-shaped operands, any
+    place, or the queries alone), every tied row and column gets the reference's rank, on
+    float embeddings (ties only where rounding makes them) and integer ones (ties everywhere);
+    "any place" stacks ignore places and keep one block size, "compact" ones mix blocks."""
+    from dbl_scale.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "_places_interchangeable", lambda grid, kind: layout != "own places")
+    monkeypatch.setattr(metrics, "_shapes_interchangeable", lambda grid, kind, heights: layout == "compact")
+    monkeypatch.setattr(metrics, "RESCORE_BYTES", 4 * 120 * 7)  # 7 rows / 21 columns a stack: many stacks
+    for kind in ("float", "ties"):
+        img, txt = _embeddings(kind, 40, 3, 8, seed=4)
+        grid = TileScores(img, txt, 3, 16)
+        matrix = _tiles_matrix(img, txt, 3, 16)
+        ref_i2t, ref_t2i = _ranks(matrix, 3, 7)
+        best = np.array([matrix[i, 3 * i:3 * i + 3].max() for i in range(40)], np.float32)
+        pos = matrix[np.arange(120) // 3, np.arange(120)].astype(np.float32)
+        stats: dict = {}
+        rows, cols = np.arange(40), np.arange(120)
+        got = metrics._tied_ranks(grid, rows, "row", pos, best, (matrix > best[:, None]).sum(1),
+                                  (matrix == best[:, None]).sum(1), stats=stats)
+        assert np.array_equal(got, ref_i2t) and stats["row_layout"] == layout
+        assert stats["row_stacks"] == (6 if layout == "compact" else 7)  # 40 rows by 7; by 7 in blocks of 16, 16, 8
+        got = metrics._tied_ranks(grid, cols, "col", pos, pos, (matrix > pos).sum(0), (matrix == pos).sum(0), stats=stats)
+        assert np.array_equal(got, ref_t2i) and stats["col_layout"] == layout
+
+
+def test_place_and_shape_checks_catch_a_product_that_depends_on_them(monkeypatch):
+    """`_places_interchangeable` / `_shapes_interchangeable` hold for an exact product and fail
+    for one whose bits depend on the place, or on the operand's height, by one ulp."""
+    from dbl_scale.evaluation import metrics
+
+    img, txt = _embeddings("float", 40, 3, 8, seed=5)
+    grid = TileScores(img, txt, 3, 16)
+    exact = lambda a, bt, out=None: (a.double() @ bt.double()).float()  # noqa: E731 (one rounding: exact here)
+    monkeypatch.setattr(TileScores, "product", staticmethod(exact))
+    for kind in ("row", "col"):
+        assert metrics._places_interchangeable(grid, kind) and metrics._shapes_interchangeable(grid, kind, {5, 16, 40})
+
+    def by_place(a, bt, out=None):
+        x = exact(a, bt)
+        x[3] = torch.nextafter(x[3], torch.tensor(float("inf")))
+        x[:, 5] = torch.nextafter(x[:, 5], torch.tensor(float("inf")))
+        return x
+
+    def by_height(a, bt, out=None):
+        x = exact(a, bt)
+        return torch.nextafter(x, torch.tensor(float("inf"))) if a.shape[0] not in (16, 8) else x
+
+    monkeypatch.setattr(TileScores, "product", staticmethod(by_place))
+    assert not metrics._places_interchangeable(grid, "row") and not metrics._places_interchangeable(grid, "col")
+    monkeypatch.setattr(TileScores, "product", staticmethod(by_height))
+    assert metrics._places_interchangeable(grid, "row") and not metrics._shapes_interchangeable(grid, "row", {5})
+
+
+def test_the_tie_order_is_argsorts(monkeypatch):
+    """`tie_order` lists a line's tied block as `np.argsort(s)[::-1]` does: by argpartition where
+    this numpy's pair shares its partitions (checked once; on x86 with AVX2 and numpy >= 2 it
+    does), by argsort where not; on lines full of ties, long lines whose ties sit deep in the
+    partitions, sorted lines (argsort's early return) and blocks above the 256-element network."""
+    import platform
+
+    from dbl_scale.evaluation import metrics
+
+    rng = np.random.default_rng(7)
+    lines = [(rng.standard_normal(n) * 0.09).astype(np.float32) for n in (300, 200_001)]  # float ties: rare
+    lines += [(rng.integers(0, levels, n) / levels).astype(np.float32)
+              for n, levels in ((2, 2), (40, 3), (257, 9), (5000, 4), (5000, 700), (100_000, 50), (100_000, 90_000))]
+    lines += [np.sort(lines[-1]), np.full(1000, 0.5, np.float32), lines[-2][::-1].copy()]
+    if platform.machine() in ("x86_64", "AMD64") and np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        assert metrics.partition_keeps_tie_order()
+    for keeps in (True, False):
+        monkeypatch.setattr(metrics, "partition_keeps_tie_order", lambda keeps=keeps: keeps)
+        for s in lines:
+            order = np.argsort(s)
+            for v in np.unique(s)[np.linspace(0, len(np.unique(s)) - 1, 5).astype(int)]:
+                above, equal = int(np.count_nonzero(s > v)), int(np.count_nonzero(s == v))
+                want = order[len(s) - above - equal:len(s) - above][::-1]
+                assert np.array_equal(metrics.tie_order(s, above, equal), want), (len(s), above, equal, keeps)
 
 
 def test_two_ranks_score_their_own_rows_and_agree(tmp_path):

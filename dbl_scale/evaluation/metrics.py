@@ -22,11 +22,13 @@ Its results equal `retrieval_metrics` on the matrix those tiles make, ties and N
 (a BLAS may round a product of another shape differently in the last bit, so "the matrix" is
 the tiles', not one big `img @ txt.T`). The few queries whose positive ties with a negative
 need their whole row or column for numpy's order: those lines are made again a stack at a
-time (`_tied_ranks`: one tile shape, each query at its own place in it, so its own bits),
-and each is argsorted once; the argsort is the floor of the tie rule's cost.
+time (`_tied_ranks`: in operands that give each query its own tile's bits), and each tied
+block is put in argsort's order once (`tie_order`: by argpartition where that gives
+argsort's order, 7x cheaper on a long line).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -270,7 +272,8 @@ def embedding_ranks(img: torch.Tensor, txt: torch.Tensor, captions_per_image: in
     # pass 2: every tile of my rows once, both directions counted in it
     t0 = time.perf_counter()
     count = _count_on_cpu if dev.type == "cpu" else _count_on_device
-    i2t, eq, tied, cap_gt, cap_ge, cap_nan = count(grid, mine, best, pos, not _scores_finite(grid))
+    finite = _scores_finite(grid)
+    i2t, eq, tied, cap_gt, cap_ge, cap_nan = count(grid, mine, best, pos, not finite)
     t1 = time.perf_counter()
     tied = (tied | (eq > own_at_best.cpu())).numpy()  # ... or a negative ties with the best positive
     i2t, eq, best, pos = i2t.numpy(), eq.numpy(), best.cpu().numpy(), pos.cpu().numpy()
@@ -281,15 +284,17 @@ def embedding_ranks(img: torch.Tensor, txt: torch.Tensor, captions_per_image: in
     # own order, on their whole row or column of the tiles' matrix; each re-made row or column
     # must give the counts pass 2 gave and the positives' bits
     rows_tied = np.flatnonzero(tied)
-    i2t[rows_tied] = _tied_ranks(grid, rows_tied, "row", pos, best[rows_tied], i2t[rows_tied], eq[rows_tied])
+    tie_stats: dict = {}
+    i2t[rows_tied] = _tied_ranks(grid, rows_tied, "row", pos, best[rows_tied], i2t[rows_tied], eq[rows_tied], finite,
+                                 tie_stats)
     t2i = cap_gt.copy()
     resolve = np.flatnonzero((cap_ge - cap_gt > 1) | cap_nan)
     mine_cols = resolve[(resolve // grid.cols >= lo) & (resolve // grid.cols < hi)]  # by caption block
     t2i[mine_cols] = _tied_ranks(grid, mine_cols, "col", pos, pos[mine_cols], cap_gt[mine_cols],
-                                 cap_ge[mine_cols] - cap_gt[mine_cols])
+                                 cap_ge[mine_cols] - cap_gt[mine_cols], finite, tie_stats)
     if stats is not None:
         stats.update(count_s=t1 - t0, rescore_s=time.perf_counter() - t1, rows_rescored=len(rows_tied),
-                     cols_rescored=len(mine_cols))
+                     cols_rescored=len(mine_cols), **tie_stats)
     i2t = _merge_rows(i2t, lo * rows, min(hi * rows, n))
     t2i_fixed = _merge_values(mine_cols, t2i[mine_cols])
     t2i[t2i_fixed[0]] = t2i_fixed[1]
@@ -315,47 +320,65 @@ def _shard(n_tiles: int) -> tuple[int, int]:
     return n_tiles * rank // world, n_tiles * (rank + 1) // world
 
 
-RESCORE_BYTES = 512 * 2 ** 20  # the whole rows / columns of tied queries held at once, all threads together
+RESCORE_BYTES = 512 * 2 ** 20  # the whole rows / columns of one stack of tied queries, held at once
 
 
 def _tied_ranks(grid: TileScores, queries: np.ndarray, kind: str, pos: np.ndarray, threshold: np.ndarray,
-                above: np.ndarray, equal: np.ndarray) -> np.ndarray:
+                above: np.ndarray, equal: np.ndarray, finite: bool = False, stats: Optional[dict] = None) -> np.ndarray:
     """The reference's rank of each query (image rows for "row", captions for "col") from its
     whole row or column of the tiles' matrix, re-made for a few queries at a time.
 
-    The queries go in stacks (`_stacks`) of one block size, no two at the same place in their
-    blocks. A stack's operand is its block's shape with each query's embedding at the query's
-    own place, so every tile it makes gives each query the bits of its own tile: an element of
-    a product depends on its row and column of the operands, the shape and the place, never on
-    the other rows (which is also why a one-thread product equals a many-thread one). A stack
-    of m queries costs one strip of tiles and m argsorts (making each query's own block's
-    strip cost a strip per block). Each re-made line is checked: pass 2's counts above and
-    equal to the query's `threshold` (its best positive, or its positive) and the positives'
-    bits (`pos`); a query that fails, on a BLAS that broke the rule, is ranked from its own
-    block's strip."""
+    The queries go in stacks, and a stack's lines come from one operand holding their
+    embeddings, multiplied by every block of the other side (a strip of tiles, shared among
+    the threads). An element of a product depends on its row and column of the operands, the
+    shape and the place, never on the other rows (which is also why a one-thread product
+    equals a many-thread one). So by default (`_stacks`) the operand has the query's block's
+    shape, with each query at its own place: at most one query per place in a stack, and the
+    most queries at one place set the number of stacks. Where this BLAS's products do not
+    depend on the place (`_places_interchangeable`), a query may sit at any place ("any
+    place"); where they do not depend on the operand's height (or width) either
+    (`_shapes_interchangeable`), the operand is the stack's queries alone ("compact"), and a
+    stack costs m / R of a strip. Both are tried on random operands once per call. A stack of
+    m queries also costs m tie orders (`_tie_rank`). Each re-made
+    line is checked: pass 2's counts above and equal to the query's `threshold` (its best
+    positive, or its positive) and the positives' bits (`pos`); a query that fails, on a BLAS
+    that broke the rule, is ranked from its own block's strip. `finite`: the scores are known
+    to hold no NaN (`_scores_finite`), so no line is searched for one. `stats`, when given,
+    gets the number of stacks and their layout."""
     if not len(queries):
         return np.zeros(0, np.int64)
     k, out = grid.k, {}
     block, n_other = (grid.rows, grid.shape[1]) if kind == "row" else (grid.cols, grid.shape[0])
-    threads = max(1, torch.get_num_threads()) if grid.img.device.type == "cpu" else 1
-    limit = max(1, RESCORE_BYTES // (threads * 4 * n_other))
     expected = {q: (t, a, e) for q, t, a, e in zip(queries.tolist(), threshold, above.tolist(), equal.tolist())}
+    limit = max(1, RESCORE_BYTES // (4 * n_other))
+    layout = "own places"
+    if _places_interchangeable(grid, kind):
+        chunks = [queries[i:i + limit] for i in range(0, len(queries), limit)]
+        layout = "compact" if _shapes_interchangeable(grid, kind, {len(c) for c in chunks}) else "any place"
+    if layout == "compact":
+        stacks = [dict(enumerate(c.tolist())) for c in chunks]
+    else:
+        stacks = _stacks(queries, block, grid.shape[kind == "col"], limit, layout == "any place")
+    if stats is not None:
+        stats.update({f"{kind}_stacks": len(stacks), f"{kind}_layout": layout})
+    buffer = torch.empty((max(map(len, stacks)), n_other))  # one for every stack: its pages are touched once
+    for stack in stacks:
+        qs = [stack[p] for p in sorted(stack)]
+        lines = _stack_scores(grid, np.array(qs), np.array(sorted(stack)), kind, buffer[:len(qs)], layout == "compact")
 
-    def rank(stack: dict) -> dict:
-        places = np.array(sorted(stack))
-        qs = np.array([stack[p] for p in places])
-        found = {}
-        for q, s in zip(qs.tolist(), _stack_scores(grid, qs, places, kind)):
+        def rank(i: int) -> Optional[int]:
+            s, q = lines[i], qs[i]
             t, n_above, n_equal = expected[q]
             # the positives' places in s, and the captions whose positive scores pass 1 kept
             own, captions = (np.arange(q * k, (q + 1) * k),) * 2 if kind == "row" else (np.array([q // k]), [q])
             if (np.count_nonzero(s > t) == n_above and np.count_nonzero(s == t) == n_equal
                     and _same_bits(s[own], pos[captions])):
-                found[q] = _tie_rank(s, n_above, n_equal, own)
-        return found
+                return _tie_rank(s, n_above, n_equal, own, finite)
+            return None
 
-    for found in in_threads(rank, _stacks(queries, block, grid.shape[kind == "col"], limit), grid.img.device):
-        out.update(found)
+        ranks = in_threads(rank, list(range(len(qs))), grid.img.device)
+        out.update((q, r) for q, r in zip(qs, ranks) if r is not None)
+    del buffer, lines
     missed = np.array([q for q in queries.tolist() if q not in out], dtype=np.int64)
     if len(missed):
         log.warning("%d re-made %ss did not match their tiles: ranking them from their blocks' strips", len(missed), kind)
@@ -363,51 +386,164 @@ def _tied_ranks(grid: TileScores, queries: np.ndarray, kind: str, pos: np.ndarra
     return np.array([out[int(q)] for q in queries], dtype=np.int64)
 
 
-def _tie_rank(s: np.ndarray, above: int, equal: int, own: np.ndarray) -> int:
+def _tie_rank(s: np.ndarray, above: int, equal: int, own: np.ndarray, finite: bool = False) -> int:
     """`_reference_rank` of a line whose best positive has `above` scores above it and `equal`
     scores equal to it (itself included). Without a NaN, argsort's top `above` are those above,
     and the first positive in `[::-1]` order lies in the next `equal`, the tied ones: only
-    those are searched. With a NaN, `_reference_rank` itself."""
-    if not np.isfinite(np.add.reduce(s, dtype=np.float64)) and np.isnan(s).any():  # a sum is finite without NaN / inf
+    those are searched, in the order `tie_order` gives. With a NaN, `_reference_rank` itself
+    (`finite`: the caller knows there is none)."""
+    if not finite and not np.isfinite(np.add.reduce(s, dtype=np.float64)) and np.isnan(s).any():  # a sum is finite without NaN / inf
         return _reference_rank(s, lambda order: np.isin(order, own))
-    order = np.argsort(s)
-    tied = order[len(s) - above - equal:len(s) - above][::-1]
-    return above + int(np.flatnonzero(np.isin(tied, own))[0])
+    return above + int(np.flatnonzero(np.isin(tie_order(s, above, equal), own))[0])
 
 
-def _stacks(queries: np.ndarray, block: int, total: int, limit: int) -> list[dict]:
-    """The queries in stacks {place in the block: query}: in a stack, all from blocks of one size
-    (the last block may be short), no two at one place, at most `limit`; first fit, in order."""
+def tie_order(s: np.ndarray, above: int, equal: int) -> np.ndarray:
+    """The `equal` indices of a NaN-free line tied at the score with `above` scores above it, in
+    the order `np.argsort(s)[::-1]` lists them.
+
+    argsort sorts the whole line (9 ms at 500,000 scores here). Where numpy's argsort and
+    argpartition are x86-simd-sort's (numpy >= 2 on AVX2 / AVX-512 CPUs), both run one
+    quicksort: the same pivots, the same partitions, the same small-range networks, argpartition
+    following only the range that holds its k-th place. Equal scores always land on one side of
+    a partition, so the range holding the tied block is partitioned and sorted exactly as
+    argsort does it, and `argpartition(s, k)` with k in the block gives argsort's tied block
+    (1 ms). The one difference, argsort returning early on a sorted line, is kept by sorting
+    those. Whether this numpy is such a pair is checked once per process
+    (`partition_keeps_tie_order`); where it is not, argsort itself."""
+    n = len(s)
+    lo, hi = n - above - equal, n - above
+    if partition_keeps_tie_order() and not _is_sorted(s):
+        order = np.argpartition(s, hi - 1)
+    else:
+        order = np.argsort(s)
+    return order[lo:hi][::-1]
+
+
+def _is_sorted(s: np.ndarray) -> bool:
+    head = s[:64]
+    return not (head[1:] < head[:-1]).any() and not (s[1:] < s[:-1]).any()
+
+
+@functools.lru_cache(maxsize=None)
+def partition_keeps_tie_order() -> bool:
+    """Whether `np.argpartition` gives `np.argsort`'s order of tied scores on this numpy and CPU
+    (see `tie_order`), tried on lines full of ties: a few sizes around the small-range network
+    (256) and above, few and many distinct values, every tied block of some of them. About
+    50 ms, once."""
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 17, 255, 256, 257, 1000, 4099, 70001):
+        for levels in (2, 5, 300, 4 * n):
+            s = (rng.integers(0, levels, n) / levels).astype(np.float32)
+            if _is_sorted(s):
+                continue
+            values = np.unique(s)
+            for v in values[np.linspace(0, len(values) - 1, min(len(values), 7)).astype(int)]:
+                above, equal = int(np.count_nonzero(s > v)), int(np.count_nonzero(s == v))
+                lo, hi = n - above - equal, n - above
+                if not np.array_equal(np.argpartition(s, hi - 1)[lo:hi], np.argsort(s)[lo:hi]):
+                    log.info("np.argpartition orders ties unlike np.argsort here: tied lines are argsorted")
+                    return False
+    return True
+
+
+def _stacks(queries: np.ndarray, block: int, total: int, limit: int, any_place: bool = False) -> list[dict]:
+    """The queries in stacks {place in the operand: query}: in a stack, all from blocks of one size
+    (the last block may be short), at most `limit`, no two at one place; first fit, in order. A
+    query's place is its own place in its block, or with `any_place` the next free one."""
     stacks: dict[int, list[dict]] = {}
     for q in queries.tolist():
-        size, place = min(block, total - q // block * block), q % block
+        size = min(block, total - q // block * block)
         for stack in stacks.setdefault(size, []):
-            if place not in stack and len(stack) < limit:
+            place = len(stack) if any_place else q % block
+            if place not in stack and len(stack) < min(limit, size):
                 stack[place] = q
                 break
         else:
-            stacks[size].append({place: q})
+            stacks[size].append({0 if any_place else q % block: q})
     return [s for group in stacks.values() for s in group]
 
 
-def _stack_scores(grid: TileScores, qs: np.ndarray, places: np.ndarray, kind: str) -> np.ndarray:
+def _shapes_interchangeable(grid: TileScores, kind: str, heights: set) -> bool:
+    """Whether this BLAS gives a row (kind "row") of a product the same bits in an operand of any
+    of `heights` rows as in one of its block's shape (full or short), against the other side's
+    blocks (full or short); for "col", the same of a column and widths. Tried as
+    `_places_interchangeable` is, on random operands: each row of a `heights`-row operand
+    against the same row in block-shaped operands."""
+    dev, d = grid.img.device, grid.img.shape[1]
+    g = torch.Generator().manual_seed(1)
+    mine = grid.img_blocks if kind == "row" else [bt.t() for bt in grid.txt_blocks]
+    other = [bt.t() for bt in grid.txt_blocks] if kind == "row" else grid.img_blocks
+    blocks = sorted({mine[0].shape[0], mine[-1].shape[0]})
+    for m in sorted(heights):
+        c = torch.randn(m, d, generator=g).to(dev)
+        for w in sorted({other[0].shape[0], other[-1].shape[0]}):
+            y = torch.randn(w, d, generator=g).to(dev)
+            line = (lambda op: grid.product(op, y.t())) if kind == "row" else (lambda op: grid.product(y, op.t()).t())
+            whole = line(c)
+            for h in blocks:
+                for j in range(0, m, h):
+                    op = torch.randn(h, d, generator=g).to(dev)
+                    op[:min(h, m - j)] = c[j:j + h]
+                    if not torch.equal(line(op)[:min(h, m - j)].view(torch.int32), whole[j:j + h].view(torch.int32)):
+                        log.info("this BLAS's %ss depend on the operand's shape: tied queries keep their blocks' shape", kind)
+                        return False
+    return True
+
+
+def _places_interchangeable(grid: TileScores, kind: str) -> bool:
+    """Whether this BLAS gives a row (kind "row") or a column ("col") of a product of the blocks'
+    shapes the same bits at every place in its operand: tried on random operands of each shape
+    (full and short blocks), every place moved by a random permutation. A GEMM kernel's
+    instructions depend on the shapes and places, not on the values, so random values show any
+    dependence on the place. A few tile products."""
+    dev, d = grid.img.device, grid.img.shape[1]
+    g = torch.Generator().manual_seed(0)
+    for h in sorted({a.shape[0] for a in (grid.img_blocks[0], grid.img_blocks[-1])}):
+        for w in sorted({bt.shape[1] for bt in (grid.txt_blocks[0], grid.txt_blocks[-1])}):
+            a, b = torch.randn(h, d, generator=g).to(dev), torch.randn(w, d, generator=g).to(dev)
+            ref = grid.product(a, b.t())
+            if kind == "row":
+                p = torch.randperm(h, generator=g).to(dev)
+                moved, want = grid.product(a[p], b.t()), ref[p]
+            else:
+                p = torch.randperm(w, generator=g).to(dev)
+                moved, want = grid.product(a, b[p].t()), ref[:, p]
+            if not torch.equal(moved.view(torch.int32), want.view(torch.int32)):
+                log.info("this BLAS's %ss depend on their place in a product: tied queries keep their places", kind)
+                return False
+    return True
+
+
+def _stack_scores(grid: TileScores, qs: np.ndarray, places: np.ndarray, kind: str, out: torch.Tensor,
+                  compact: bool = False) -> np.ndarray:
     """The whole rows (kind "row": image queries, len x K*N) or columns ("col": caption queries,
-    len x N) of queries `qs`, each at its place in one operand of its block's shape."""
-    buffers: dict = {}
-    at = torch.as_tensor(places, device=grid.img.device)
+    len x N) of queries `qs`, each at its place in one operand of its block's shape (`compact`:
+    in an operand of the queries alone), into `out` (a CPU float32 tensor of that size); the
+    strip's tiles are shared among the threads."""
+    dev = grid.img.device
+    at = torch.as_tensor(places, device=dev)
+    x = grid.img if kind == "row" else grid.txt
+    block = grid.rows if kind == "row" else grid.cols
+    height = len(qs) if compact else min(block, x.shape[0] - qs[0] // block * block)
+    op = x.new_zeros(height, x.shape[1])
+    op[at] = x[torch.as_tensor(qs, device=dev)]
+    pick = slice(None) if compact else at
     if kind == "row":
-        a = grid.img.new_zeros(min(grid.rows, grid.shape[0] - qs[0] // grid.rows * grid.rows), grid.img.shape[1])
-        a[at] = grid.img[torch.as_tensor(qs, device=a.device)]
-        out = np.empty((len(qs), grid.shape[1]), np.float32)
-        for u, bt in enumerate(grid.txt_blocks):
-            out[:, u * grid.cols:u * grid.cols + bt.shape[1]] = grid.product(a, bt, buffers)[at].cpu().numpy()
-        return out
-    b = grid.txt.new_zeros(min(grid.cols, grid.shape[1] - qs[0] // grid.cols * grid.cols), grid.txt.shape[1])
-    b[at] = grid.txt[torch.as_tensor(qs, device=b.device)]
-    out = np.empty((len(qs), grid.shape[0]), np.float32)
-    for t, a in enumerate(grid.img_blocks):
-        out[:, t * grid.rows:t * grid.rows + a.shape[0]] = grid.product(a, b.t(), buffers)[:, at].t().cpu().numpy()
-    return out
+        operands = [(op, bt) for bt in grid.txt_blocks]
+        width, take = grid.cols, (lambda tile: tile[pick])
+    else:
+        operands = [(a, op.t()) for a in grid.img_blocks]
+        width, take = grid.rows, (lambda tile: tile[:, pick].t())
+    threads = max(1, torch.get_num_threads()) if dev.type == "cpu" else 1
+
+    def make(w: int) -> None:
+        buffers: dict = {}
+        for u in range(w, len(operands), threads):
+            piece = take(grid.product(*operands[u], buffers))
+            out[:, u * width:u * width + piece.shape[1]] = piece.cpu()
+
+    in_threads(make, list(range(threads)), dev)
+    return out.numpy()
 
 
 def _same_bits(a, b) -> bool:
@@ -436,18 +572,18 @@ def _strip_ranks(grid: TileScores, queries: np.ndarray, kind: str) -> np.ndarray
     return np.array([out[int(q)] for q in queries], dtype=np.int64)
 
 
-def in_threads(fn, jobs: list, dev: torch.device):
-    """fn over jobs, results in order: on the CPU in torch's number of threads, each running
-    one-thread products; on a GPU in order."""
+def in_threads(fn, jobs: list, dev: torch.device) -> list:
+    """[fn(job) for job in jobs]: on the CPU in torch's number of threads, each running one-thread
+    products; on a GPU in order. A list, not a generator: torch's thread count is put back
+    before this returns, whoever stops reading early."""
     before = torch.get_num_threads()
     threads = max(1, min(before, len(jobs)))
     if dev.type != "cpu" or threads == 1:
-        yield from map(fn, jobs)
-        return
+        return [fn(job) for job in jobs]
     torch.set_num_threads(1)
     try:  # OpenMP's thread count belongs to each thread: a pool thread sets its own
         with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            yield from pool.map(fn, jobs)
+            return list(pool.map(fn, jobs))
     finally:
         torch.set_num_threads(before)
 
@@ -483,7 +619,7 @@ def _count_on_cpu(grid: TileScores, mine: range, best: torch.Tensor, pos: torch.
             for u in range(grid.tiles):
                 counter.add(grid.tile(t, u, buffers), t * grid.rows, u * grid.cols)
 
-    list(in_threads(work, list(range(threads)), grid.img.device))
+    in_threads(work, list(range(threads)), grid.img.device)
     cap_gt = torch.from_numpy(sum(c[0].astype(np.int64) for c in cols))
     cap_ge = torch.from_numpy(sum(c[1].astype(np.int64) for c in cols))
     cap_nan = torch.from_numpy(np.logical_or.reduce([c[2] > 0 for c in cols]))

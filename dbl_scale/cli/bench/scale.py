@@ -110,7 +110,7 @@ def _eval_child(n: int, d: int, k: int, threads: int, embeddings: str = "random"
                 grid.tile(t, u, buffers)
 
     t0 = time.perf_counter()
-    list(in_threads(rows_of_tiles, list(range(threads)), img.device))
+    in_threads(rows_of_tiles, list(range(threads)), img.device)
     out.update(threaded_tiles_seconds=time.perf_counter() - t0)
     rows = 256  # a 256 x K*N block of scores at a time (512 MB at 100K x 500K)
     buf = torch.empty(rows, k * n)
@@ -212,7 +212,14 @@ def _format_eval(ev: dict, a: dict) -> list[str]:
         f"    of which: every tile made and counted once {ev['count_s']:.1f} s "
         f"({ev['count_s'] / ev['bare_seconds']:.2f}x the bare product); the reference's order for the queries "
         f"whose positive ties with a negative, {ev['rows_rescored']} images and {ev['cols_rescored']} captions, "
-        f"{ev['rescore_s']:.1f} s"]
+        f"{ev['rescore_s']:.1f} s{_stacks_note(ev)}"]
+
+
+def _stacks_note(ev: dict) -> str:
+    """How the tied queries were re-made: stacks of rows and of columns, and their operands' layout."""
+    parts = [f"{ev[f'{kind}_stacks']} {name} ({ev[f'{kind}_layout']})"
+             for kind, name in (("row", "of images"), ("col", "of captions")) if f"{kind}_stacks" in ev]
+    return f", in stacks: {', '.join(parts)}" if parts else ""
 
 
 def _format_aoq(runs: list, a: dict) -> list[str]:
