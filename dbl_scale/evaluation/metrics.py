@@ -339,12 +339,13 @@ def _tied_ranks(grid: TileScores, queries: np.ndarray, kind: str, pos: np.ndarra
     place"); where they do not depend on the operand's height (or width) either
     (`_shapes_interchangeable`), the operand is the stack's queries alone ("compact"), and a
     stack costs m / R of a strip. Both are tried on random operands once per call. A stack of
-    m queries also costs m tie orders (`_tie_rank`). Each re-made
-    line is checked: pass 2's counts above and equal to the query's `threshold` (its best
-    positive, or its positive) and the positives' bits (`pos`); a query that fails, on a BLAS
-    that broke the rule, is ranked from its own block's strip. `finite`: the scores are known
-    to hold no NaN (`_scores_finite`), so no line is searched for one. `stats`, when given,
-    gets the number of stacks and their layout."""
+    m queries also costs m tie orders (`_tie_rank`).
+
+    Each re-made line is checked: pass 2's counts above and equal to the query's `threshold`
+    (its best positive, or its positive) and the positives' bits (`pos`); a query that fails,
+    on a BLAS that broke the rule, is ranked from its own block's strip. `finite`: the scores
+    are known to hold no NaN (`_scores_finite`), so no line is searched for one. `stats`, when
+    given, gets the number of stacks and their layout."""
     if not len(queries):
         return np.zeros(0, np.int64)
     k, out = grid.k, {}
