@@ -28,6 +28,7 @@ argsort's order, 7x cheaper on a long line).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -464,12 +465,25 @@ def _stacks(queries: np.ndarray, block: int, total: int, limit: int, any_place: 
     return [s for group in stacks.values() for s in group]
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch at one thread in this thread, as the tiles' products run (a decorator, too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@_one_thread()
 def _shapes_interchangeable(grid: TileScores, kind: str, heights: set) -> bool:
     """Whether this BLAS gives a row (kind "row") of a product the same bits in an operand of any
     of `heights` rows as in one of its block's shape (full or short), against the other side's
     blocks (full or short); for "col", the same of a column and widths. Tried as
     `_places_interchangeable` is, on random operands: each row of a `heights`-row operand
-    against the same row in block-shaped operands."""
+    against the same row in block-shaped operands, with one-thread products as the tiles are
+    made."""
     dev, d = grid.img.device, grid.img.shape[1]
     g = torch.Generator().manual_seed(1)
     mine = grid.img_blocks if kind == "row" else [bt.t() for bt in grid.txt_blocks]
@@ -491,12 +505,13 @@ def _shapes_interchangeable(grid: TileScores, kind: str, heights: set) -> bool:
     return True
 
 
+@_one_thread()
 def _places_interchangeable(grid: TileScores, kind: str) -> bool:
     """Whether this BLAS gives a row (kind "row") or a column ("col") of a product of the blocks'
     shapes the same bits at every place in its operand: tried on random operands of each shape
     (full and short blocks), every place moved by a random permutation. A GEMM kernel's
     instructions depend on the shapes and places, not on the values, so random values show any
-    dependence on the place. A few tile products."""
+    dependence on the place. A few one-thread tile products, as the tiles are made."""
     dev, d = grid.img.device, grid.img.shape[1]
     g = torch.Generator().manual_seed(0)
     for h in sorted({a.shape[0] for a in (grid.img_blocks[0], grid.img_blocks[-1])}):
@@ -581,12 +596,9 @@ def in_threads(fn, jobs: list, dev: torch.device) -> list:
     threads = max(1, min(before, len(jobs)))
     if dev.type != "cpu" or threads == 1:
         return [fn(job) for job in jobs]
-    torch.set_num_threads(1)
-    try:  # OpenMP's thread count belongs to each thread: a pool thread sets its own
-        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            return list(pool.map(fn, jobs))
-    finally:
-        torch.set_num_threads(before)
+    # OpenMP's thread count belongs to each thread: a pool thread sets its own
+    with _one_thread(), ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(fn, jobs))
 
 
 def _scores_finite(grid: TileScores) -> bool:
