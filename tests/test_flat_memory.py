@@ -131,8 +131,7 @@ def test_each_stack_layout_gives_the_reference_ranks(layout, monkeypatch):
     "any place" stacks ignore places and keep one block size, "compact" ones mix blocks."""
     from dbl_scale.evaluation import metrics
 
-    monkeypatch.setattr(metrics, "_places_interchangeable", lambda grid, kind: layout != "own places")
-    monkeypatch.setattr(metrics, "_shapes_interchangeable", lambda grid, kind, heights: layout == "compact")
+    monkeypatch.setattr(metrics, "_stack_layout", lambda grid, kind, heights: layout)
     monkeypatch.setattr(metrics, "RESCORE_BYTES", 4 * 120 * 7)  # 7 rows / 21 columns a stack: many stacks
     for kind in ("float", "ties"):
         img, txt = _embeddings(kind, 40, 3, 8, seed=4)
@@ -151,9 +150,9 @@ def test_each_stack_layout_gives_the_reference_ranks(layout, monkeypatch):
         assert np.array_equal(got, ref_t2i) and stats["col_layout"] == layout
 
 
-def test_place_and_shape_checks_catch_a_product_that_depends_on_them(monkeypatch):
-    """`_places_interchangeable` / `_shapes_interchangeable` hold for an exact product and fail
-    for one whose bits depend on the place, or on the operand's height, by one ulp."""
+def test_the_layout_check_catches_a_product_that_depends_on_place_or_shape(monkeypatch):
+    """`_stack_layout` finds "compact" for an exact product, and falls back for one whose bits
+    depend on the place ("own places") or on the operand's height ("any place") by one ulp."""
     from dbl_scale.evaluation import metrics
 
     img, txt = _embeddings("float", 40, 3, 8, seed=5)
@@ -161,7 +160,7 @@ def test_place_and_shape_checks_catch_a_product_that_depends_on_them(monkeypatch
     exact = lambda a, bt, out=None: (a.double() @ bt.double()).float()  # noqa: E731 (one rounding: exact here)
     monkeypatch.setattr(TileScores, "product", staticmethod(exact))
     for kind in ("row", "col"):
-        assert metrics._places_interchangeable(grid, kind) and metrics._shapes_interchangeable(grid, kind, {5, 16, 40})
+        assert metrics._stack_layout(grid, kind, {5, 16, 40}) == "compact"
 
     def by_place(a, bt, out=None):
         x = exact(a, bt)
@@ -174,9 +173,9 @@ def test_place_and_shape_checks_catch_a_product_that_depends_on_them(monkeypatch
         return torch.nextafter(x, torch.tensor(float("inf"))) if a.shape[0] not in (16, 8) else x
 
     monkeypatch.setattr(TileScores, "product", staticmethod(by_place))
-    assert not metrics._places_interchangeable(grid, "row") and not metrics._places_interchangeable(grid, "col")
+    assert metrics._stack_layout(grid, "row", {5}) == metrics._stack_layout(grid, "col", {5}) == "own places"
     monkeypatch.setattr(TileScores, "product", staticmethod(by_height))
-    assert metrics._places_interchangeable(grid, "row") and not metrics._shapes_interchangeable(grid, "row", {5})
+    assert metrics._stack_layout(grid, "row", {5}) == "any place"
 
 
 def test_the_tie_order_is_argsorts(monkeypatch):

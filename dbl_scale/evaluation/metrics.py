@@ -336,11 +336,10 @@ def _tied_ranks(grid: TileScores, queries: np.ndarray, kind: str, pos: np.ndarra
     equals a many-thread one). So by default (`_stacks`) the operand has the query's block's
     shape, with each query at its own place: at most one query per place in a stack, and the
     most queries at one place set the number of stacks. Where this BLAS's products do not
-    depend on the place (`_places_interchangeable`), a query may sit at any place ("any
-    place"); where they do not depend on the operand's height (or width) either
-    (`_shapes_interchangeable`), the operand is the stack's queries alone ("compact"), and a
-    stack costs m / R of a strip. Both are tried on random operands once per call. A stack of
-    m queries also costs m tie orders (`_tie_rank`).
+    depend on the place, a query may sit at any place ("any place"); where they do not depend
+    on the operand's height (or width) either, the operand is the stack's queries alone
+    ("compact"), and a stack costs m / R of a strip. `_stack_layout` tries both on random
+    operands once per call. A stack of m queries also costs m tie orders (`_tie_rank`).
 
     Each re-made line is checked: pass 2's counts above and equal to the query's `threshold`
     (its best positive, or its positive) and the positives' bits (`pos`); a query that fails,
@@ -353,10 +352,8 @@ def _tied_ranks(grid: TileScores, queries: np.ndarray, kind: str, pos: np.ndarra
     block, n_other = (grid.rows, grid.shape[1]) if kind == "row" else (grid.cols, grid.shape[0])
     expected = {q: (t, a, e) for q, t, a, e in zip(queries.tolist(), threshold, above.tolist(), equal.tolist())}
     limit = max(1, RESCORE_BYTES // (4 * n_other))
-    layout = "own places"
-    if _places_interchangeable(grid, kind):
-        chunks = [queries[i:i + limit] for i in range(0, len(queries), limit)]
-        layout = "compact" if _shapes_interchangeable(grid, kind, {len(c) for c in chunks}) else "any place"
+    chunks = [queries[i:i + limit] for i in range(0, len(queries), limit)]  # the compact stacks
+    layout = _stack_layout(grid, kind, {len(c) for c in chunks})
     if layout == "compact":
         stacks = [dict(enumerate(c.tolist())) for c in chunks]
     else:
@@ -477,57 +474,51 @@ def _one_thread():
 
 
 @_one_thread()
-def _shapes_interchangeable(grid: TileScores, kind: str, heights: set) -> bool:
-    """Whether this BLAS gives a row (kind "row") of a product the same bits in an operand of any
-    of `heights` rows as in one of its block's shape (full or short), against the other side's
-    blocks (full or short); for "col", the same of a column and widths. Tried as
-    `_places_interchangeable` is, on random operands: each row of a `heights`-row operand
-    against the same row in block-shaped operands, with one-thread products as the tiles are
-    made."""
-    dev, d = grid.img.device, grid.img.shape[1]
-    g = torch.Generator().manual_seed(1)
-    mine = grid.img_blocks if kind == "row" else [bt.t() for bt in grid.txt_blocks]
-    other = [bt.t() for bt in grid.txt_blocks] if kind == "row" else grid.img_blocks
-    blocks = sorted({mine[0].shape[0], mine[-1].shape[0]})
-    for m in sorted(heights):
-        c = torch.randn(m, d, generator=g).to(dev)
-        for w in sorted({other[0].shape[0], other[-1].shape[0]}):
-            y = torch.randn(w, d, generator=g).to(dev)
-            line = (lambda op: grid.product(op, y.t())) if kind == "row" else (lambda op: grid.product(y, op.t()).t())
-            whole = line(c)
-            for h in blocks:
-                for j in range(0, m, h):
-                    op = torch.randn(h, d, generator=g).to(dev)
-                    op[:min(h, m - j)] = c[j:j + h]
-                    if not torch.equal(line(op)[:min(h, m - j)].view(torch.int32), whole[j:j + h].view(torch.int32)):
-                        log.info("this BLAS's %ss depend on the operand's shape: tied queries keep their blocks' shape", kind)
-                        return False
-    return True
-
-
-@_one_thread()
-def _places_interchangeable(grid: TileScores, kind: str) -> bool:
-    """Whether this BLAS gives a row (kind "row") or a column ("col") of a product of the blocks'
-    shapes the same bits at every place in its operand: tried on random operands of each shape
-    (full and short blocks), every place moved by a random permutation. A GEMM kernel's
-    instructions depend on the shapes and places, not on the values, so random values show any
-    dependence on the place. A few one-thread tile products, as the tiles are made."""
+def _stack_layout(grid: TileScores, kind: str, heights: set) -> str:
+    """How a stack's operand may hold its queries on this BLAS, tried on random operands with
+    one-thread products, as the tiles are made. A GEMM kernel's instructions depend on the
+    shapes and places, not on the values, so random values show any dependence on them.
+    - "own places" unless a line (a row for kind "row", a column for "col") gets the same bits
+      at every place of a block-shaped operand (full or short blocks, against the other
+      side's full and short blocks; every place moved by a random permutation);
+    - then "any place", unless a line also gets the same bits in an operand of each of
+      `heights` lines as in block-shaped ones;
+    - then "compact": the operand is the stack's queries alone."""
     dev, d = grid.img.device, grid.img.shape[1]
     g = torch.Generator().manual_seed(0)
-    for h in sorted({a.shape[0] for a in (grid.img_blocks[0], grid.img_blocks[-1])}):
-        for w in sorted({bt.shape[1] for bt in (grid.txt_blocks[0], grid.txt_blocks[-1])}):
-            a, b = torch.randn(h, d, generator=g).to(dev), torch.randn(w, d, generator=g).to(dev)
-            ref = grid.product(a, b.t())
-            if kind == "row":
-                p = torch.randperm(h, generator=g).to(dev)
-                moved, want = grid.product(a[p], b.t()), ref[p]
-            else:
-                p = torch.randperm(w, generator=g).to(dev)
-                moved, want = grid.product(a, b[p].t()), ref[:, p]
-            if not torch.equal(moved.view(torch.int32), want.view(torch.int32)):
+    mine = grid.img_blocks if kind == "row" else [bt.t() for bt in grid.txt_blocks]  # queries' side, lines x d
+    other = [bt.t() for bt in grid.txt_blocks] if kind == "row" else grid.img_blocks
+    blocks = sorted({mine[0].shape[0], mine[-1].shape[0]})
+    widths = sorted({other[0].shape[0], other[-1].shape[0]})
+
+    def lines(op: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # op's lines against y, as the tiles make them
+        return grid.product(op, y.t()) if kind == "row" else grid.product(y, op.t()).t()
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+    def random(n: int) -> torch.Tensor:
+        return torch.randn(n, d, generator=g).to(dev)
+
+    for h in blocks:
+        for w in widths:
+            op, y, p = random(h), random(w), torch.randperm(h, generator=g).to(dev)
+            if not same(lines(op[p], y), lines(op, y)[p]):
                 log.info("this BLAS's %ss depend on their place in a product: tied queries keep their places", kind)
-                return False
-    return True
+                return "own places"
+    for m in sorted(heights):
+        c = random(m)
+        for w in widths:
+            y = random(w)
+            whole = lines(c, y)
+            for h in blocks:
+                for j in range(0, m, h):
+                    op = random(h)
+                    op[:min(h, m - j)] = c[j:j + h]
+                    if not same(lines(op, y)[:min(h, m - j)], whole[j:j + h]):
+                        log.info("this BLAS's %ss depend on the operand's shape: tied queries keep their blocks' shape", kind)
+                        return "any place"
+    return "compact"
 
 
 def _stack_scores(grid: TileScores, qs: np.ndarray, places: np.ndarray, kind: str, out: torch.Tensor,
