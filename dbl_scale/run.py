@@ -211,7 +211,8 @@ class Run:
         cfg, split, t0 = self.cfg, self.cfg.data.eval_split, time.time()
         ev = self.evaluate(self.engine.module, split)
         if distributed.is_main():
-            report(ev, self.tracker, self.dir / "reports", eval_root(cfg.data), split)
+            report(ev, self.tracker, self.dir / "reports", eval_root(cfg.data), split,
+                   name=f"{self.name} ({cfg.loss.method})")
             np.savez(self.dir / "reports" / f"{split}_ranks.npz", **ev.ranks)  # for `dbl-scale compare --plot`
             self.tracker.log_artifact(self.dir / "reports" / f"{split}_ranks.npz", "reports")
         self.tracker.log_metrics({f"{split}/{k}": v for k, v in ev.metrics.items()}, step)

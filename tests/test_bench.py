@@ -153,3 +153,24 @@ def test_bench_methods_resumes_a_table(tmp_path, shapes_root, monkeypatch):
 
     with pytest.raises(ValueError, match=r"other settings \(overrides\)"):
         run_table(TINY, 2, uri, "bench", overrides + ["optim.lr=1e-3"], rows, seeds=2, val_every=0, out=out)
+
+
+def test_bench_eval_tiny(capsys):
+    from dbl_scale.cli.bench.eval import add_parser as add_bench_eval_parser, bench_eval, format_bench_eval
+
+    r = bench_eval(n_images=40, k=5, dim=16, repeats=1, naive_images=10)
+    assert r["naive_agrees"] and r["naive_extrapolated"] and r["naive_queries"] == [10, 50]
+    assert r["product_s"] > 0 and r["metrics_s"] > 0 and r["naive_s"] > r["product_s"]
+    assert r["ratio_metrics_to_product"] > 0 and r["speedup_vs_naive"] > 0
+    assert r["product_peak_mib"] == pytest.approx(40 * 200 * 4 / 2 ** 20, rel=0.01)  # the sims matrix
+    assert 0 < r["metrics_peak_mib"] < 1  # one 40 x 200 tile and its counts
+    text = format_bench_eval(r)
+    assert "(b)/(a)" in text and "(c)/(b)" in text and "extrapolated linearly" in text
+
+    parser = argparse.ArgumentParser()
+    add_bench_eval_parser(parser.add_subparsers(dest="bench_command"))
+    args = parser.parse_args(["eval", "--images", "12", "--dim", "8", "--repeats", "1", "--naive-images", "0",
+                              "--quiet"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "12 images x 60 captions" in out and "all queries timed" in out

@@ -153,3 +153,13 @@ def test_every_module_says_its_job_first():
     for path in PACKAGE.rglob("*.py"):
         doc = ast.get_docstring(ast.parse(path.read_text()))
         assert doc and len(doc.splitlines()[0]) > 20, path
+
+
+def test_no_native_code_in_the_package():
+    """No C source, no ctypes or cffi, no compiler flags: where fusion pays, torch.compile writes
+    the kernel, and eager torch is the fallback."""
+    files = [p for p in PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert not [p for p in files if p.suffix in (".c", ".cc", ".cpp", ".h", ".so")]
+    for path in (p for p in files if p.suffix == ".py"):
+        text = path.read_text()
+        assert not re.search(r"\bimport (ctypes|cffi)\b|\bfrom (ctypes|cffi)\b|-march=native", text), path

@@ -1,7 +1,7 @@
 """Single-modal retrieval (evaluation/single_modal.py): the tiled ranks equal a loop over the
-whole score matrix written from the rule (ties, NaNs, groups spread over tiles), the relevance
-keys, and the metrics on ShapesCaptions' own captions and facts. The 2-rank merge is checked
-in test_flat_memory.py (one worker run for both kinds of ranks)."""
+whole score matrix written from the rule (ties and NaNs against the query, groups spread over
+tiles), the relevance keys, and the metrics on ShapesCaptions' own captions and facts. The
+2-rank merge is checked in test_ranking.py (one worker run for every kind of rank)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -24,10 +24,10 @@ def _reference(emb: torch.Tensor, groups: np.ndarray) -> np.ndarray:
             continue
         finite = [s[i, j] for j in rel if not np.isnan(s[i, j])]
         if not finite:
-            out[i] = n - 1
+            out[i] = sum(1 for j in range(n) if groups[j] != groups[i])
             continue
         best = max(finite)
-        out[i] = sum(1 for j in range(n) if j != i and groups[j] != groups[i] and s[i, j] > best)
+        out[i] = sum(1 for j in range(n) if groups[j] != groups[i] and (s[i, j] >= best or np.isnan(s[i, j])))
     return out
 
 
@@ -44,23 +44,23 @@ def test_tiled_ranks_follow_the_rule(size):
     spread = (np.arange(70) * 11) % 23  # groups of 3-4 items in different tiles
     spread[[0, 1]] = [100, 101]  # two items with no relevant item: not queries
     for groups in (caption_groups, spread):
-        got, want = within_ranks(emb, groups, size), _reference(emb, groups)
+        got, want = within_ranks(emb, groups, size)[0], _reference(emb, groups)
         assert np.array_equal(got, want)
-    assert got[0] == got[1] == -1 and got[5] == 69
+    assert got[0] == got[1] == -1 and got[5] == np.count_nonzero(groups != groups[5])
     assert len(set(want.tolist())) > 5  # ranks spread: the comparison is not between constants
 
 
 def test_duplicates_rank_first_and_a_shuffle_does_not_change_ranks():
-    """Each item duplicated in its group: every query finds its twin first (a tie with the twin
-    can only help it). Permuting the items permutes the ranks."""
+    """Each item duplicated in its group: every query finds its twin first (its twin scores as
+    high as any item can). Permuting the items permutes the ranks."""
     emb = torch.nn.functional.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(3)), dim=1)
     twins = torch.cat([emb, emb])
     groups = np.r_[np.arange(40), np.arange(40)]
-    assert (within_ranks(twins, groups, 16) == 0).all()
+    assert (within_ranks(twins, groups, 16)[0] == 0).all()
     perm = np.random.default_rng(0).permutation(80)
-    base = within_ranks(twins + 0.3 * torch.randn(80, 8, generator=torch.Generator().manual_seed(4)), groups, 16)
+    base = within_ranks(twins + 0.3 * torch.randn(80, 8, generator=torch.Generator().manual_seed(4)), groups, 16)[0]
     shuffled = within_ranks((twins + 0.3 * torch.randn(80, 8, generator=torch.Generator().manual_seed(4)))[perm],
-                            groups[perm], 16)
+                            groups[perm], 16)[0]
     assert np.array_equal(shuffled, base[perm]) and base.max() > 0
 
 
@@ -110,8 +110,11 @@ def test_metrics_on_shapes_captions(shapes_root):
     metrics, ranks = single_modal_metrics(img, txt, 5, image_groups(keys))
     count = Counter(keys)
     assert metrics["i2i_queries"] == sum(1 for key in keys if count[key] > 1) > 0
-    assert set(metrics) == {"t2t_r1", "t2t_r5", "t2t_r10", "i2i_r1", "i2i_r5", "i2i_r10", "i2i_queries"}
+    assert set(metrics) == {"t2t_r1", "t2t_r5", "t2t_r10", "i2i_r1", "i2i_r5", "i2i_r10", "i2i_queries",
+                            "t2t_tied", "i2i_tied"}
     assert 0 < metrics["t2t_r1"] <= metrics["t2t_r5"] <= metrics["t2t_r10"] <= 100
     assert metrics == {**recalls(ranks["t2t"], "t2t"), **recalls(ranks["i2i"], "i2i"),
-                       "i2i_queries": metrics["i2i_queries"]}
+                       "i2i_queries": metrics["i2i_queries"], "t2t_tied": metrics["t2t_tied"],
+                       "i2i_tied": metrics["i2i_tied"]}
+    assert isinstance(metrics["i2i_queries"], int)
     assert ranks["t2t"].shape == (5 * len(metas),) and ranks["i2i"].shape == (len(metas),)

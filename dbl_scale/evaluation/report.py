@@ -1,10 +1,9 @@
 """Evaluation reports a person looks at: a recall@K curve (PNG) and a page of sample queries (HTML).
 
-Both come from the same similarity matrix and 0-based ranks as `metrics.retrieval_metrics`; the
-HTML page lists each sampled query's top results in the reference's own order
-(`argsort(scores)[::-1]`, ties included), so what it shows agrees with the reported numbers.
-The page is self-contained (thumbnails are inline data URIs) and can be logged to MLflow
-as an artifact with `log_reports`.
+Both come from the same scores and 0-based ranks as `metrics.retrieval_metrics`; the HTML page
+lists each sampled query's top results by score, a tie putting negatives first (the ranking
+rule), so what it shows agrees with the reported numbers. The page is self-contained
+(thumbnails are inline data URIs) and can be logged to MLflow with `log_reports`.
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .metrics import METRIC_KEYS, SINGLE_MODAL_KEYS, TileScores, retrieval_metrics
+from .metrics import METRIC_KEYS, SINGLE_MODAL_KEYS, retrieval_metrics
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -27,7 +26,22 @@ _METRIC_HEADS = {"i2t_r1": "I2T R@1", "i2t_r5": "I2T R@5", "i2t_r10": "I2T R@10"
                  "t2i_r5": "T2I R@5", "t2i_r10": "T2I R@10", "rsum": "rSum", "i2t_medr": "I2T medr",
                  "t2i_medr": "T2I medr", "i2t_meanr": "I2T meanr", "t2i_meanr": "T2I meanr",
                  "t2t_r1": "T2T R@1", "t2t_r5": "T2T R@5", "t2t_r10": "T2T R@10", "i2i_r1": "I2I R@1",
-                 "i2i_r5": "I2I R@5", "i2i_r10": "I2I R@10", "i2i_queries": "I2I queries"}
+                 "i2i_r5": "I2I R@5", "i2i_r10": "I2I R@10", "i2i_queries": "I2I queries",
+                 "i2t_tied": "I2T tied", "t2i_tied": "T2I tied", "t2t_tied": "T2T tied", "i2i_tied": "I2I tied"}
+
+
+class EmbeddingScores:
+    """The scores of image and caption embeddings, a row or a column at a time, read as a
+    matrix is (`s[i]`, `s[:, c]`): what the page needs without the N x K*N matrix."""
+
+    def __init__(self, img: torch.Tensor, txt: torch.Tensor):
+        self.img, self.txt = img.float(), txt.float()
+        self.shape = (img.shape[0], txt.shape[0])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple):
+            return (self.img @ self.txt[key[1]]).cpu().numpy()
+        return (self.txt @ self.img[key]).cpu().numpy()
 
 
 def _numpy(x: ArrayLike) -> np.ndarray:
@@ -114,7 +128,9 @@ li.wrong .mark { color: #c62828; }
 def _metrics_table(metrics: dict) -> str:
     keys = [k for k in METRIC_KEYS + SINGLE_MODAL_KEYS + ("i2i_queries",) if k in metrics]
     heads = "".join(f"<th>{_METRIC_HEADS.get(k, html.escape(k))}</th>" for k in keys)
-    cells = "".join(f"<td>{metrics[k]:.1f}</td>" for k in keys)
+    keys += [k for k in ("i2t_tied", "t2i_tied", "t2t_tied", "i2i_tied") if k in metrics and k not in keys]
+    cells = "".join(f"<td>{metrics[k]}</td>" if isinstance(metrics[k], int) else f"<td>{metrics[k]:.1f}</td>"
+                    for k in keys)
     return f'<table class="metrics"><tr>{heads}</tr><tr>{cells}</tr></table>'
 
 
@@ -129,12 +145,12 @@ def retrieval_html(path: Union[str, Path], images: Sequence, captions: Sequence[
 
     images: N PIL images or uint8 arrays; captions: K*N strings, caption c describes image
     c // K (both only indexed for what the page shows, so lazy sequences work); sims: the
-    N x K*N similarity matrix, or scores made on demand (`metrics.TileScores`); ranks /
+    N x K*N similarity matrix, or scores made on demand (`EmbeddingScores`); ranks /
     metrics: from `retrieval_metrics(sims, K, return_ranks=True)` (computed here when not
     given). Each query shows its 1-based rank of the first correct result; `n_queries` queries
     per direction are drawn at random with `seed`.
     """
-    s = sims if isinstance(sims, TileScores) else _numpy(sims)
+    s = sims if isinstance(sims, EmbeddingScores) else _numpy(sims)
     n_img, n_cap = s.shape
     if len(images) != n_img or len(captions) != n_cap or n_cap % n_img:
         raise ValueError(f"need N images and K*N captions for a {n_img} x {n_cap} sims matrix, "
@@ -152,8 +168,8 @@ def retrieval_html(path: Union[str, Path], images: Sequence, captions: Sequence[
             thumbs[(i, px)] = _thumb_uri(images[i], px)
         return thumbs[(i, px)]
 
-    def top(scores: np.ndarray) -> np.ndarray:  # the reference's order, ties as it breaks them
-        return np.argsort(scores)[::-1][:k]
+    def top(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:  # by score; a tie puts negatives first
+        return np.lexsort((positive, -np.nan_to_num(scores, nan=np.inf)))[:k]
 
     parts = [f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
@@ -170,7 +186,7 @@ def retrieval_html(path: Union[str, Path], images: Sequence, captions: Sequence[
                      f'<details><summary class="meta">its {per} captions</summary><ul>{truth}</ul></details>'
                      f'</div></div><ol class="results">')
         row = s[i]
-        for pos, c in enumerate(top(row)):
+        for pos, c in enumerate(top(row, np.arange(n_cap) // per == i)):
             cls, mark = _mark(c // per == i)
             parts.append(f'<li class="result {cls}" data-index="{c}"><span class="mark">{mark}</span> '
                          f'<span class="meta">#{pos + 1} score {row[c]:.4f} (image {c // per})</span><br>'
@@ -189,7 +205,7 @@ def retrieval_html(path: Union[str, Path], images: Sequence, captions: Sequence[
                      f'<div class="meta">ground truth<br><img src="{thumb(own, 64)}" alt="image {own}"></div>'
                      f'</div><ol class="results">')
         col = s[:, c]
-        for pos, i in enumerate(top(col)):
+        for pos, i in enumerate(top(col, np.arange(n_img) == own)):
             cls, mark = _mark(i == own)
             parts.append(f'<li class="result {cls}" data-index="{i}"><img src="{thumb(i)}" alt="image {i}"><br>'
                          f'<span class="mark">{mark}</span> <span class="meta">#{pos + 1} image {i} '
@@ -205,17 +221,19 @@ def retrieval_html(path: Union[str, Path], images: Sequence, captions: Sequence[
 
 def log_reports(tracker, out_dir: Union[str, Path], images: Sequence, captions: Sequence[str], sims: ArrayLike,
                 metrics: Optional[dict] = None, ranks: Optional[dict] = None, split: str = "test",
-                artifact_path: str = "reports", n_queries: int = 10, k: int = 5, seed: int = 0) -> dict[str, Path]:
+                artifact_path: str = "reports", n_queries: int = 10, k: int = 5, seed: int = 0,
+                name: Optional[str] = None) -> dict[str, Path]:
     """Write `<split>_recall_curve.png` and `<split>_retrieval.html` to out_dir and log both as
-    artifacts of the tracker's run (a disabled tracker, as on ranks other than 0, logs nothing)."""
+    artifacts of the tracker's run (a disabled tracker, as on ranks other than 0, logs nothing).
+    `name` (e.g. the run's name and method) heads both titles."""
     if ranks is None or metrics is None:
         per = sims.shape[1] // len(images)
         metrics, ranks = retrieval_metrics(sims, captions_per_image=per, return_ranks=True)  # a matrix, then
-    out = Path(out_dir)
+    out, who = Path(out_dir), f"{name}: " if name else ""
     paths = {
-        "png": recall_curve_png(ranks, out / f"{split}_recall_curve.png", title=f"Recall@K on {split}"),
+        "png": recall_curve_png(ranks, out / f"{split}_recall_curve.png", title=f"{who}Recall@K on {split}"),
         "html": retrieval_html(out / f"{split}_retrieval.html", images, captions, sims, ranks, n_queries=n_queries,
-                               k=k, seed=seed, title=f"Retrieval samples on {split}", metrics=metrics),
+                               k=k, seed=seed, title=f"{who}Retrieval samples on {split}", metrics=metrics),
     }
     for p in paths.values():
         tracker.log_artifact(p, artifact_path)

@@ -18,9 +18,9 @@ from .. import distributed
 from ..data import split_shards
 from ..shard_index import ShardIndex
 from .embed import embed_split
-from .metrics import TileScores, protocol_metrics
+from .metrics import protocol_metrics
 from .single_modal import image_groups, single_modal_metrics
-from .report import log_reports
+from .report import EmbeddingScores, log_reports
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,16 @@ def evaluate(model, data_root: str | Path, split: str, image, tokenize, batch_si
 
 
 def report(ev: Evaluation, tracker, out_dir: str | Path, data_root: str | Path, split: str,
-           artifact_path: str = "reports") -> None:
+           artifact_path: str = "reports", name: Optional[str] = None) -> None:
     """The recall@K plot and the HTML page of sample queries with thumbnails, written to
-    out_dir and logged to the tracker's run (call on rank 0). Scores are made only for the
-    queries the page shows, and only their images and captions are read (by random access)."""
+    out_dir and logged to the tracker's run (call on rank 0); `name` heads their titles. Scores
+    are made only for the queries the page shows, and only their images and captions are read
+    (by random access)."""
     index = ShardIndex(split_shards(data_root, split)[0])
-    scores = TileScores(ev.img, ev.txt, ev.captions_per_image)
     ids = ev.image_ids.tolist()
-    log_reports(tracker, out_dir, _Thumbnails(index, ids), _Captions(index, ids, ev.captions_per_image), scores,
-                ev.metrics, ev.ranks, split=split, artifact_path=artifact_path)
+    log_reports(tracker, out_dir, _Thumbnails(index, ids), _Captions(index, ids, ev.captions_per_image),
+                EmbeddingScores(ev.img, ev.txt), ev.metrics, ev.ranks, split=split, artifact_path=artifact_path,
+                name=name)
 
 
 class _Thumbnails:

@@ -1,37 +1,24 @@
 """Single-modal retrieval: captions against captions (text to text) and images against images
-(image to image) in the joint space, scored from the embeddings in tiles as the cross-modal
-metrics are (memory flat in the split; collective, every rank counts its own query blocks).
+(image to image) in the joint space, ranked by `ranking`'s rule and tiles as the cross-modal
+metrics are (the query itself is never a candidate; ties count against the query).
 
 What counts as relevant:
 - text to text: the other captions of the same image;
 - image to image: the other images whose `eval.image_relevance` key is equal. The key is a
   member of the sample's json, `MEMBER` (its value compared as it is; a list as a multiset)
-  or `MEMBER:field,field` (a list of dicts, each reduced to those fields, as a multiset). For
-  ShapesCaptions, `objects:shape,colour`: the same shapes in the same colours, wherever and
-  however large they are drawn. Images without the member, or without another image of
-  their key, are not queries.
-
-The query itself is never a candidate. A query's rank is the number of non-relevant items that
-score strictly higher than its best relevant one (so a tie counts for the query; a NaN score
-never counts as higher, and a query whose relevant scores are all NaN ranks last). R@K is the
-share of queries with rank < K, in percent. Both passes read the same tiles (`rows` x `rows`
-blocks of the item list), so the best relevant score and the scores it is compared with are
-the same products, bit for bit.
+  or `MEMBER:field,field` (a list of dicts, each reduced to those fields, as a multiset).
+  Images without the member, or without another image of their key, are not queries.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from .. import distributed
-from .metrics import _merge_rows
-
-TILE = 1280  # items per tile side
+from .ranking import TILE_ROWS, TileSource, rank_tiles
 
 
 def relevance_key(meta: dict, spec: str) -> Optional[int]:
@@ -62,55 +49,15 @@ def image_groups(keys: list[Optional[int]]) -> np.ndarray:
     return groups
 
 
-def _tile(emb: torch.Tensor, t: int, u: int, size: int) -> torch.Tensor:
-    return emb[t * size:(t + 1) * size] @ emb[u * size:(u + 1) * size].t()
-
-
-def _needed_tiles(groups: np.ndarray, size: int, n_tiles: int) -> list[set]:
-    """For each row block, the column blocks that hold a relevant item of one of its queries."""
-    blocks = np.arange(len(groups)) // size
-    pairs = np.unique(np.stack([groups, blocks], 1), axis=0)  # (group, block), sorted by group
-    needed = [{t} for t in range(n_tiles)]
-    starts = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0]])
-    for a, b in zip(starts, np.r_[starts[1:], len(pairs)]):
-        if b - a > 1:  # a group spread over several blocks
-            for t in pairs[a:b, 1]:
-                needed[t].update(pairs[a:b, 1].tolist())
-    return needed
-
-
-def within_ranks(emb: torch.Tensor, groups: np.ndarray, size: int = TILE) -> np.ndarray:
-    """0-based rank of every item as a query among the other items (module rule); -1 for an
-    item with no other item of its group (not a query). Collective when the process group is
-    up: every rank passes the same embeddings and counts its own row blocks."""
-    emb = emb.float()
-    n, dev = emb.shape[0], emb.device
-    n_tiles = math.ceil(n / size)
-    g = torch.as_tensor(groups, device=dev)
-    rank, world = distributed.rank(), distributed.world_size()
-    lo, hi = n_tiles * rank // world, n_tiles * (rank + 1) // world
-    needed = _needed_tiles(np.asarray(groups), size, n_tiles)
-    out = np.full(n, -1, np.int64)
-    for t in range(lo, hi):
-        rows = slice(t * size, min((t + 1) * size, n))
-        q_idx, gq = torch.arange(rows.start, rows.stop, device=dev), g[rows]
-        best = torch.full((rows.stop - rows.start,), float("-inf"), device=dev)
-        has = torch.zeros_like(best, dtype=torch.bool)
-        for u in sorted(needed[t]):  # pass 1: the best relevant score of each query
-            s = _tile(emb, t, u, size)
-            c_idx = torch.arange(u * size, u * size + s.shape[1], device=dev)
-            rel = (gq[:, None] == g[c_idx][None, :]) & (q_idx[:, None] != c_idx[None, :])
-            has |= rel.any(1)
-            best = torch.maximum(best, s.nan_to_num(nan=float("-inf")).masked_fill(~rel, float("-inf")).amax(1))
-        count = torch.zeros_like(best, dtype=torch.long)
-        for u in range(n_tiles):  # pass 2: the non-relevant items above it
-            s = _tile(emb, t, u, size)
-            c_idx = torch.arange(u * size, u * size + s.shape[1], device=dev)
-            other = (gq[:, None] != g[c_idx][None, :]) & (q_idx[:, None] != c_idx[None, :])
-            count += ((s > best[:, None]) & other).sum(1)
-        count = torch.where(torch.isinf(best) & has, torch.full_like(count, n - 1), count)  # all NaN: last
-        out[rows] = torch.where(has, count, torch.full_like(count, -1)).cpu().numpy()
-    return _merge_rows(out, lo * size, min(hi * size, n))
+def within_ranks(emb: torch.Tensor, groups: np.ndarray, rows: Optional[int] = None,
+                 compile: Union[bool, str] = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """0-based rank of every item as a query among the other items, and whether it tied (the
+    module's rule); rank -1 for an item with no other item of its group (not a query).
+    Collective when the process group is up: every rank passes the same embeddings."""
+    rows = rows or TILE_ROWS.get(emb.device.type, TILE_ROWS["cuda"])
+    g = torch.as_tensor(np.asarray(groups), dtype=torch.long)
+    r = rank_tiles(TileSource(emb, emb, rows, 5 * rows), g, g, exclude_self=True, compile=compile)
+    return r.rows, r.rows_tied
 
 
 def recalls(ranks: np.ndarray, prefix: str) -> dict[str, float]:
@@ -124,13 +71,12 @@ def recalls(ranks: np.ndarray, prefix: str) -> dict[str, float]:
 def single_modal_metrics(img: torch.Tensor, txt: torch.Tensor, captions_per_image: int,
                          groups: Optional[np.ndarray]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Text-to-text and image-to-image recalls (collective) and every query's rank ("t2t", and
-    "i2i" when `groups` is given: -1 where the image is not a query); `i2i_queries` counts the
-    image queries."""
-    t2t = within_ranks(txt, np.arange(txt.shape[0]) // captions_per_image)
-    metrics, ranks = recalls(t2t, "t2t"), {"t2t": t2t}
+    "i2i" when `groups` is given: -1 where the image is not a query); `t2t_tied` / `i2i_tied`
+    count the tied queries, `i2i_queries` the image queries."""
+    t2t, t2t_tied = within_ranks(txt, np.arange(txt.shape[0]) // captions_per_image)
+    metrics, ranks = {**recalls(t2t, "t2t"), "t2t_tied": int(t2t_tied.sum())}, {"t2t": t2t}
     if groups is not None:
-        i2i = within_ranks(img, groups)
-        metrics.update(recalls(i2i, "i2i"))
-        metrics["i2i_queries"] = float((i2i >= 0).sum())
+        i2i, i2i_tied = within_ranks(img, groups)
+        metrics.update(recalls(i2i, "i2i"), i2i_tied=int(i2i_tied.sum()), i2i_queries=int((i2i >= 0).sum()))
         ranks["i2i"] = i2i
     return metrics, ranks

@@ -1,7 +1,7 @@
-"""2 ranks score the same embeddings with `embedding_ranks` (each its own blocks of image rows,
-merged) and the single-modal `within_ranks` (text to text; image to image by `GROUPS`): rank 0
-writes the ranks it ends with, and rank 1's, for the test to compare with one process.
-Embeddings: integer-valued (exact scores, many ties) with a NaN, several tiles."""
+"""2 ranks rank the same embeddings (cross-modal both ways, text to text, image to image by
+`image_groups`), each counting its own blocks of rows: rank 0 writes what every rank ends with,
+for the test to compare with one process. Embeddings: integer-valued (exact scores, many ties)
+with a NaN, several tiles."""
 import sys
 
 import numpy as np
@@ -9,10 +9,8 @@ import torch
 import torch.distributed as dist
 
 from dbl_scale import distributed
-from dbl_scale.evaluation.metrics import embedding_ranks
+from dbl_scale.evaluation.ranking import TileSource, rank_tiles
 from dbl_scale.evaluation.single_modal import within_ranks
-
-NAMES = ("i2t", "t2i", "t2t", "i2i")
 
 
 def embeddings(n: int = 90, k: int = 3, d: int = 6):
@@ -32,16 +30,22 @@ def image_groups(n: int = 90) -> np.ndarray:
     return groups
 
 
+def rank_all(img: torch.Tensor, txt: torch.Tensor, k: int) -> dict:
+    r = rank_tiles(TileSource(img, txt, 16, 16 * k), torch.arange(len(img)), torch.arange(len(txt)) // k,
+                   columns=True, compile=False)
+    t2t, t2t_tied = within_ranks(txt, np.arange(len(txt)) // k, rows=16, compile=False)
+    i2i, i2i_tied = within_ranks(img, image_groups(len(img)), rows=16, compile=False)
+    return {"i2t": r.rows, "i2t_tied": r.rows_tied, "t2i": r.cols, "t2i_tied": r.cols_tied, "t2t": t2t,
+            "t2t_tied": t2t_tied, "i2i": i2i, "i2i_tied": i2i_tied}
+
+
 def main(out: str) -> int:
     distributed.init_distributed()
-    img, txt, k = embeddings()
-    i2t, t2i = embedding_ranks(img, txt, k, rows=16)
-    t2t = within_ranks(txt, np.arange(txt.shape[0]) // k, size=16)
-    i2i = within_ranks(img, image_groups(len(img)), size=16)
+    mine = rank_all(*embeddings())
     parts = [None] * distributed.world_size()
-    dist.all_gather_object(parts, (i2t, t2i, t2t, i2i))
+    dist.all_gather_object(parts, mine)
     if distributed.rank() == 0:
-        np.savez(out, **{f"{name}{r}": part[j] for r, part in enumerate(parts) for j, name in enumerate(NAMES)})
+        np.savez(out, **{f"{name}{r}": value for r, part in enumerate(parts) for name, value in part.items()})
     distributed.shutdown()
     return 0
 

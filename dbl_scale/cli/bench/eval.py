@@ -3,7 +3,8 @@
 From random L2-normalised float32 embeddings (default: 5,000 images x 25,000 captions, d =
 1024, COCO 5K size) it times
   (a) the similarity matrix product alone, img @ txt.T;
-  (b) all metrics via `evaluation.retrieval_metrics`, the product included;
+  (b) all metrics via `evaluation.embedding_metrics` (the product made and counted tile by
+      tile, as training evaluates), and via `retrieval_metrics` on the given matrix;
   (c) the published code's ranking, per query `argsort(scores)[::-1]` then `where(inds == i)`,
       on the same matrix, plus the product (a) once. Sorting 30,000 queries takes long, so the
       ranking is timed on an evenly spaced subset of the queries of each direction and
@@ -12,10 +13,9 @@ From random L2-normalised float32 embeddings (default: 5,000 images x 25,000 cap
   (d) the published code as written, which also scores each query with its own numpy.dot
       (timed on a fifth of (c)'s subset, extrapolated linearly).
 All are timed interleaved, one of each per repeat, and the medians reported.
-Targets: (b)/(a) <= 1.5 and (c)/(b) >= 3. Peak memory above the inputs is measured two ways,
-as neither tool sees everything: torch's allocations (the product's output) with the torch
-profiler's memory events, numpy's (all of `retrieval_metrics`' working memory, and the
-naive reference's) with tracemalloc, which numpy reports its buffers to.
+Targets: (b)/(a) <= 1.5 and (c)/(b) >= 3. Peak memory above the inputs: torch's allocations
+(the product's output, the evaluation's tiles) with the torch profiler's memory events, the
+naive reference's numpy buffers with tracemalloc.
 
     dbl-scale bench eval --images 5000 --captions-per-image 5 --dim 1024 --repeats 3
 """
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...evaluation import retrieval_metrics
+from ...evaluation import embedding_metrics, retrieval_metrics
 from .common import MIB, machine_line, torch_cpu_peak_bytes
 
 TARGET_PRODUCT_RATIO = 1.5  # (b)/(a): metrics add at most half a product
@@ -94,7 +94,7 @@ def _numpy_peak_bytes(run: Callable[[], object]) -> int:
 
 
 def bench_eval(n_images: int = 5000, k: int = 5, dim: int = 1024, repeats: int = 3, seed: int = 0,
-               naive_images: Optional[int] = 500, chunk: int = 32,
+               naive_images: Optional[int] = 500,
                progress: Optional[Callable[[str], None]] = None) -> dict:
     """Times (a) to (d) and peak memories; see the module docstring. `naive_images`: image
     queries the naive reference sorts (and k times as many caption queries; (d) a fifth of
@@ -107,7 +107,7 @@ def bench_eval(n_images: int = 5000, k: int = 5, dim: int = 1024, repeats: int =
         return img @ txt.T
 
     sims_t = product()  # also the warm-up (thread pools, allocator)
-    metrics, ranks = retrieval_metrics(sims_t, captions_per_image=k, chunk=chunk, return_ranks=True)
+    metrics, ranks = embedding_metrics(img, txt, k, return_ranks=True)
     sims = sims_t.numpy()
     captions_x_images = np.ascontiguousarray(sims.T)  # the published code scores captions against images
     q_img = n_images if naive_images is None else max(1, min(naive_images, n_images))
@@ -120,8 +120,8 @@ def bench_eval(n_images: int = 5000, k: int = 5, dim: int = 1024, repeats: int =
 
     jobs = {  # interleaved, one of each per repeat, so a busy machine slows them alike
         "product": product,
-        "metrics": lambda: retrieval_metrics(product(), captions_per_image=k, chunk=chunk),
-        "metrics_only": lambda: retrieval_metrics(sims_t, captions_per_image=k, chunk=chunk),
+        "metrics": lambda: embedding_metrics(img, txt, k),
+        "metrics_only": lambda: retrieval_metrics(sims_t, captions_per_image=k),
         "naive_i2t": lambda: naive_ranks(sims, captions_x_images, k, img_q, cap_q[:0]),
         "naive_t2i": lambda: naive_ranks(sims, captions_x_images, k, img_q[:0], cap_q),
         "published_i2t": lambda: published_code(img_np, txt_np, k, pub_q, pub_q[:0]),
@@ -143,14 +143,14 @@ def bench_eval(n_images: int = 5000, k: int = 5, dim: int = 1024, repeats: int =
 
     say("peak memory")
     product_bytes = torch_cpu_peak_bytes(product)
+    metrics_bytes = torch_cpu_peak_bytes(lambda: embedding_metrics(img, txt, k))
     held = product()
-    metrics_bytes = _numpy_peak_bytes(lambda: retrieval_metrics(held, captions_per_image=k, chunk=chunk))
     held_np = held.numpy()
     naive_bytes = _numpy_peak_bytes(lambda: naive_ranks(held_np, held_np[:0], k, img_q[:50], cap_q[:0]))
     del held, held_np
 
     return {
-        "n_images": n_images, "n_captions": n_cap, "dim": dim, "repeats": repeats, "chunk": chunk,
+        "n_images": n_images, "n_captions": n_cap, "dim": dim, "repeats": repeats,
         "threads": torch.get_num_threads(),
         "product_s": t_product, "metrics_s": t_metrics, "metrics_only_s": t_metrics_only,
         "naive_s": t_product + t_naive_rank, "naive_rank_s": t_naive_rank,
@@ -178,9 +178,9 @@ def format_bench_eval(r: dict) -> str:
            f"extrapolated linearly" if r["naive_extrapolated"] else "all queries timed")
     return "\n".join([
         f"bench eval: {r['n_images']} images x {r['n_captions']} captions, d = {r['dim']}, float32, "
-        f"median of {r['repeats']}, {r['threads']} torch threads, chunk {r['chunk']} rows",
+        f"median of {r['repeats']}, {r['threads']} torch threads",
         f"  (a) similarity product img @ txt.T        {r['product_s']:8.3f} s",
-        f"  (b) retrieval_metrics, product included   {r['metrics_s']:8.3f} s   (on a given matrix: "
+        f"  (b) embedding_metrics, product included   {r['metrics_s']:8.3f} s   (retrieval_metrics on a given matrix: "
         f"{r['metrics_only_s']:.3f} s)",
         f"  (c) naive argsort per query, product included {r['naive_s']:8.3f} s   (ranking alone: "
         f"{r['naive_rank_s']:.3f} s; {how}; ranks agree with (b): {'yes' if r['naive_agrees'] else 'NO'})",
@@ -192,8 +192,8 @@ def format_bench_eval(r: dict) -> str:
         f"(target >= {TARGET_SPEEDUP:.0f}x: {'met' if ok_speed else 'MISSED'}); ranking alone: counting is "
         f"{r['ranking_speedup_vs_naive']:.1f}x faster than sorting; (d)/(b) = {r['speedup_vs_published']:.1f}x",
         f"  peak memory above the inputs: product {r['product_peak_mib']:.1f} MiB (torch profiler memory events; "
-        f"the sims matrix is {r['sims_mib']:.1f} MiB); retrieval_metrics {r['metrics_peak_mib']:.1f} MiB beyond "
-        f"the sims matrix (tracemalloc, which sees numpy); naive reference {r['naive_peak_mib']:.1f} MiB "
+        f"the sims matrix is {r['sims_mib']:.1f} MiB); embedding_metrics {r['metrics_peak_mib']:.1f} MiB "
+        f"(torch profiler); naive reference {r['naive_peak_mib']:.1f} MiB "
         f"(tracemalloc)",
         f"  rSum of these random embeddings: {r['rsum']:.2f} (chance level)",
     ])
@@ -205,7 +205,7 @@ def cmd_bench_eval(args) -> int:
     print(machine_line(torch.device("cpu")), flush=True)
     t0 = time.time()
     r = bench_eval(args.images, args.captions_per_image, args.dim, args.repeats, args.seed,
-                   naive_images=None if args.naive_images <= 0 else args.naive_images, chunk=args.chunk,
+                   naive_images=None if args.naive_images <= 0 else args.naive_images,
                    progress=None if args.quiet else (lambda m: print(f"  ... {m}", file=sys.stderr, flush=True)))
     print(format_bench_eval(r))
     print(f"bench wall time: {time.time() - t0:.0f}s")
@@ -226,7 +226,6 @@ def add_parser(bench_subparsers) -> argparse.ArgumentParser:
     b.add_argument("--naive-images", type=int, default=500,
                    help="image queries the naive reference sorts (x K caption queries), extrapolated to all; "
                         "0 = all queries")
-    b.add_argument("--chunk", type=int, default=32, help="retrieval_metrics rows per step (per thread)")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")

@@ -1,0 +1,231 @@
+"""Ranks of retrieval queries under one rule, counted tile by tile on the scores' device.
+
+The rule: a query's rank (0-based) is the number of its negatives that score at least as high
+as its best relevant candidate. Ties count against the query, and so does a NaN negative; NaN
+relevant scores are ignored, and a query whose relevant scores are all NaN ranks behind every
+negative. A query is "tied" when a negative scores exactly its best relevant score (or NaN):
+where none is, the rank is the published VSE++ code's (`argsort(scores)[::-1]`).
+
+Relevance is by group: candidate j is relevant to query i when their groups are equal (and,
+with `exclude_self`, j is not i itself); every other candidate is a negative. Scores come in
+tiles, `rows` queries x `cols` candidates, from a `TileSource`; nothing larger is held. Pass 1
+reads the tiles holding relevant pairs for each query's best relevant score, pass 2 counts every
+tile in one function (`count_tile`). Collective when the process group is up: every rank passes
+the same inputs, counts its own blocks of query rows, and all end with the same arrays.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .. import distributed
+
+log = logging.getLogger(__name__)
+
+# queries per tile by device type; a tile is rows x (5 * rows) scores, so the counts of one tile
+# fit in 16 bits (count_tile packs two of them into an int32)
+TILE_ROWS = {"cpu": 512, "cuda": 4096}
+COMPILE_MIN_SCORES = 2 ** 28  # "auto" compiles count_tile where full tiles hold at least this many scores
+
+
+@dataclass
+class Ranks:
+    """0-based ranks of the row queries (-1: no relevant candidate) and whether each tied; the
+    same for the column queries when asked (`columns=True`), else None."""
+    rows: np.ndarray
+    rows_tied: np.ndarray
+    cols: Optional[np.ndarray] = None
+    cols_tied: Optional[np.ndarray] = None
+
+
+class TileSource:
+    """Tiles of the scores of `queries` (n x d) against `candidates` (m x d): tile (t, u) is
+    queries block t times candidates block u, one `torch.mm` into a reused buffer, so a score
+    has the same bits in both passes."""
+
+    def __init__(self, queries: torch.Tensor, candidates: torch.Tensor, rows: int, cols: int):
+        if queries.dim() != 2 or candidates.dim() != 2 or queries.shape[1] != candidates.shape[1]:
+            raise ValueError(f"need n x d queries and m x d candidates, got {tuple(queries.shape)} and "
+                             f"{tuple(candidates.shape)}")
+        self.q, self.c = queries.float(), candidates.float().to(queries.device)
+        self.shape, self.rows, self.cols = (len(queries), len(candidates)), rows, cols
+        self.device, self.dtype = self.q.device, torch.float32
+        self._buffers: dict = {}
+
+    def tile(self, t: int, u: int) -> torch.Tensor:
+        a = self.q[t * self.rows:(t + 1) * self.rows]
+        bt = self.c[u * self.cols:(u + 1) * self.cols].t()
+        shape = (a.shape[0], bt.shape[1])
+        if shape not in self._buffers:
+            self._buffers[shape] = torch.empty(shape, device=self.device)
+        return torch.mm(a, bt, out=self._buffers[shape])
+
+    def may_hold_nan(self) -> bool:
+        """False when no score can be NaN: finite inputs whose products cannot overflow."""
+        bound = 2.0 * self.q.shape[1] * _abs_max(self.q) * _abs_max(self.c)
+        return not bound < float(np.finfo(np.float32).max)
+
+
+class MatrixSource:
+    """Tiles of a given n x m score matrix (torch or numpy; bfloat16 read as float32, exactly)."""
+
+    def __init__(self, sims: Union[torch.Tensor, np.ndarray], rows: int, cols: int):
+        sims = sims.detach() if isinstance(sims, torch.Tensor) else torch.from_numpy(np.asarray(sims))
+        self.s = sims.float() if sims.dtype in (torch.bfloat16, torch.float16) else sims
+        if not self.s.is_floating_point():
+            self.s = self.s.double()
+        self.shape, self.rows, self.cols = tuple(self.s.shape), rows, cols
+        self.device, self.dtype = self.s.device, self.s.dtype
+
+    def tile(self, t: int, u: int) -> torch.Tensor:
+        return self.s[t * self.rows:(t + 1) * self.rows, u * self.cols:(u + 1) * self.cols]
+
+    def may_hold_nan(self) -> bool:
+        return True
+
+
+def count_tile(s: torch.Tensor, row_thr: torch.Tensor, col_thr: Optional[torch.Tensor],
+               negatives: Optional[torch.Tensor], nan: bool):
+    """The rule on one tile: per row, and per column when `col_thr` is given, the negatives
+    scoring >= the threshold and those scoring == it, packed as `at_least + (equal << 16)` in
+    int32. `negatives`: a bool mask, or None where every pair of the tile is a negative; `nan`:
+    whether scores may be NaN (a NaN negative then counts as at least, and as equal)."""
+    def tally(thr: torch.Tensor, dim: int) -> torch.Tensor:
+        at_least, equal = s >= thr, s == thr
+        if nan:
+            bad = torch.isnan(s)
+            at_least, equal = at_least | bad, equal | bad
+        if negatives is not None:
+            at_least, equal = at_least & negatives, equal & negatives
+        if torch.compiler.is_compiling():  # fused: one pass, one sum
+            return (at_least.int() + (equal.int() << 16)).sum(dim, dtype=torch.int32)
+        return at_least.sum(dim, dtype=torch.int32) + (equal.sum(dim, dtype=torch.int32) << 16)
+
+    return tally(row_thr[:, None], 1), None if col_thr is None else tally(col_thr[None, :], 0)
+
+
+def rank_tiles(source, row_groups: torch.Tensor, col_groups: torch.Tensor, columns: bool = False,
+               exclude_self: bool = False, compile: Union[bool, str] = "auto") -> Ranks:
+    """Ranks of every row query among the columns (and of every column query among the rows
+    with `columns`) under the module's rule. `row_groups` / `col_groups`: int64 group ids;
+    `exclude_self`: rows and columns are the same items, and an item is not relevant to itself.
+    `compile`: True, False or "auto" (where full tiles hold COMPILE_MIN_SCORES or more) to count
+    with `torch.compile(count_tile)`; eager is the fallback wherever compiling fails."""
+    n, m = source.shape
+    R, C, dev = source.rows, source.cols, source.device
+    if len(row_groups) != n or len(col_groups) != m:
+        raise ValueError(f"{len(row_groups)} row groups and {len(col_groups)} column groups for {n} x {m} scores")
+    if max(R, C) >= 2 ** 16:
+        raise ValueError(f"tiles of {R} x {C} are too large to count in 16 bits")
+    rg, cg = row_groups.to(dev), col_groups.to(dev)
+    n_t, n_u = math.ceil(n / R), math.ceil(m / C)
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = range(n_t * rank // world, n_t * (rank + 1) // world)
+    mixed = _mixed_tiles(row_groups.cpu().numpy(), col_groups.cpu().numpy(), R, C)
+    nan = source.may_hold_nan()
+    full_rows = sum(1 for t in mine if (t + 1) * R <= n)
+    count = _Counter(compile, full_scores=full_rows * (m // C) * R * C, full=(R, C))
+
+    def same_group(r: slice, c: slice) -> torch.Tensor:
+        return rg[r, None] == cg[None, c]
+
+    # pass 1: the best relevant score of each query, from the tiles that hold relevant pairs
+    inf = torch.tensor(-math.inf, dtype=source.dtype, device=dev)
+    row_best, col_best = (torch.full((size,), -math.inf, dtype=source.dtype, device=dev) for size in (n, m))
+    row_has, col_has = (torch.zeros(size, dtype=torch.bool, device=dev) for size in (n, m))
+    for t in mine:
+        for u in sorted(mixed.get(t, ())):
+            s = source.tile(t, u)
+            r, c = slice(t * R, t * R + s.shape[0]), slice(u * C, u * C + s.shape[1])
+            rel = same_group(r, c)
+            if exclude_self:
+                rel &= (torch.arange(r.start, r.stop, device=dev)[:, None]
+                        != torch.arange(c.start, c.stop, device=dev)[None, :])
+            kept = torch.where(rel & ~torch.isnan(s), s, inf)
+            row_best[r] = torch.maximum(row_best[r], kept.amax(1))
+            row_has[r] |= rel.any(1)
+            if columns:
+                col_best[c] = torch.maximum(col_best[c], kept.amax(0))
+                col_has[c] |= rel.any(0)
+    if columns:
+        col_best = distributed.all_reduce_max(col_best)
+        col_has = distributed.all_reduce_max(col_has.to(torch.uint8)) > 0
+
+    # pass 2: every tile of my rows, both directions counted at once
+    row_n, row_eq, col_n, col_eq = (torch.zeros(size, dtype=torch.long, device=dev) for size in (n, n, m, m))
+    for t in mine:
+        r = slice(t * R, min((t + 1) * R, n))
+        for u in range(n_u):
+            s = source.tile(t, u)
+            c = slice(u * C, u * C + s.shape[1])
+            negatives = ~same_group(r, c) if u in mixed.get(t, ()) else None  # (an item is in its own group)
+            rows_packed, cols_packed = count(s, row_best[r], col_best[c] if columns else None, negatives, nan)
+            row_n[r] += rows_packed & 0xFFFF
+            row_eq[r] += rows_packed >> 16
+            if columns:
+                col_n[c] += cols_packed & 0xFFFF
+                col_eq[c] += cols_packed >> 16
+
+    # ranks: each rank's own rows, summed into everyone's; columns summed over the ranks
+    rows_mine = torch.zeros(n, dtype=torch.bool, device=dev)
+    rows_mine[mine.start * R:mine.stop * R] = True
+    row_rank = distributed.all_reduce_sum(torch.where(rows_mine, torch.where(row_has, row_n, -1), 0))
+    row_tied = distributed.all_reduce_sum(torch.where(rows_mine & row_has, row_eq, 0)) > 0
+    out = Ranks(row_rank.cpu().numpy(), row_tied.cpu().numpy())
+    if columns:
+        col_n, col_eq = distributed.all_reduce_sum(col_n), distributed.all_reduce_sum(col_eq)
+        out.cols = torch.where(col_has, col_n, -1).cpu().numpy()
+        out.cols_tied = (col_has & (col_eq > 0)).cpu().numpy()
+    return out
+
+
+def _mixed_tiles(row_groups: np.ndarray, col_groups: np.ndarray, rows: int, cols: int) -> dict[int, set]:
+    """{row block: the column blocks sharing a group with it}: the tiles that may hold relevant pairs."""
+    rp = np.unique(np.stack([row_groups, np.arange(len(row_groups)) // rows], 1), axis=0)
+    cp = np.unique(np.stack([col_groups, np.arange(len(col_groups)) // cols], 1), axis=0)
+    lo, hi = np.searchsorted(rp[:, 0], cp[:, 0], "left"), np.searchsorted(rp[:, 0], cp[:, 0], "right")
+    per = hi - lo  # row blocks of each (group, column block)'s group
+    first = np.repeat(lo, per) + np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
+    out: dict[int, set] = {}
+    for t, u in np.unique(np.stack([rp[first, 1], np.repeat(cp[:, 1], per)], 1), axis=0).tolist():
+        out.setdefault(t, set()).add(u)
+    return out
+
+
+_compiled = None  # torch.compile(count_tile), made once per process; False once compiling failed
+
+
+class _Counter:
+    """`count_tile`, compiled for full tiles without a mask where that is asked for and works."""
+
+    def __init__(self, compile: Union[bool, str], full_scores: int, full: tuple):
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        if compile == "auto":
+            compile = full_scores >= COMPILE_MIN_SCORES and os.environ.get("TORCHDYNAMO_DISABLE", "0") in ("", "0")
+        self.compile, self.full = compile, full
+
+    def __call__(self, s, row_thr, col_thr, negatives, nan):
+        global _compiled
+        if self.compile and _compiled is not False and negatives is None and tuple(s.shape) == self.full:
+            if _compiled is None:
+                _compiled = torch.compile(count_tile, dynamic=False, fullgraph=True)
+            try:
+                return _compiled(s, row_thr, col_thr, negatives, nan)
+            except Exception as exc:  # noqa: BLE001 - no compiler, no triton, ...: eager always works
+                log.warning("torch.compile of the evaluation's counting failed, counting eagerly: %s",
+                            (str(exc).splitlines() or [type(exc).__name__])[0][:200])
+                _compiled = False
+        return count_tile(s, row_thr, col_thr, negatives, nan)
+
+
+def _abs_max(x: torch.Tensor) -> float:
+    """max |x| in chunks (no |x| copy of the whole); inf when x holds a NaN or inf."""
+    parts = [float(x[i:i + 65536].abs().max()) for i in range(0, x.shape[0], 65536)]
+    return max(parts, default=0.0) if all(map(math.isfinite, parts)) else math.inf
