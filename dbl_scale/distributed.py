@@ -6,11 +6,14 @@ state), so torchrun, the deepspeed launcher, accelerate and srun behave the same
 from __future__ import annotations
 
 import contextlib
+import gc
+import glob
 import importlib
+import logging
 import os
 import sys
 from datetime import timedelta
-from typing import Mapping
+from typing import Mapping, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -109,11 +112,48 @@ def first_host(nodelist: str) -> str:
 
 
 def shutdown() -> None:
-    """End of a successful run: every rank leaves together and the process group is torn down,
-    so no communication thread is still running while the interpreter exits."""
+    """End of a successful run: every rank leaves together and the process group is destroyed.
+    `destroy_process_group` only forgets the group: its gloo threads stop when the last Python
+    reference to it goes. References inside reference cycles are collected here; DeepSpeed
+    keeps others that Python cannot reach (after ZeRO-2 and ZeRO-3 training alike), so a rank
+    ends through `exit_process`."""
     if is_initialized():
         barrier()
         dist.destroy_process_group()
+    gc.collect()
+
+
+COMM_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")  # the thread names of gloo's process groups
+
+
+def comm_threads() -> list[str]:
+    """This process's communication threads still running (gloo's, by name, read from /proc;
+    an empty list where /proc does not exist)."""
+    names = []
+    for comm in glob.glob("/proc/self/task/*/comm"):
+        try:
+            with open(comm) as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended while we looked
+            continue
+    return sorted(n for n in names if n in COMM_THREADS)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a rank after `shutdown` with exit status `code`.
+
+    While a gloo group is alive its worker threads free finished collectives, and freeing a
+    tensor Python used takes the GIL. If that happens while the interpreter finalizes, Python
+    ends the thread with pthread_exit, whose unwinding through a noexcept destructor aborts the
+    process ("terminate called without an active exception") after all its work is done. So a
+    rank whose group outlived `shutdown` flushes what it wrote and ends without the
+    interpreter's teardown; any other rank exits normally."""
+    if not comm_threads():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

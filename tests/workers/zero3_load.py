@@ -1,7 +1,9 @@
 """Weights loaded into a model built partitioned under ZeRO-3 are the weights of the file:
 (1) `load_model` of a finished run (checkpoint.load_weights, one parameter gathered at a time) and
 (2) towers from local `from_pretrained` folders (transformers loads into the shards).
-Gathers every parameter back and writes the largest difference to OUT.rankN as JSON.
+Gathers every parameter back and writes the largest difference to OUT.rankN as JSON, then
+ends as every rank does (`distributed.exit_process`: ZeRO-3 keeps the process group alive past
+`shutdown`, and a teardown with its threads running can abort the rank after its report).
 
     torchrun --nproc_per_node 2 zero3_load.py TOKENIZER RUN_DIR VISION_DIR TEXT_DIR OUT
 """
@@ -32,9 +34,9 @@ def max_diff(model: torch.nn.Module, reference: dict[str, torch.Tensor], prefix:
     return worst, compared
 
 
-def main() -> None:
-    tokenizer_dir, run_dir, vision_dir, text_dir, out = sys.argv[1:6]
-    distributed.init_distributed()
+def measure(tokenizer_dir: str, run_dir: str, vision_dir: str, text_dir: str) -> dict:
+    """The largest difference of each loaded part to its weights on disk. The partitioned
+    models (each parameter holds the process group) are gone when this returns."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = load_config(None, ["train.deepspeed=ds_configs/zero3.json", "model.embed_dim=32",
                              "model.vision.image_size=32",
@@ -50,12 +52,20 @@ def main() -> None:
     text = dict(AutoModel.from_pretrained(text_dir).named_parameters())
     v_diff, v_n = max_diff(model, vision, "vision.")
     t_diff, t_n = max_diff(model, text, "text.")
-    report = {"run": [run_diff, run_n, len(saved)], "vision": [v_diff, v_n, len(vision)],
-              "text": [t_diff, t_n, len(text)]}
-    with open(f"{out}.rank{distributed.rank()}", "w") as f:
-        json.dump(report, f)
+    return {"run": [run_diff, run_n, len(saved)], "vision": [v_diff, v_n, len(vision)],
+            "text": [t_diff, t_n, len(text)]}
+
+
+def main() -> int:
+    tokenizer_dir, run_dir, vision_dir, text_dir, out = sys.argv[1:6]
+    distributed.init_distributed()
+    rank = distributed.rank()
+    report = measure(tokenizer_dir, run_dir, vision_dir, text_dir)
     distributed.shutdown()
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump(report, f)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    distributed.exit_process(main())
