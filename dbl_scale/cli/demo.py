@@ -7,23 +7,26 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-from data_tools.shapes_captions import oracle_rsum, read_split_jsons
-
-from ..config import default_tracking_uri, load_config, resolve_config
-from ..evaluation import chance_metrics, format_table
-from .data import prepare_data
+from ..config import default_tracking_uri
 from .launch import config_args, run_ranks
-from .bench.methods import paired_interval
 from .train import MODULE as TRAIN
 
+WIDTH = 100  # the closing lines wrap here
 SEEDS_FILE = Path(__file__).resolve().parents[1] / "presets" / "demo_seeds.json"
 
 
 def cmd_demo(args) -> int:
-    import mlflow  # heavy (seconds): only to count the runs at the end
+    import mlflow  # heavy (seconds): imported when the demo runs
+
+    from data_tools.shapes_captions import oracle_rsum, read_split_jsons
+
+    from ..config import load_config, resolve_config
+    from ..evaluation import chance_metrics, format_table
+    from .data import prepare_data
 
     config = resolve_config(args.config)
     overrides = [f"tracking.uri={args.tracking_uri}", f"tracking.experiment={args.experiment}"] + args.overrides
@@ -63,24 +66,35 @@ def cmd_demo(args) -> int:
 
 def seed_spread(diff: float, config: str) -> str:
     """This run's DBL - triplet rSum, and the same difference over seeds as measured for the demo
-    preset (one run proves nothing: the spread says what a difference of this size means)."""
-    line = f"\nDBL - triplet (its yardstick: same steps, batch, towers and seed) in this run: {diff:+.1f} rSum"
+    preset (one run proves nothing: the spread says what a difference of this size means), as
+    paragraphs wrapped at `WIDTH` columns."""
+    line = f"DBL - triplet in this run: {diff:+.1f} rSum (its yardstick: same steps, batch, towers and seed)."
     if Path(config).resolve() != SEEDS_FILE.with_name("demo.yaml") or not SEEDS_FILE.exists():
-        return line + " (no seed spread is recorded for this config)"
+        return _paragraphs([line + " No seed spread is recorded for this config."])
+    from .bench.methods import paired_interval  # heavy, as the demo
+
     rec = json.loads(SEEDS_FILE.read_text())
     diffs = [d - t for d, t in zip(rec["rsum"]["dbl"], rec["rsum"]["triplet"])]
     mean, half = paired_interval(rec["rsum"]["dbl"], rec["rsum"]["triplet"])
-    return (f"{line}\nover seeds {', '.join(map(str, rec['seeds']))} ({rec['where']}): "
-            f"{', '.join(f'{d:+.1f}' for d in diffs)}; mean {mean:+.1f}, 95% interval [{mean - half:+.1f}, "
-            f"{mean + half:+.1f}]\n{rec['finding']}")
+    spread = (f"One run on one machine proves little. Over seeds {', '.join(map(str, rec['seeds']))} the same "
+              f"difference was {', '.join(f'{d:+.1f}' for d in diffs)}: mean {mean:+.1f}, 95% interval "
+              f"[{mean - half:+.1f}, {mean + half:+.1f}] ({rec['where']}).")
+    return _paragraphs([line, spread, rec["finding"]])
+
+
+def _paragraphs(texts: list[str]) -> str:
+    return "\n" + "\n".join(textwrap.fill(t, WIDTH, break_on_hyphens=False, break_long_words=False) for t in texts)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train triplet and DBL on ShapesCaptions (2 CPU ranks) and compare")
-    p.add_argument("--config", default="demo", help="preset name or YAML path (default: demo)")
-    p.add_argument("--nproc", type=int, default=2)
+    p = sub.add_parser("demo", help="train triplet and DBL on ShapesCaptions (2 CPU ranks) and compare",
+                       description=__doc__,
+                       epilog="examples:\n  dbl-scale demo\n  dbl-scale demo train.steps=100   # a quicker look\n"
+                              "then: dbl-scale compare --experiment dbl_scale_demo --plot demo.png")
+    p.add_argument("--config", default="demo", help="preset name or YAML path")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (processes) each run trains on")
     p.add_argument("--tracking-uri", default=default_tracking_uri(),
                    help="any MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--experiment", default="dbl_scale_demo")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    p.add_argument("--experiment", default="dbl_scale_demo", help="MLflow experiment the two runs go to")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.steps=100")
     p.set_defaults(func=cmd_demo)

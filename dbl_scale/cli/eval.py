@@ -1,6 +1,6 @@
 """`dbl-scale eval`: evaluate a finished run (or its `best/` model) on any shard set.
 
-    dbl-scale eval --run-dir runs/r1/best --data data/coco --split test --protocol coco1k
+    dbl-scale eval --run-dir runs/coco-dbl/best --data data/coco --split test --protocol coco1k
 
 The split is embedded on all ranks (`evaluation.evaluate`, as training evaluates); rank 0
 writes the per-query ranks (`ranks.npz`; with `--save-embeddings` the embeddings too) and
@@ -17,17 +17,8 @@ import resource
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from .. import distributed
-from ..branches import load_model
-from ..config import load_config
-from ..data import eval_root
-from ..preprocess import Tokenize, image_transform
-from ..tokenizer import ensure_tokenizer
-from ..evaluation import evaluate, format_evaluation, report
-from ..tracking import Tracker
+from . import quiet
+from .checks import CommandError, run_folder
 from .launch import run_ranks
 
 MODULE = "dbl_scale.cli.eval"
@@ -39,7 +30,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     _add_options(p)
     args = p.parse_args(argv)
+    quiet.setup()  # before the libraries are imported: they read their settings then
+    import numpy as np
+    import torch
 
+    from .. import distributed
+    from ..branches import load_model
+    from ..config import load_config
+    from ..data import eval_root
+    from ..evaluation import evaluate, format_evaluation, report
+    from ..preprocess import Tokenize, image_transform
+    from ..tokenizer import ensure_tokenizer
+    from ..tracking import Tracker
+
+    quiet.same_format()
     distributed.init_distributed()
     model_dir = Path(args.run_dir)
     run_dir = model_dir.parent if model_dir.name == "best" else model_dir
@@ -81,24 +85,40 @@ def main(argv=None) -> int:
         torch.distributed.all_gather_object(peaks, peaks[0])
     if distributed.is_main():
         print("peak resident memory per rank: " + ", ".join(f"{p:.0f} MiB" for p in peaks), flush=True)
-    distributed.barrier()
+    distributed.shutdown()  # every rank leaves together; no communication thread outlives the run
     return 0
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, help="a finished run's folder, or its best/ folder")
-    p.add_argument("--data", help="shard folder (default: the run's data.root)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--protocol", choices=["standard", "coco1k"], default="standard")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--out", help="folder for ranks.npz, metrics.json and reports")
-    p.add_argument("--tracking-uri", help="default: the run's tracking.uri")
+    p.add_argument("--data", help="shard folder to evaluate on (default: the run's data.eval_root, else data.root)")
+    p.add_argument("--split", default="test", help="split of that folder's index to evaluate")
+    p.add_argument("--protocol", choices=["standard", "coco1k"], default="standard",
+                   help="standard: every image of the split; coco1k: the mean over 5 folds of 1000 images")
+    p.add_argument("--batch-size", type=int, default=128, help="images (and their captions) embedded at once per rank")
+    p.add_argument("--out", help="folder for ranks.npz, metrics.json and reports (default: RUN/eval/SPLIT-PROTOCOL)")
+    p.add_argument("--tracking-uri", help="MLflow store to log to (default: the run's tracking.uri)")
     p.add_argument("--nested", action="store_true", help="log to a nested run under the training run")
     p.add_argument("--save-embeddings", action="store_true", help="also write embeddings.npz (image and caption "
                                                                    "embeddings in image-id order)")
 
 
+def check(args) -> None:
+    """What the ranks will need, checked before they start: the run's model and config, and
+    the split in the shards it will read."""
+    from ..config import load_config
+    from ..data import eval_root, split_shards  # heavy (torch): when the command runs
+
+    model_dir = run_folder(args.run_dir)
+    cfg = load_config(model_dir / "config.yaml", [f"data.eval_root={args.data}"] if args.data else [])
+    root = eval_root(cfg.data)
+    if not Path(root).exists():
+        raise CommandError(f"the shards to evaluate on, {root}, are not here: give them with --data FOLDER")
+    split_shards(root, args.split)
+
+
 def cmd_eval(args) -> int:
+    check(args)
     forwarded = []
     for key in OPTIONS:
         value = getattr(args, key)
@@ -109,11 +129,18 @@ def cmd_eval(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a finished run on a shard set (standard or COCO 1K protocol)")
+    p = sub.add_parser("eval", help="evaluate a finished run on a shard set (standard or COCO 1K protocol)",
+                       description=__doc__,
+                       epilog="examples:\n"
+                              "  dbl-scale eval --run-dir runs/demo-dbl-20261207-101500   # the run's own test split\n"
+                              "  dbl-scale eval --run-dir runs/coco-dbl/best --data data/coco --split test "
+                              "--protocol coco1k")
     _add_options(p)
     p.add_argument("--nproc", type=int, default=2, help="ranks that embed the split")
     p.set_defaults(func=cmd_eval)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .. import distributed
+
+    distributed.exit_process(main())  # after the process group, not through a teardown that may abort

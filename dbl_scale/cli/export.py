@@ -7,29 +7,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import load_config
-from ..export import export, log_model
+from .checks import run_folder, sqlite_store
 
 
 def cmd_export(args) -> int:
-    out = export(args.run_dir, args.out)
-    print(f"exported {args.run_dir} to {out}: AutoModel.from_pretrained('{out}', trust_remote_code=True); "
-          "vision/ and text/ hold each tower alone")
-    if args.log or args.register:
-        run_dir = Path(args.run_dir)
+    from ..config import load_config
+    from ..export import export, log_model  # heavy (torch, transformers): when the command runs
+
+    run_dir = run_folder(args.run_dir, checkpoint_ok=True)
+    uri = run_id = None
+    if args.log or args.register:  # where to log, known before anything is written
+        if not (run_dir / "run.json").is_file():
+            raise ValueError(f"{run_dir} has no run.json (the MLflow run it was tracked in): export without "
+                             "--log / --register")
         run = json.loads((run_dir / "run.json").read_text())
         uri = args.tracking_uri or run.get("tracking_uri") or load_config(run_dir / "config.yaml").tracking.uri
-        model_uri = log_model(out, uri, run["mlflow_run_id"], register=args.register)
-        print(f"logged to MLflow run {run['mlflow_run_id']} as {model_uri}"
+        sqlite_store(uri)
+        run_id = run["mlflow_run_id"]
+    out = export(run_dir, args.out)
+    print(f"exported {run_dir} to {out}: AutoModel.from_pretrained('{out}', trust_remote_code=True); "
+          f"{out}/README.md shows how to embed images and captions; vision/ and text/ hold each tower alone")
+    if uri:
+        model_uri = log_model(out, uri, run_id, register=args.register)
+        print(f"logged to MLflow run {run_id} as {model_uri}"
               + (f"; registered as models:/{args.register}" if args.register else ""))
     return 0
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="a finished run's target for transformers (and MLflow's model format)")
+    p = sub.add_parser("export", help="a finished run's target for transformers (and MLflow's model format)",
+                       description=__doc__,
+                       epilog="examples:\n"
+                              "  dbl-scale export --run-dir runs/demo-dbl-20261207-101500 --out exported/demo-dbl\n"
+                              "  dbl-scale export --run-dir runs/coco-dbl --out exported/coco-dbl --register coco-dbl")
     p.add_argument("--run-dir", required=True, help="the run folder (runs/<name>)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write the model to (replaced if it exists)")
     p.add_argument("--log", action="store_true", help="also log it to the run's MLflow run as an MLflow model")
     p.add_argument("--register", metavar="NAME", help="log it and register it in the model registry as NAME")
-    p.add_argument("--tracking-uri", help="default: the run's own")
+    p.add_argument("--tracking-uri", help="MLflow store to log to (default: the run's own)")
     p.set_defaults(func=cmd_export)

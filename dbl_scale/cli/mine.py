@@ -17,12 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .. import distributed
-from ..branches import load_model
-from ..config import load_config
-from ..preprocess import Tokenize, image_transform
-from ..tokenizer import ensure_tokenizer
-from ..mining import mine
+from . import quiet
+from .checks import run_folder
 from .launch import run_ranks
 
 MODULE = "dbl_scale.cli.mine"
@@ -50,6 +46,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _add_options(parser)
     args = parser.parse_args(argv)
     faulthandler.enable()
+    quiet.setup()  # before the libraries are imported: they read their settings then
+    from .. import distributed
+    from ..branches import load_model
+    from ..config import load_config
+    from ..mining import mine
+    from ..preprocess import Tokenize, image_transform
+    from ..tokenizer import ensure_tokenizer
+
+    quiet.same_format()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(Path(args.run) / "config.yaml")
     if args.data:
@@ -59,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     distributed.init_distributed()
     rank, world = distributed.rank(), distributed.world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+                        format=quiet.FORMAT, datefmt=quiet.DATEFMT)
     with distributed.rank_zero_first():  # rank 0 builds a missing tokenizer once
         tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
     model = load_model(args.run, tokenizer).to(distributed.device())
@@ -91,12 +96,22 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..data import split_shards  # heavy (torch): when the command runs
+
+    cfg = load_config(run_folder(args.run) / "config.yaml")
+    split_shards(args.data or cfg.data.root, args.split or cfg.data.train_split)  # before any rank starts
     return run_ranks(args.nproc, MODULE, forwarded(args))
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register `dbl-scale mine`: the rank-side options plus --nproc."""
-    p = sub.add_parser("mine", help="mine AOQ offline hard negatives with a finished run (torchrun)")
+    p = sub.add_parser("mine", help="mine AOQ offline hard negatives with a finished run (torchrun)",
+                       description=__doc__,
+                       epilog="example:\n  dbl-scale mine --run-dir runs/triplet-20261207-101500 "
+                              "--out runs/triplet-20261207-101500/candidates\n"
+                              "  then: dbl-scale train loss.method=aoq "
+                              "loss.aoq.candidates=runs/triplet-20261207-101500/candidates ...")
     _add_options(p)
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine")
     p.set_defaults(func=cmd_mine)
@@ -104,4 +119,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .. import distributed
+
+    distributed.exit_process(main())  # after the process group, not through a teardown that may abort

@@ -12,24 +12,20 @@ import argparse
 import faulthandler
 import os
 import sys
-import warnings
 
-from .. import distributed
-from ..config import load_config, resolve_config
-from ..data import DataError, eval_root, split_shards
-from ..preprocess import resolve_image_config
-from ..tokenizer import tokenizer_path
-from ..methods import build_method
-from ..optim import deepspeed_config
-from ..run import Preempted
-from ..train import train
-from .data import prepare_data
+from . import quiet
 from .launch import config_args, local_ranks, run_ranks
 
 MODULE = "dbl_scale.cli.train"
 
 
 def cmd_train(args) -> int:
+    from ..config import load_config, resolve_config  # heavy (torch, transformers, deepspeed): when it runs
+    from ..methods import build_method
+    from ..optim import deepspeed_config
+    from ..preprocess import resolve_image_config
+    from .data import prepare_data
+
     config = resolve_config(args.config)
     cfg = load_config(config, args.overrides)  # fail here, before any process starts
     build_method(cfg)  # and on what the method itself needs
@@ -48,6 +44,9 @@ def check_data(cfg, world: int) -> None:
     is one line (a DataError), not a traceback from every rank: the training shards and their
     sample count, enough shards for every rank and loader worker, the evaluation splits the
     run will score, and where the tokenizer is."""
+    from ..data import DataError, eval_root, split_shards
+    from ..tokenizer import tokenizer_path
+
     d = cfg.data
     urls, samples = split_shards(d.root, d.train_split, d.samples_per_epoch)
     workers = max(d.workers, 1)
@@ -63,16 +62,26 @@ def check_data(cfg, world: int) -> None:
     tokenizer_path(d, cfg.model.text)
 
 
+EXAMPLES = """examples:
+  dbl-scale train --config demo --build-data loss.method=dbl train.steps=1000
+  dbl-scale train --config tiny data.root=data/mine tracking.run_name=first
+  dbl-scale train --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400 --nproc gpu --config vitb16_bertbase
+
+Every key of a config (dbl_scale/config.py) can be overridden as key=value; a wrong key or value
+is one line naming the key and what is allowed, before any rank starts."""
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="one training run under torchrun")
-    p.add_argument("--config", default=None, help="preset name or YAML path")
+    p = sub.add_parser("train", help="one training run under torchrun", description=__doc__, epilog=EXAMPLES)
+    p.add_argument("--config", default=None, help="preset name (demo, tiny, vitb16_bertbase) or YAML path; "
+                                                  "default: the defaults of dbl_scale/config.py")
     p.add_argument("--nproc", default="2", help="ranks on this machine: a number, or gpu (one per GPU)")
     p.add_argument("--nnodes", type=int, default=1, help="machines in the run (start the command on each)")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
     p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
                    help="where the machines meet (the first node); needed when --nnodes > 1")
     p.add_argument("--build-data", action="store_true", help="build ShapesCaptions under data.root if missing")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.steps=100")
     p.set_defaults(func=cmd_train)
 
 
@@ -86,8 +95,13 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after --config (as slurm/ passes them)
     faulthandler.enable()  # a native crash prints the Python stack of every thread
-    # DeepSpeed 0.19 calls a torch collective that torch 2.13 marks deprecated, on every step
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    quiet.setup()  # before the libraries are imported: they read their settings then
+    from .. import distributed
+    from ..config import load_config
+    from ..run import Preempted
+    from ..train import train
+
+    quiet.same_format()
     cfg = load_config(args.config, args.overrides)  # validated before any process group starts
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -101,4 +115,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .. import distributed
+
+    distributed.exit_process(main())  # after the process group, not through a teardown that may abort

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import argparse
 
-from . import data as bench_data
-from . import eval as bench_eval
-from . import gpu, loss, memory, methods, scale
 
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `bench` and its sub-commands on an argparse sub-parser set."""
-    p = subparsers.add_parser("bench", help="benchmarks", description=__doc__,
+def add_parser(subparsers, commands: bool = True) -> argparse.ArgumentParser:
+    """Register `bench` and, with `commands`, its sub-commands on an argparse sub-parser set.
+    The sub-commands' modules import torch: `dbl-scale --help` and the other commands leave
+    them out (`commands=False`) and stay fast."""
+    p = subparsers.add_parser("bench", help="benchmarks (BENCHMARKS.md records their figures)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench_command", required=True)
+    if not commands:
+        return p
+    from . import data as bench_data  # heavy (torch): only when `bench` is the command
+    from . import eval as bench_eval
+    from . import gpu, loss, memory, methods, scale
+
     for module in (loss, methods, bench_eval, memory, bench_data, gpu, scale):
         module.add_parser(bsub)
     return p

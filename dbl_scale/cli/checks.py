@@ -1,0 +1,43 @@
+"""What a command checks before it starts any rank, so a wrong path is one line that says what
+was given and what to give instead (`CommandError`), never a traceback from every rank."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A wrong input a user can fix (a missing folder, a run that is not there): one line."""
+
+
+def _runs_near(path: Path) -> str:
+    """A hint naming the newest finished runs beside `path` (or saying there are none)."""
+    parent = path.parent if str(path.parent) not in ("", ".") or path.parent.exists() else Path(".")
+    runs = sorted((p for p in parent.glob("*") if (p / "config.yaml").is_file()), key=lambda p: p.stat().st_mtime,
+                  reverse=True) if parent.is_dir() else []
+    if runs:
+        return f"runs in {parent}: {', '.join(str(p) for p in runs[:3])}{', ...' if len(runs) > 3 else ''}"
+    return f"no run folders in {parent} (dbl-scale train or make demo writes them under runs/)"
+
+
+def run_folder(path: str | Path, option: str = "--run-dir", checkpoint_ok: bool = False) -> Path:
+    """A finished run's folder (or its best/): config.yaml and model.pt, or with `checkpoint_ok`
+    a checkpoints/ folder in place of model.pt."""
+    path = Path(path)
+    if not path.exists():
+        raise CommandError(f"{option} {path}: no such folder; give a finished run's folder ({_runs_near(path)})")
+    if not path.is_dir():
+        raise CommandError(f"{option} {path} is a file: give a run's folder (it holds config.yaml and model.pt)")
+    if not (path / "config.yaml").is_file():
+        raise CommandError(f"{option} {path} is not a run folder (no config.yaml); {_runs_near(path)}")
+    if not (path / "model.pt").is_file() and not (checkpoint_ok and (path / "checkpoints").is_dir()):
+        raise CommandError(f"{option} {path} has no model.pt: the run has not finished; resume it with "
+                           f"tracking.run_name={path.name} checkpoint.resume=latest")
+    return path
+
+
+def sqlite_store(uri: str, option: str = "--tracking-uri") -> None:
+    """An `sqlite:///` tracking URI names a file that exists: MLflow would create an empty store
+    for a mistyped path, which a read-only command must not do."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise CommandError(f"{option} {uri}: no MLflow store there (make demo and dbl-scale train write "
+                           "sqlite:///mlflow.db where they run); give the store's URI, e.g. sqlite:///path/to/mlflow.db")
