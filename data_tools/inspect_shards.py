@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from dbl_scale.shards import INDEX, good_captions, index_splits, key_and_extension, raw_captions
+from dbl_scale.shards import INDEX, DataError, good_captions, index_splits, key_and_extension, raw_captions
 
 
 @dataclass
@@ -33,10 +33,22 @@ class Sample:
 
 
 def read_index(root: str) -> dict:
-    path = Path(root) / INDEX
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: not a converted shard set (dbl-scale data convert ...)")
-    return json.loads(path.read_text())
+    """The index of a shard set; a DataError that says what `root` is instead and what to do."""
+    folder, path = Path(root), Path(root) / INDEX
+    if not folder.exists():
+        raise DataError(f"no folder {root}: give a shard set's folder (one holding {INDEX}, written by dbl-scale "
+                        f"data build or dbl-scale data convert)")
+    if not folder.is_dir():
+        raise DataError(f"{root} is a file, not a folder: give the folder that holds {INDEX} and the .tar shards")
+    if not path.is_file():
+        found = sorted(p.name for p in folder.iterdir())
+        held = f"it holds {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}" if found else "it is empty"
+        raise DataError(f"{root} is not a shard set ({held}; no {INDEX}): write one with dbl-scale data build --out "
+                        f"{root} (ShapesCaptions) or dbl-scale data convert ... --out {root}")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} does not read as JSON ({exc}): rewrite the shard set, or restore the file") from exc
 
 
 def samples(path: str) -> Iterator[Sample]:
@@ -68,51 +80,69 @@ def _sample(path: str, members: dict) -> Sample:
 @dataclass
 class Report:
     samples: dict = field(default_factory=dict)  # split -> samples read
-    errors: list = field(default_factory=list)  # "shard: sample: what"; any makes the set unusable
+    problems: list = field(default_factory=list)  # (severity, "shard: sample: what"); any makes the set unusable
     warnings: list = field(default_factory=list)  # what the converter skipped (missing images ...)
+
+    @property
+    def errors(self) -> list:
+        """The problems, the gravest first (an unreadable tar before the counts it upsets)."""
+        return [text for _, text in sorted(self.problems, key=lambda p: p[0])]
+
+
+# severities, gravest first
+UNREADABLE, BAD_SAMPLE, COUNT, DUPLICATE = range(4)
 
 
 def verify(root: str) -> Report:
     """Every tar reads, its sample count matches the index, every image decodes, every sample
-    has a non-empty caption, image ids are unique."""
+    has a non-empty caption, image ids are unique within each split (each split may number
+    its images from 0)."""
     index, report = read_index(root), Report()
-    ids: dict = {}
     for split in index_splits(index):
-        n = 0
+        n, ids = 0, {}
         for shard in index[split]["shards"]:
             try:
                 for s in samples(str(Path(root) / shard)):
                     n += 1
                     where = f"{shard}: {s.key}"
-                    if s.image is None:
-                        report.errors.append(f"{where}: no image")
-                    else:
-                        try:
-                            if s.features:
-                                f = np.load(io.BytesIO(s.image), allow_pickle=False)
-                                if f.ndim != 2 or not np.isfinite(f).all():
-                                    raise ValueError(f"shape {f.shape}, or values not finite")
-                            else:
-                                with Image.open(io.BytesIO(s.image)) as img:
-                                    img.load()
-                        except Exception as exc:
-                            report.errors.append(f"{where}: {'features do' if s.features else 'image does'} "
-                                                 f"not decode: {exc}")
-                    if not good_captions(s.captions):
-                        report.errors.append(f"{where}: no non-empty caption")
+                    problem = _sample_problem(s)
+                    if problem:
+                        report.problems.append((BAD_SAMPLE, f"{where}: {problem}"))
                     image_id = s.meta.get("image_id")
                     if image_id is not None:
                         if image_id in ids:
-                            report.errors.append(f"{where}: image id {image_id} also in {ids[image_id]}")
+                            report.problems.append((DUPLICATE, f"{where}: image id {image_id} also in {ids[image_id]} "
+                                                               f"(split '{split}')"))
                         ids[image_id] = where
             except (OSError, tarfile.TarError) as exc:
-                report.errors.append(f"{shard}: unreadable tar: {exc}")
+                report.problems.append((UNREADABLE, f"{shard}: unreadable tar (after {n} samples of split '{split}'): "
+                                                    f"{exc}; convert it again"))
         report.samples[split] = n
         if n != index[split]["samples"]:
-            report.errors.append(f"split '{split}': {n} samples in its shards, the index says "
-                                 f"{index[split]['samples']}")
+            report.problems.append((COUNT, f"split '{split}': {n} samples in its shards, the index says "
+                                           f"{index[split]['samples']}"))
     report.warnings = [f"{p.get('split', '?')}: {p['sample']}: {p['problem']}" for p in index.get("problems", [])]
     return report
+
+
+def _sample_problem(s: Sample) -> Optional[str]:
+    """What is wrong with one sample (no image, an image or features that do not decode, no
+    caption), or None."""
+    if s.image is None:
+        return "no image"
+    try:
+        if s.features:
+            f = np.load(io.BytesIO(s.image), allow_pickle=False)
+            if f.ndim != 2 or not np.isfinite(f).all():
+                raise ValueError(f"shape {f.shape}, or values not finite")
+        else:
+            with Image.open(io.BytesIO(s.image)) as img:
+                img.load()
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the sample's problem
+        return f"{'features do' if s.features else 'image does'} not decode: {exc}"
+    if not good_captions(s.captions):
+        return "no non-empty caption"
+    return None
 
 
 # ----------------------------------------------------------------------------- stats
@@ -124,15 +154,14 @@ def stats(root: str, png: Optional[str] = None) -> str:
     per_split = {}
     for split in index_splits(index):
         caps, words, sides, aspect = collections.Counter(), [], [], []
-        for shard in index[split]["shards"]:
-            for s in samples(str(Path(root) / shard)):
-                good = good_captions(s.captions)
-                caps[len(good)] += 1
-                words += [len(c.split()) for c in good]
-                if s.image is not None and not s.features:
-                    with Image.open(io.BytesIO(s.image)) as img:
-                        sides.append(max(img.size))
-                        aspect.append(img.size[0] / img.size[1])
+        for s in _split_samples(root, index, split):
+            good = good_captions(s.captions)
+            caps[len(good)] += 1
+            words += [len(c.split()) for c in good]
+            size = _image_size(s)
+            if size:
+                sides.append(max(size))
+                aspect.append(size[0] / size[1])
         per_split[split] = {"images": sum(caps.values()), "captions": len(words), "captions_per_image": caps,
                             "words": words, "sides": sides, "aspect": aspect}
     lines = []
@@ -184,29 +213,19 @@ def preview(root: str, out: str, split: Optional[str] = None, n: int = 48, thumb
     many samples it shows."""
     index = read_index(root)
     split = split or index_splits(index)[0]
-    if split not in index:
-        raise KeyError(f"split '{split}' not in {Path(root) / INDEX}; splits there: {index_splits(index)}")
+    if split not in index_splits(index):
+        raise DataError(f"split '{split}' not in {Path(root) / INDEX}; splits there: {', '.join(index_splits(index))}")
     cells = []
-    for shard in index[split]["shards"]:
-        for s in samples(str(Path(root) / shard)):
-            if len(cells) == n:
-                break
-            caps = "".join(f"<li>{html.escape(str(c))}</li>" for c in s.captions)
-            if s.features:  # region features: their shape instead of a picture
-                shape = np.load(io.BytesIO(s.image), allow_pickle=False).shape
-                picture, what = f"<div>region features {shape[0]} x {shape[1]}</div>", "features"
-            else:
-                with Image.open(io.BytesIO(s.image)) as img:
-                    img = img.convert("RGB")
-                    what = f"{img.size[0]}x{img.size[1]}"
-                    img.thumbnail((thumb, thumb))
-                    buf = io.BytesIO()
-                    img.save(buf, format="JPEG", quality=85)
-                picture = f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-            cells.append(f'<div class="c">{picture}<div class="k">{html.escape(s.key)} ({what}, '
-                         f'{html.escape(s.shard)})</div><ol>{caps}</ol></div>')
+    for s in _split_samples(root, index, split):
         if len(cells) == n:
             break
+        caps = "".join(f"<li>{html.escape(str(c))}</li>" for c in s.captions)
+        try:
+            picture, what = _picture(s, thumb)
+        except Exception as exc:  # noqa: BLE001 - a sample that does not decode is shown as such
+            picture, what = f"<div>does not decode: {html.escape(str(exc))}</div>", "broken"
+        cells.append(f'<div class="c">{picture}<div class="k">{html.escape(s.key)} ({what}, '
+                     f'{html.escape(s.shard)})</div><ol>{caps}</ol></div>')
     page = ("<!doctype html><meta charset='utf-8'><title>preview</title><style>"
             "body{font:13px sans-serif}.c{display:inline-block;vertical-align:top;width:340px;margin:6px}"
             ".k{color:#666}ol{margin:4px 0;padding-left:18px}</style>"
@@ -214,3 +233,39 @@ def preview(root: str, out: str, split: Optional[str] = None, n: int = 48, thumb
             + "".join(cells))
     Path(out).write_text(page, encoding="utf-8")
     return len(cells)
+
+
+def _split_samples(root: str, index: dict, split: str) -> Iterator[Sample]:
+    """The samples of a split in shard order; a shard that does not read is one DataError."""
+    for shard in index[split]["shards"]:
+        try:
+            yield from samples(str(Path(root) / shard))
+        except (OSError, tarfile.TarError) as exc:
+            raise DataError(f"{shard} of {root} does not read ({exc}): dbl-scale data verify {root} lists every "
+                            "problem") from exc
+
+
+def _image_size(s: Sample) -> Optional[tuple]:
+    if s.image is None or s.features:
+        return None
+    try:
+        with Image.open(io.BytesIO(s.image)) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - `verify` reports it; statistics skip it
+        return None
+
+
+def _picture(s: Sample, thumb: int) -> tuple[str, str]:
+    """A sample's thumbnail as inline HTML, and what it is (its size, or its features' shape)."""
+    if s.image is None:
+        return "<div>no image</div>", "no image"
+    if s.features:  # region features: their shape instead of a picture
+        shape = np.load(io.BytesIO(s.image), allow_pickle=False).shape
+        return f"<div>region features {shape[0]} x {shape[1]}</div>", "features"
+    with Image.open(io.BytesIO(s.image)) as img:
+        img = img.convert("RGB")
+        what = f"{img.size[0]}x{img.size[1]}"
+        img.thumbnail((thumb, thumb))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+    return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">', what

@@ -629,16 +629,17 @@ def add_arguments(p: argparse.ArgumentParser, default_out: str | None = None) ->
     """The build options, shared by this module's command line and `dbl-scale data build`."""
     p.add_argument("--out", required=default_out is None, default=default_out,
                    help="output folder for the shards and their index, dbl_index.json")
-    p.add_argument("--train", type=int, default=4000)
-    p.add_argument("--val", type=int, default=250)
-    p.add_argument("--test", type=int, default=500)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--train", type=int, default=4000, help="training images")
+    p.add_argument("--val", type=int, default=250, help="validation images")
+    p.add_argument("--test", type=int, default=500, help="test images (5 captions each)")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--shard-size", type=int, default=500, help="images per shard")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same data")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the images")
+    # argparse formats help with %: the rate's percent sign is written %%
     p.add_argument("--variant", choices=VARIANTS, default="standard",
-                   help="dense: always 3 shapes, each also solid or hollow (harder negatives); occluded: "
-                        f"one shape covered by noise in {OCCLUDED_RATE:.0%} of the images, the captions unchanged")
+                   help="dense: always 3 shapes, each also solid or hollow (harder negatives); occluded: one shape "
+                        f"covered by noise in {round(OCCLUDED_RATE * 100)}%% of the images, the captions unchanged")
     p.add_argument("--oracle", action="store_true", help="also print the fact-oracle rSum of the test split")
 
 

@@ -9,16 +9,17 @@ import time
 from pathlib import Path
 
 from data_tools import shapes_captions
-from data_tools.shapes_captions import build_shapes_captions
-
-from ..data import eval_root, is_shard_list, load_index, plain_shard_folder
-from ..tokenizer import ensure_tokenizer
 
 
 def prepare_data(cfg) -> dict:
     """The training data's index, after building ShapesCaptions under data.root when that folder
     is absent or empty; then the tokenizer if missing. A folder that holds anything but no index
     is an error that says what it holds: it may be a user's own data, never overwritten."""
+    from data_tools.shapes_captions import build_shapes_captions
+
+    from ..data import eval_root, is_shard_list, load_index, plain_shard_folder  # heavy (torch): when it runs
+    from ..tokenizer import ensure_tokenizer
+
     t0 = time.time()
     root = Path(cfg.data.root)
     if is_shard_list(cfg.data.root) or plain_shard_folder(root):  # shards as they are: nothing to build
@@ -83,13 +84,18 @@ def cmd_verify(args) -> int:
     from data_tools.inspect_shards import verify
 
     report = verify(args.root)
-    for line in report.warnings:
-        print(f"skipped when converted: {line}")
-    for line in report.errors:
+    errors, limit = report.errors, args.limit or None
+    for line in errors[:limit]:  # the gravest first
         print(f"error: {line}")
+    if limit and len(errors) > limit:
+        print(f"... and {len(errors) - limit} more error(s) (--limit 0 lists every one)")
+    for line in report.warnings[:limit]:
+        print(f"skipped when converted: {line}")
+    if limit and len(report.warnings) > limit:
+        print(f"... and {len(report.warnings) - limit} more skipped (--limit 0 lists every one)")
     counts = ", ".join(f"{s}={n}" for s, n in report.samples.items())
-    failed = bool(report.errors) or (args.strict and bool(report.warnings))
-    print(f"{args.root}: {counts} samples; {len(report.errors)} error(s), {len(report.warnings)} skipped when "
+    failed = bool(errors) or (args.strict and bool(report.warnings))
+    print(f"{args.root}: {counts} samples; {len(errors)} error(s), {len(report.warnings)} skipped when "
           f"converted{' (--strict: a failure)' if args.strict and report.warnings else ''}: "
           f"{'FAILED' if failed else 'ok'}")
     return 1 if failed else 0
@@ -105,38 +111,66 @@ def cmd_stats(args) -> int:
 def cmd_preview(args) -> int:
     from data_tools.inspect_shards import preview
 
-    out = args.out or str(Path(args.root) / "preview.html")
+    out = args.out or f"{Path(args.root).resolve().name}_preview.html"  # beside the user, never into the data
     n = preview(args.root, out, args.split, args.n)
-    print(f"{n} samples -> {out}")
+    print(f"{n} samples of {args.root} -> {out}")
     return 0
 
 
+DATA_EXAMPLES = """examples:
+  dbl-scale data build --out data/shapes_captions
+  dbl-scale data convert karpathy --json dataset_coco.json --images coco/ --out data/coco
+  dbl-scale data verify data/coco
+  dbl-scale data stats data/coco --png stats.png
+  dbl-scale data preview data/coco -n 48"""
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="dataset tools: build, convert, verify, stats, preview")
+    p = sub.add_parser("data", help="dataset tools: build, convert, verify, stats, preview", description=__doc__,
+                       epilog=DATA_EXAMPLES)
     dsub = p.add_subparsers(dest="data_command", required=True)
-    b = dsub.add_parser("build", help="write ShapesCaptions as WebDataset shards")
+    b = dsub.add_parser("build", help="write ShapesCaptions as WebDataset shards",
+                        description="Write the ShapesCaptions data set (images of coloured shapes, captions that "
+                                    "name them) as WebDataset shards with their index.",
+                        epilog="example:\n  dbl-scale data build --out data/shapes_captions --train 4000 --test 500")
     shapes_captions.add_arguments(b, default_out="data/shapes_captions")
     b.add_argument("--force", action="store_true", help="replace an existing folder")
     b.set_defaults(func=cmd_build)
 
-    c = dsub.add_parser("convert", help="your images and captions -> training shards (resumable)")
+    c = dsub.add_parser("convert", help="your images and captions -> training shards (resumable)",
+                        description="Convert images and captions into training shards (a re-run resumes).",
+                        epilog="examples:\n"
+                               "  dbl-scale data convert karpathy --json dataset_coco.json --images coco/ --out data/coco\n"
+                               "  dbl-scale data convert table --file pairs.csv --image-col path --caption-col text "
+                               "--out data/mine\n"
+                               "  dbl-scale data convert folder --images photos/ --test-frac 0.05 --out data/mine\n"
+                               "  dbl-scale data convert wds --shards 'web/{00000..00099}.tar' --out data/web")
     csub = c.add_subparsers(dest="source", required=True)
-    k = csub.add_parser("karpathy", help="COCO / Flickr30K with the Karpathy split JSON")
+    k = csub.add_parser("karpathy", help="COCO / Flickr30K with the Karpathy split JSON",
+                        epilog="example:\n  dbl-scale data convert karpathy --json coco/dataset_coco.json "
+                               "--images coco --out data/coco")
     k.add_argument("--json", required=True, help="dataset_coco.json or dataset_flickr30k.json")
     k.add_argument("--images", required=True, help="image folder (COCO: the one holding train2014/ and val2014/)")
     k.add_argument("--restval", choices=("train", "keep", "drop"), default="train",
                    help="COCO's restval images: into train (the usual 113K protocol), own split, or left out")
-    t = csub.add_parser("table", help="a CSV / TSV / JSONL / Parquet of (image, caption) rows")
-    t.add_argument("--file", required=True)
-    t.add_argument("--image-col", required=True)
-    t.add_argument("--caption-col", required=True)
+    t = csub.add_parser("table", help="a CSV / TSV / JSONL / Parquet of (image, caption) rows",
+                        epilog="example:\n  dbl-scale data convert table --file pairs.csv --image-col path "
+                               "--caption-col text --images-root photos/ --test-frac 0.01 --out data/mine")
+    t.add_argument("--file", required=True, help="the table: .csv, .tsv, .jsonl or .parquet")
+    t.add_argument("--image-col", required=True, help="column holding each row's image path")
+    t.add_argument("--caption-col", required=True, help="column holding each row's caption")
     t.add_argument("--split-col", default=None, help="column naming each row's split (else drawn by image)")
-    t.add_argument("--images-root", default="", help="folder the image column is relative to")
-    f = csub.add_parser("folder", help="a folder of images, each with a .txt of captions (one per line)")
-    f.add_argument("--images", required=True)
-    w = csub.add_parser("wds", help="existing WebDataset / img2dataset tars")
+    t.add_argument("--images-root", default="", help="folder the image column is relative to (default: as written)")
+    f = csub.add_parser("folder", help="a folder of images, each with a .txt of captions (one per line)",
+                        epilog="example:\n  dbl-scale data convert folder --images photos/ --test-frac 0.05 "
+                               "--out data/mine")
+    f.add_argument("--images", required=True, help="the folder (searched recursively): photo.jpg beside photo.txt")
+    w = csub.add_parser("wds", help="existing WebDataset / img2dataset tars",
+                        epilog="example:\n  dbl-scale data convert wds --shards 'web/{00000..00099}.tar' "
+                               "--test-frac 0.01 --out data/web")
     w.add_argument("--shards", required=True, help="brace pattern or URL, e.g. 'in/{00000..00009}.tar'")
-    pc = csub.add_parser("precomp", help="SCAN / VSE-infinity region features ({split}_ims.npy, {split}_caps.txt)")
+    pc = csub.add_parser("precomp", help="SCAN / VSE-infinity region features ({split}_ims.npy, {split}_caps.txt)",
+                         epilog="example:\n  dbl-scale data convert precomp --dir data/f30k_precomp --out data/f30k")
     pc.add_argument("--dir", required=True, help="e.g. data/f30k_precomp; train with model.vision.kind=precomp")
     for q in (t, f, w):
         q.add_argument("--val-frac", type=float, default=0.0, help="share of images drawn into val (by image)")
@@ -151,17 +185,28 @@ def add_parser(sub) -> None:
         q.add_argument("--strict", action="store_true", help="any skipped image or empty caption fails the run")
         q.set_defaults(func=cmd_convert)
 
-    v = dsub.add_parser("verify", help="every tar reads, counts match, images decode, captions non-empty")
-    v.add_argument("root")
+    v = dsub.add_parser("verify", help="every tar reads, counts match, images decode, captions non-empty",
+                        description="Read every sample of a shard set: the tars read, the counts match the index, "
+                                    "images decode, captions are non-empty, image ids are unique within a split. "
+                                    "Errors come first, the gravest first; exit 1 when there is any. Reads only.",
+                        epilog="example:\n  dbl-scale data verify data/shapes_captions")
+    v.add_argument("root", help="the shard set's folder (holding dbl_index.json)")
     v.add_argument("--strict", action="store_true", help="images skipped when converting also fail")
+    v.add_argument("--limit", type=int, default=20, help="problems listed of each kind; 0 lists every one")
     v.set_defaults(func=cmd_verify)
-    st = dsub.add_parser("stats", help="samples, captions per image, caption and image size histograms")
-    st.add_argument("root")
+    st = dsub.add_parser("stats", help="samples, captions per image, caption and image size histograms",
+                         description="Per split: images, captions per image, caption lengths, image sizes. Reads only.",
+                         epilog="example:\n  dbl-scale data stats data/shapes_captions --png stats.png")
+    st.add_argument("root", help="the shard set's folder (holding dbl_index.json)")
     st.add_argument("--png", default=None, help="also draw the histograms into this PNG")
     st.set_defaults(func=cmd_stats)
-    pv = dsub.add_parser("preview", help="an HTML contact sheet of N samples with their captions")
-    pv.add_argument("root")
-    pv.add_argument("--split", default=None)
-    pv.add_argument("-n", type=int, default=48)
-    pv.add_argument("--out", default=None, help="HTML file (default: ROOT/preview.html)")
+    pv = dsub.add_parser("preview", help="an HTML contact sheet of N samples with their captions",
+                         description="An HTML page of the first N samples of a split with their captions; written "
+                                     "where --out says, never into the shard set.",
+                         epilog="example:\n  dbl-scale data preview data/shapes_captions --split test -n 24 "
+                                "--out preview.html")
+    pv.add_argument("root", help="the shard set's folder (holding dbl_index.json)")
+    pv.add_argument("--split", default=None, help="which split (default: the index's first)")
+    pv.add_argument("-n", type=int, default=48, help="samples to show")
+    pv.add_argument("--out", default=None, help="HTML file (default: ROOTNAME_preview.html in this folder)")
     pv.set_defaults(func=cmd_preview)
