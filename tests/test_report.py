@@ -203,8 +203,8 @@ def test_compare_lists_runs_best_first_in_every_format(tmp_path, monkeypatch, ca
 
 def test_compare_plot_draws_settings_as_mean_and_band(tmp_path, monkeypatch):
     """Two seeds of one setting and one run of another: the figure's curves are the seeds' mean
-    (recall@K from each run's logged ranks, loss and val rSum from the metric histories), and
-    the figure goes to a new parent run of the three."""
+    (recall@K from each run's logged ranks, loss and val rSum from the metric histories); the
+    figure is a file, and the runs stay as they were (no parent, no new run)."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -233,14 +233,13 @@ def test_compare_plot_draws_settings_as_mean_and_band(tmp_path, monkeypatch):
     drawn = plot_runs(uri, "plot", tmp_path / "fig" / "cmp.png", max_k=10)
     png = (tmp_path / "fig" / "cmp.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    assert sorted(drawn) == ["dbl (2 seeds)", "triplet (1 seed)"]
+    assert sorted(drawn) == ["dbl (2 seeds)", "triplet (b0)"]
     a = drawn["dbl (2 seeds)"]
     want = (recall_curve(logged["a0"][1]["i2t"], 10) + recall_curve(logged["a1"][1]["i2t"], 10)) / 2
     np.testing.assert_allclose(a["i2t"], want)
     np.testing.assert_allclose(a["loss"], (logged["a0"][2] + logged["a1"][2]) / 2)
     np.testing.assert_allclose(a["val/rsum"], [100.5])
-    parents = client.search_runs([exp], "tags.`dbl_scale.comparison` = 'true'")
-    assert len(parents) == 1 and [x.path for x in client.list_artifacts(parents[0].info.run_id)] == ["cmp.png"]
+    assert len(client.search_runs([exp])) == 3
     for run_id, _, _ in logged.values():
-        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-    assert sorted(r["run"] for r in compare_runs(uri, "plot")) == ["a0", "a1", "b0"]  # not the figure's run
+        assert "mlflow.parentRunId" not in client.get_run(run_id).data.tags
+    assert sorted(r["run"] for r in compare_runs(uri, "plot")) == ["a0", "a1", "b0"]
