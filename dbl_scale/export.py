@@ -20,8 +20,10 @@ under a name.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -38,6 +40,7 @@ from .tokenizer import ensure_tokenizer
 from .methods import build_method
 from .models import DualEncoder
 
+log = logging.getLogger("dbl_scale.export")
 PYFUNC = Path(__file__).with_name("mlflow_pyfunc.py")  # MLflow's "model from code": logged as it is
 
 
@@ -52,7 +55,11 @@ def fp32_target_state(run_dir: Path) -> dict:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         verify_safe(branch)  # DeepSpeed's reader would unpickle anything
-        return get_fp32_state_dict_from_zero_checkpoint(str(found[-1]), tag=f"branch{target}")
+        printed = io.StringIO()  # the reader prints its progress: a debug note here, not the user's output
+        with contextlib.redirect_stdout(printed):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(found[-1]), tag=f"branch{target}")
+        log.debug("zero_to_fp32: %s", printed.getvalue().strip())
+        return state
     if branch is not None and (branch / "mp_rank_00_model_states.pt").exists():  # ZeRO-0: the module itself
         return {k: v.float() for k, v in safe_load(branch / "mp_rank_00_model_states.pt")["module"].items()}
     return {k: v.float() for k, v in safe_load(run_dir / "model.pt").items()}
@@ -122,10 +129,15 @@ def _tower_spec(tower: torch.nn.Module) -> tuple[dict, dict, str]:
 
 
 def _processor(cfg: Config, tokenizer):
-    from transformers import CLIPImageProcessor, VisionTextDualEncoderProcessor  # heavy, as above
+    import transformers  # heavy, as above
+    from transformers.utils import is_torchvision_available
 
     settings = {k: v for k, v in preprocessor_config(image_transform(cfg)).items() if k != "image_processor_type"}
-    return VisionTextDualEncoderProcessor(image_processor=CLIPImageProcessor(**settings), tokenizer=tokenizer)
+    # in transformers 5 CLIPImageProcessor is the torchvision backend; without torchvision (not
+    # installed here: DESIGN.md) its PIL twin runs instead: named so, loading it warns of nothing
+    name = "CLIPImageProcessor" if is_torchvision_available() else "CLIPImageProcessorPil"
+    image_processor = getattr(transformers, name, transformers.CLIPImageProcessor)(**settings)
+    return transformers.VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def _check_joint(model: DualEncoder, joint, processor, cfg: Config, tokenizer) -> None:

@@ -9,9 +9,11 @@ Each row holds an encoded image (bytes) or a caption (a string); `predict` retur
 embedding per row (float32, L2-normalised; an image when a row holds both).
 """
 import io
+from typing import Optional
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
@@ -25,7 +27,9 @@ class DualEncoderModel(mlflow.pyfunc.PythonModel):
         self.model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
         self.processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 
-    def predict(self, context, model_input, params=None):
+    # The type hints are MLflow's contract: a DataFrame in (checked against the logged signature),
+    # an array out; without them MLflow warns on every load and log.
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict] = None) -> np.ndarray:
         images = model_input["image"].tolist() if "image" in model_input else [None] * len(model_input)
         captions = model_input["caption"].tolist() if "caption" in model_input else [None] * len(model_input)
         out = np.zeros((len(images), self.model.config.embed_dim), dtype=np.float32)

@@ -117,15 +117,18 @@ class Tracker:
         digest and context ("training", "evaluation")."""
         if not self.enabled:
             return
-        from mlflow.data.dataset_source_registry import resolve_dataset_source  # heavy, as MlflowClient
+        from mlflow.data.code_dataset_source import CodeDatasetSource  # heavy, as MlflowClient
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json, resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        from mlflow.data.code_dataset_source import CodeDatasetSource
-
         def source(uri: str):
+            if "://" not in uri and not uri.startswith("pipe:"):
+                # a local path, named as such: MLflow registers two identical "local" sources
+                # (schemes "" and "file"), and its guess between them warns on every path
+                return get_dataset_source_from_json(json.dumps({"uri": uri}), "local")
             try:
-                return resolve_dataset_source(uri)  # a path, s3://, http(s)://
+                return resolve_dataset_source(uri)  # s3://, http(s)://
             except Exception:  # noqa: BLE001 - e.g. a pipe: URL, which no MLflow source names
                 return CodeDatasetSource({"uri": uri})
 
@@ -315,9 +318,14 @@ def apply_record(client, record: dict) -> None:
 
 
 def read_spool(path: Path) -> list[dict]:
-    """The records of a spool; a line cut short by a crash is skipped."""
+    """The records of a spool; a line cut short by a crash is skipped. A file none of whose
+    lines is a JSON object is not a spool: a ValueError, so nothing removes it."""
+    lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    if lines and not any(line.startswith("{") for line in lines):
+        raise ValueError(f"{path} is not an MLflow spool (no line of it is a tracking record): give a run's "
+                         "mlflow_spool.jsonl")
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in lines:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
