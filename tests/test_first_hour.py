@@ -183,9 +183,26 @@ def test_eval_names_a_missing_split_before_any_rank(shapes_root, tmp_path):
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
     save_config(load_config(TINY, [f"data.root={shapes_root}"]), run / "config.yaml")
-    (run / "model.pt").write_bytes(b"")  # checked for, not read, before the ranks start
+    import torch
+
+    torch.save({}, run / "model.pt")  # read as weights before the ranks start, not loaded into a model
     _one_line_error(_cli("eval", "--run-dir", run, "--split", "nosuch"), "data error", "'nosuch'", "test")
     _one_line_error(_cli("eval", "--run-dir", run, "--data", tmp_path / "gone"), "gone", "--data")
+    (run / "model.pt").write_bytes((run / "model.pt").read_bytes()[:40])  # a copy cut short
+    for command, *more in (("eval",), ("export", "--out", tmp_path / "out"), ("mine", "--out", tmp_path / "out")):
+        _one_line_error(_cli(command, "--run-dir", run, *more), "model.pt does not load as weights")
+
+
+@pytest.mark.launch
+def test_a_broken_config_a_file_for_a_folder_and_an_unknown_experiment_are_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    _one_line_error(_cli("train", "--config", tmp_path / "bad.yaml", cwd=tmp_path), "config error", "does not parse",
+                    "line 2")
+    (tmp_path / "notes.txt").write_text("x")
+    _one_line_error(_cli("data", "build", "--out", tmp_path / "notes.txt"), "dbl-scale data build:", "is a file")
+    shutil.copyfile(tmp_path / "mlflow.db", tmp_path / "store.db")
+    _one_line_error(_cli("compare", "--experiment", "nope", "--tracking-uri", f"sqlite:///{tmp_path / 'store.db'}"),
+                    "no experiment named 'nope'", "experiments there: Default")
 
 
 @pytest.mark.launch

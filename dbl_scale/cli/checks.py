@@ -35,6 +35,22 @@ def run_folder(path: str | Path, option: str = "--run-dir", checkpoint_ok: bool 
     return path
 
 
+def model_loads(run_dir: Path) -> None:
+    """The run's model.pt reads as weights (a file cut short or damaged is one line here, not a
+    traceback from every rank)."""
+    import torch  # heavy: the command that runs imports it anyway
+
+    path = Path(run_dir) / "model.pt"
+    if not path.is_file():
+        return  # a run exported from its checkpoints
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the reader says, the file is not a model
+        reason = " ".join(str(exc).split()).split(". ")[0][:200]
+        raise CommandError(f"{path} does not load as weights ({reason}): the file is "
+                           "damaged or not a dbl_scale model; copy it again, or export from the run's checkpoints") from exc
+
+
 def sqlite_store(uri: str, option: str = "--tracking-uri") -> None:
     """An `sqlite:///` tracking URI names a file that exists: MLflow would create an empty store
     for a mistyped path, which a read-only command must not do."""

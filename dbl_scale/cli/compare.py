@@ -76,7 +76,9 @@ def _eval_split(metric_names: Iterable[str], sort_by: str) -> Optional[str]:
 def _experiment(client, name: str, tracking_uri: str):
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        raise ValueError(f"no experiment named {name!r} at {tracking_uri}")
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"no experiment named {name!r} at {tracking_uri}; experiments there: "
+                         f"{', '.join(names) or 'none (make demo makes dbl_scale_demo)'}")
     return exp
 
 

@@ -41,6 +41,10 @@ def prepare_data(cfg) -> dict:
 
 
 def cmd_build(args) -> int:
+    from .checks import CommandError
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(f"--out {args.out} is a file: give a folder for the shards")
     if args.force and Path(args.out).exists():
         shutil.rmtree(args.out)
     return shapes_captions.run(args)
@@ -69,7 +73,7 @@ def cmd_convert(args) -> int:
             splits = convert.wds(args.shards, args.val_frac, args.test_frac)
         index = convert.write_shards(splits, opts)
     except convert.ConvertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"dbl-scale data convert: {exc}", file=sys.stderr)
         return 2
     parts = [f"{s}={index[s]['samples']} images, {index[s]['captions']} captions ({len(index[s]['shards'])} shards)"
              for s in splits]

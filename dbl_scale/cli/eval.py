@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import quiet
-from .checks import CommandError, run_folder
+from .checks import CommandError, model_loads, run_folder
 from .launch import run_ranks
 
 MODULE = "dbl_scale.cli.eval"
@@ -110,6 +110,7 @@ def check(args) -> None:
     from ..data import eval_root, split_shards  # heavy (torch): when the command runs
 
     model_dir = run_folder(args.run_dir)
+    model_loads(model_dir)
     cfg = load_config(model_dir / "config.yaml", [f"data.eval_root={args.data}"] if args.data else [])
     root = eval_root(cfg.data)
     if not Path(root).exists():

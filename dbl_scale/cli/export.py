@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checks import run_folder, sqlite_store
+from .checks import model_loads, run_folder, sqlite_store
 
 
 def cmd_export(args) -> int:
@@ -15,6 +15,7 @@ def cmd_export(args) -> int:
     from ..export import export, log_model  # heavy (torch, transformers): when the command runs
 
     run_dir = run_folder(args.run_dir, checkpoint_ok=True)
+    model_loads(run_dir)
     uri = run_id = None
     if args.log or args.register:  # where to log, known before anything is written
         if not (run_dir / "run.json").is_file():

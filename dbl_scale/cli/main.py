@@ -83,6 +83,8 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 
 def one_line(exc: BaseException) -> str:
     """An exception as the one line a user reads: what is wrong and what to do."""
+    import yaml
+
     from ..config import ConfigError
     from ..shards import DataError
 
@@ -91,17 +93,25 @@ def one_line(exc: BaseException) -> str:
         return f"config error: {text}"
     if isinstance(exc, DataError):
         return f"data error: {text}"
-    if isinstance(exc, (CommandError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, KeyError)):
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return (f"config error: a YAML file does not parse at line {mark.line + 1}, column {mark.column + 1}: "
+                f"{exc.problem}{f' ({exc.context})' if exc.context else ''}")
+    if isinstance(exc, KeyError):
         return text.strip("'\"")
+    if isinstance(exc, OSError) and exc.strerror:  # a path that is missing, a file, a folder, not allowed
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    if isinstance(exc, (CommandError, ValueError)):
+        return text
     return f"{type(exc).__name__}: {text} {TRACEBACK_HINT}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet.setup("--verbose" in argv or quiet.verbose())  # before the parser imports anything (tqdm reads it then)
     args = build_parser(argv).parse_args(argv)
     if args.debug:
         os.environ[quiet.DEBUG] = "1"
-    quiet.setup(args.verbose or quiet.verbose())
     logging.basicConfig(level=logging.INFO, format=quiet.FORMAT, datefmt=quiet.DATEFMT)
     try:
         return args.func(args)
@@ -112,7 +122,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if quiet.debug():
             raise
         line = one_line(exc)
-        print(f"dbl-scale {args.command}: {line}", file=sys.stderr)
+        command = " ".join(getattr(args, k) for k in ("command", "data_command", "tracking_command", "bench_command")
+                           if getattr(args, k, None))
+        print(f"dbl-scale {command}: {line}", file=sys.stderr)
         return 1 if line.endswith(TRACEBACK_HINT) else 2
 
 

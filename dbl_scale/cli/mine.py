@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import quiet
-from .checks import run_folder
+from .checks import model_loads, run_folder
 from .launch import run_ranks
 
 MODULE = "dbl_scale.cli.mine"
@@ -100,6 +100,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from ..data import split_shards  # heavy (torch): when the command runs
 
     cfg = load_config(run_folder(args.run) / "config.yaml")
+    model_loads(args.run)
     split_shards(args.data or cfg.data.root, args.split or cfg.data.train_split)  # before any rank starts
     return run_ranks(args.nproc, MODULE, forwarded(args))
 

@@ -62,6 +62,13 @@ def check_data(cfg, world: int) -> None:
     tokenizer_path(d, cfg.model.text)
 
 
+def nproc_type(value: str) -> str:
+    """--nproc: a positive number of ranks, or `gpu`."""
+    if value != "gpu" and not (value.isdigit() and int(value) > 0):
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of ranks (e.g. 2) or gpu")
+    return value
+
+
 EXAMPLES = """examples:
   dbl-scale train --config demo --build-data loss.method=dbl train.steps=1000
   dbl-scale train --config tiny data.root=data/mine tracking.run_name=first
@@ -75,7 +82,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train", help="one training run under torchrun", description=__doc__, epilog=EXAMPLES)
     p.add_argument("--config", default=None, help="preset name (demo, tiny, vitb16_bertbase) or YAML path; "
                                                   "default: the defaults of dbl_scale/config.py")
-    p.add_argument("--nproc", default="2", help="ranks on this machine: a number, or gpu (one per GPU)")
+    p.add_argument("--nproc", default="2", type=nproc_type, help="ranks on this machine: a number, or gpu (one per GPU)")
     p.add_argument("--nnodes", type=int, default=1, help="machines in the run (start the command on each)")
     p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
     p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
