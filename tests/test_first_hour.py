@@ -194,7 +194,12 @@ def test_eval_names_a_missing_split_before_any_rank(shapes_root, tmp_path):
 
 
 @pytest.mark.launch
-def test_a_broken_config_a_file_for_a_folder_and_an_unknown_experiment_are_one_line(tmp_path):
+def test_a_broken_config_a_file_for_a_folder_and_an_unknown_experiment_are_one_line(shapes_root, tmp_path):
+    from conftest import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"  # no MLflow server there: rank 0 failed after the ranks started
+    _one_line_error(_cli("train", "--config", "tiny", f"data.root={shapes_root}", f"tracking.uri={closed}",
+                         cwd=tmp_path), "does not answer", "mlflow server")
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     _one_line_error(_cli("train", "--config", tmp_path / "bad.yaml", cwd=tmp_path), "config error", "does not parse",
                     "line 2")

@@ -2,7 +2,9 @@
 was given and what to give instead (`CommandError`), never a traceback from every rank."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 class CommandError(Exception):
@@ -57,3 +59,17 @@ def sqlite_store(uri: str, option: str = "--tracking-uri") -> None:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise CommandError(f"{option} {uri}: no MLflow store there (make demo and dbl-scale train write "
                            "sqlite:///mlflow.db where they run); give the store's URI, e.g. sqlite:///path/to/mlflow.db")
+
+
+def tracking_answers(uri: str) -> None:
+    """An http(s) tracking server accepts a connection: a run must not start its ranks only for
+    rank 0 to fail at its first MLflow call (one connection attempt, a few seconds at most)."""
+    parts = urlparse(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=5).close()
+    except OSError as exc:
+        raise CommandError(f"MLflow at {uri} does not answer ({exc.strerror or exc}): start the server "
+                           "(mlflow server ...), or set tracking.uri / MLFLOW_TRACKING_URI to a reachable store") from exc

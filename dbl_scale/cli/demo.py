@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..config import default_tracking_uri
+from .checks import tracking_answers
 from .launch import config_args, run_ranks
 from .train import MODULE as TRAIN
 
@@ -31,6 +32,7 @@ def cmd_demo(args) -> int:
     config = resolve_config(args.config)
     overrides = [f"tracking.uri={args.tracking_uri}", f"tracking.experiment={args.experiment}"] + args.overrides
     cfg = load_config(config, overrides)
+    tracking_answers(cfg.tracking.uri)
     t0 = time.time()
     index = prepare_data(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import quiet
-from .checks import CommandError, model_loads, run_folder
+from .checks import CommandError, model_loads, run_folder, sqlite_store, tracking_answers
 from .launch import run_ranks
 
 MODULE = "dbl_scale.cli.eval"
@@ -116,6 +116,9 @@ def check(args) -> None:
     if not Path(root).exists():
         raise CommandError(f"the shards to evaluate on, {root}, are not here: give them with --data FOLDER")
     split_shards(root, args.split)
+    uri = args.tracking_uri or cfg.tracking.uri  # where the results are logged at the end
+    sqlite_store(uri, "the run's MLflow store (tracking.uri; else --tracking-uri)")
+    tracking_answers(uri)
 
 
 def cmd_eval(args) -> int:

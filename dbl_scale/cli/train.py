@@ -14,6 +14,7 @@ import os
 import sys
 
 from . import quiet
+from .checks import tracking_answers
 from .launch import config_args, local_ranks, run_ranks
 
 MODULE = "dbl_scale.cli.train"
@@ -35,6 +36,8 @@ def cmd_train(args) -> int:
     if args.build_data:
         prepare_data(cfg)
     check_data(cfg, nproc * args.nnodes)  # a data problem is one line here, not a traceback from every rank
+    if args.node_rank == 0:
+        tracking_answers(cfg.tracking.uri)  # only global rank 0 talks to MLflow
     return run_ranks(nproc, MODULE, config_args(config, args.overrides), args.nnodes, args.node_rank,
                      args.rdzv_endpoint)
 
