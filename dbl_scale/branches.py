@@ -8,6 +8,7 @@ runs or `from_pretrained` folders are loaded straight into the shards.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,8 +18,10 @@ import torch
 from . import checkpoint, distributed
 from .config import Config, load_config
 from .methods import EMA, FROZEN, TARGET, TRAINED, Method, build_method
-from .models import DualEncoder, FrozenEncoders
+from .models import DualEncoder, FrozenEncoders, compile_blocker, compile_towers
 from .optim import deepspeed_config, is_zero3, lr_lambdas, param_groups
+
+log = logging.getLogger("dbl_scale")
 
 
 @dataclass
@@ -195,7 +198,20 @@ def build_branches(cfg: Config, method: Method, tokenizer, world: int) -> list[B
         if br.role == EMA:
             ema_update(br.module, target.module, 0.0)  # the EMA starts equal to the target
             br.reset_master()
+    if cfg.train.compile:
+        compile_branches(branches, target.device)
     return branches
+
+
+def compile_branches(branches: list[Branch], device: torch.device) -> None:
+    """`train.compile`: every branch's transformer blocks compiled (`models.compile_towers`), or
+    all eager, with the reason logged, where torch.compile cannot run here."""
+    blocker = compile_blocker(device)
+    if blocker is not None:
+        log.warning("train.compile=true, but %s: the towers run eager", blocker)
+        return
+    blocks = sum(compile_towers(br.module) for br in branches)
+    log.info("train.compile: %d transformer blocks compiled (at their first call)", blocks)
 
 
 def _slots(p: torch.nn.Parameter) -> tuple[str, ...]:

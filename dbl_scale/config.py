@@ -103,7 +103,12 @@ class DataConfig:
     eval_split: str = "test"
     image: ImageConfig = field(default_factory=ImageConfig)
     batch_size: int = positive(32)  # per rank
-    workers: int = at_least_0(1)  # loader processes per rank
+    # loader processes per rank; auto: the machine's cores shared by its local ranks, one core
+    # of each left to its main process, at most one worker per shard the rank reads
+    workers: Union[int, Literal["auto"]] = at_least_0(1)
+    # where JPEGs are decoded: cpu (the loader workers, PIL) or gpu (nvJPEG through torchvision's
+    # decode_jpeg on the rank's CUDA device; the workers only read the shards); gpu needs torchvision
+    decode: Literal["cpu", "gpu"] = "cpu"
     shuffle_buffer: int = at_least_0(1000)  # samples; 0 turns sample shuffling off
     tokenizer: Optional[str] = None  # local HF tokenizer folder; None: <root>/tokenizer
     # ShapesCaptions, built under `root` when it is absent or empty (--build-data, the demo).
@@ -260,6 +265,9 @@ class TrainConfig:
     # how long a rank waits in a collective for the others before it fails (a rank that died or
     # hangs): NCCL's own default; raise it if rank 0 alone writes very large files
     collective_timeout_s: int = positive(600)
+    # torch.compile each transformer block of the towers (inductor fuses norms, activations and
+    # residual adds); ZeRO stages 0-2. Eager where TorchDynamo is disabled or no compiler is found
+    compile: bool = False
 
 
 @dataclass
@@ -469,6 +477,14 @@ def validate(cfg: Config) -> None:
     if vision.image_size % vision.patch_size:
         raise ConfigError("config key 'model.vision.patch_size': must divide model.vision.image_size "
                           f"({vision.patch_size} does not divide {vision.image_size})")
+    if cfg.data.decode == "gpu":
+        image = cfg.data.image
+        if vision.kind == "precomp":
+            raise ConfigError("config key 'data.decode': 'gpu' decodes JPEGs; a precomp tower reads region "
+                              "features: set data.decode=cpu")
+        if image.crop_scale[0] < 1.0 or image.hflip:
+            raise ConfigError("config key 'data.decode': 'gpu' does not augment; set data.decode=cpu, or "
+                              "data.image.crop_scale=[1.0, 1.0] and data.image.hflip=false")
     for sec in ("vision", "text"):
         tower = getattr(cfg.model, sec)
         if tower.hidden % tower.heads:
@@ -483,7 +499,7 @@ def _check_bounds(section, prefix: str = "") -> None:
             _check_bounds(value, key + ".")
             continue
         bounds = f.metadata.get("bounds")
-        if bounds is None or value is None:
+        if bounds is None or value is None or isinstance(value, str):  # a named value ("auto"): no range
             continue
         low, low_open, high, high_open = bounds
         below = low is not None and (value < low or (low_open and value == low))

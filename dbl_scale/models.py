@@ -9,7 +9,9 @@ token for images, the EOS token for text) and its projection starts as the check
 """
 from __future__ import annotations
 
+import functools
 import math
+import types
 from typing import NamedTuple, Optional
 
 import torch
@@ -284,3 +286,56 @@ class FrozenEncoders(nn.Module):
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         txt = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return Embeddings(F.normalize(pooled.float(), dim=-1), F.normalize(txt.float(), dim=-1))
+
+
+def transformer_blocks(tower: nn.Module) -> list[nn.Module]:
+    """A tower's repeated blocks: the first module list whose members share one class (BERT's,
+    RoBERTa's and ViT's `encoder.layer`, CLIP's `encoder.layers`); empty when it has none."""
+    for module in tower.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            return list(module)
+    return []
+
+
+def compile_blocker(device: torch.device) -> Optional[str]:
+    """Why torch.compile cannot run on `device` here, or None when it can: TorchDynamo disabled
+    (TORCHDYNAMO_DISABLE=1), no C++ compiler for inductor's CPU kernels, no Triton for its GPU
+    kernels. Where it says why, the towers stay eager."""
+    import torch._dynamo  # heavy (seconds): only for runs that ask for compile
+
+    if torch._dynamo.config.disable:
+        return "TorchDynamo is disabled (TORCHDYNAMO_DISABLE=1)"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "Triton does not import (inductor writes its GPU kernels with it)"
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 - inductor's search raises its own types
+        return f"no C++ compiler for inductor's CPU kernels (set CXX, or install g++): {exc}".splitlines()[0]
+    return None
+
+
+def compile_towers(model: nn.Module) -> int:
+    """torch.compile each transformer block's `forward` in `model`'s towers (`vision`, `text`),
+    in place; a tower without blocks (precomp) is compiled whole. One compiled function per
+    block class, bound to each block: blocks of a class share their graphs, module hooks
+    (ZeRO's parameter fetches) stay outside the compiled code, parameter names and state dicts
+    are unchanged, and a deep copy is compiled too (bound to the copy). Compilation happens at
+    the first call. Returns the number of modules compiled."""
+    compiled = 0
+    for name in ("vision", "text"):
+        tower = getattr(model, name, None)
+        if tower is None:
+            continue
+        for module in transformer_blocks(tower) or [tower]:
+            module.forward = types.MethodType(_compiled_forward(type(module)), module)
+            compiled += 1
+    return compiled
+
+
+@functools.cache
+def _compiled_forward(cls: type):
+    return torch.compile(cls.forward)

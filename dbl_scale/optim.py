@@ -64,6 +64,12 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
                           f"{cfg.data.batch_size} x {world} ranks x train.grad_accum {cfg.train.grad_accum} is "
                           f"{global_batch}; set it to \"auto\" (or a multiple that the world size divides)")
     _check_zero_options(ds.get("zero_optimization", {}), path)
+    if cfg.train.compile and is_zero3(ds):
+        # ZeRO-3 hooks every layer to fetch its parameters; each hook breaks the compiled block
+        # into pieces (dozens of small graphs, nothing fused): no faster than eager
+        raise ConfigError(f"config key 'train.compile': true works under ZeRO stages 0-2, but {path} is stage 3, "
+                          "whose per-layer parameter fetches split every compiled block; set train.compile=false "
+                          "or train.deepspeed to a stage 0-2 config (zero2, zero2_gpu)")
     params = ds.get("optimizer", {}).get("params", {})
     offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     opt_fills = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
