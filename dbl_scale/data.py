@@ -26,15 +26,19 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
 import torch
 from webdataset.tariterators import tarfile_samples
 
-from .preprocess import ImageTransform, Tokenize, as_transform
+from .preprocess import (ImageTransform, RegionFeatures, Tokenize, as_transform, check_gpu_decode,
+                         decode_on_device, gpu_decodable)
 from .shards import (INDEX, DataError, good_captions, index_splits, is_shard_list, is_url, raw_captions,
                      shard_url, string_id)
 
@@ -235,13 +239,15 @@ class StreamSpec:
     transform: ImageTransform
     shuffle_buffer: int
     seed: int
+    encoded: bool = False  # JPEGs cross the worker boundary encoded, to be decoded on the GPU
 
 
 class TrainStream(torch.utils.data.IterableDataset):
     """Endless stream of batches for one rank, starting at epoch `epoch`.
 
-    Yields dicts: pixel_values, captions (one drawn per sample), image_ids, caption_index (which
-    of the image's captions was drawn), skipped.
+    Yields dicts: pixel_values (uint8 B x 3 x S x S; with `encoded`, a list of B uint8 tensors:
+    a JPEG's bytes, or the decoded image where the GPU cannot take it), captions (one drawn per
+    sample), image_ids, caption_index (which of the image's captions was drawn), skipped.
     Tokenisation happens in `TrainLoader.batches` (main process), so workers stay tokenizer-free.
     """
 
@@ -280,8 +286,10 @@ class TrainStream(torch.utils.data.IterableDataset):
                 draw = random.Random((spec.seed * 1_000_003 + sample["__pass__"]) * 1_000_003 + image_id)
                 j = draw.randrange(len(captions))
                 t = spec.transform
-                # uint8 across the worker boundary (4x fewer bytes than float); normalised per batch
-                pixels = torch.from_numpy(t.decode(sample["jpg"], draw if t.augments else None, fast=True))
+                if spec.encoded and gpu_decodable(sample["jpg"]):
+                    pixels = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
+                else:  # uint8 across the worker boundary (4x fewer bytes than float); normalised per batch
+                    pixels = torch.from_numpy(t.decode(sample["jpg"], draw if t.augments else None, fast=True))
             except Exception as exc:  # a corrupt image or json: skip it, count it
                 log.warning("skipping sample %s: %s", sample.get("__key__"), exc)
                 skipped += 1
@@ -289,7 +297,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             health.usable()
             batch.append((pixels, captions[j], image_id, j))
             if len(batch) == spec.batch_size:
-                yield {"pixel_values": torch.stack([b[0] for b in batch]),
+                pixels = [b[0] for b in batch]
+                yield {"pixel_values": pixels if spec.encoded else torch.stack(pixels),
                        "captions": [b[1] for b in batch],
                        "image_ids": torch.tensor([b[2] for b in batch], dtype=torch.long),
                        "caption_index": torch.tensor([b[3] for b in batch], dtype=torch.long),
@@ -350,11 +359,107 @@ def _shuffle_within_pass(src: Iterator[dict], bufsize: int, pass_rng) -> Iterato
     yield from buf
 
 
+# ----------------------------------------------------------------------------- the loader
+
+@dataclass(frozen=True)
+class LoaderPlan:
+    workers: int  # loader processes per rank
+    prefetch: int  # batches each worker may have ready ahead (DataLoader's prefetch_factor)
+    why: str  # how it was chosen, for the log
+
+
+def usable_cores() -> tuple[int, int]:
+    """(CPU cores this rank's node share is drawn from, local ranks sharing them): torchrun's
+    LOCAL_WORLD_SIZE ranks share the process's CPU set; a Slurm task bound to its own
+    SLURM_CPUS_PER_TASK cores (srun without torchrun) has them to itself."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    if "LOCAL_WORLD_SIZE" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return min(cores, int(os.environ["SLURM_CPUS_PER_TASK"])), 1
+    return cores, max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def loader_plan(workers: "int | str", shards_per_rank: int, batch_bytes: int, cores: int, local_ranks: int,
+                shm_bytes: Optional[int] = None) -> LoaderPlan:
+    """Workers and prefetch for one rank. `auto`: the cores shared by the node's ranks, one per
+    rank kept for its main process (the step, tokenising, the copies), and no more workers than
+    the rank has shards (each worker reads its own). Prefetch keeps at least 4 batches in flight
+    (2 per worker from 2 workers on), fewer where their uint8 pixels would fill more than half
+    of `shm_bytes` (the shared memory they cross in) shared by the local ranks."""
+    if workers == "auto":
+        per_rank = cores // local_ranks
+        n = max(1, min(per_rank - 1, shards_per_rank))
+        capped = f"; capped by the {shards_per_rank} shards each rank reads" if per_rank - 1 > shards_per_rank else ""
+        why = (f"data.workers=auto: {n} per rank ({cores} cores / {local_ranks} local rank(s), one kept for each "
+               f"main process{capped})")
+    else:
+        n, why = int(workers), f"data.workers={workers}"
+    prefetch = max(2, -(-4 // max(n, 1)))
+    if n and shm_bytes:
+        while prefetch > 1 and n * prefetch * batch_bytes * local_ranks > shm_bytes // 2:
+            prefetch -= 1
+    return LoaderPlan(n, prefetch, f"{why}, prefetch {prefetch} batches per worker" if n else why)
+
+
+def _shm_bytes() -> Optional[int]:
+    try:
+        st = os.statvfs("/dev/shm")
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return None
+
+
+class LoaderWait:
+    """How long the step waited for its batches since the last `take`: host seconds spent
+    asking for the next batch (read, tokenised, sent to the device), and, on CUDA, how long the
+    device sat idle meanwhile: from the end of the work queued before the batch was asked for
+    to the batch being ready on the device (CUDA events, read at `take`, when the step has
+    synchronised anyway). Host wait overstates a GPU's starvation (the backward may still run
+    while the host waits); the device's idle time is the starvation itself."""
+
+    def __init__(self, device: Optional[torch.device]):
+        self.device = device
+        self.seconds, self.batches, self.events = 0.0, 0, []
+
+    def asked(self):
+        """Marks the moment the consumer asks for a batch (an event on CUDA)."""
+        return self._event()
+
+    def ready(self, seconds: float, asked) -> None:
+        self.seconds += seconds
+        self.batches += 1
+        if asked is not None:
+            self.events.append((asked, self._event()))
+
+    def _event(self):
+        if self.device is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def take(self) -> tuple[int, dict[str, float]]:
+        """(batches, total seconds) since the last take: `wait_s` (host) and, on CUDA,
+        `device_idle_s`."""
+        out = {"wait_s": self.seconds}
+        if self.device is not None:
+            out["device_idle_s"] = 0.0
+            for asked, ready in self.events:
+                ready.synchronize()
+                out["device_idle_s"] += asked.elapsed_time(ready) / 1e3
+        batches = self.batches
+        self.seconds, self.batches, self.events = 0.0, 0, []
+        return batches, out
+
+
 class TrainLoader:
     """Tokenised batches for one rank (the raw captions stay in "captions"); every rank runs
     `steps_per_epoch` steps per epoch. With a CUDA `device`, pixels cross to it as uint8 from
-    pinned memory (a quarter of float32's bytes, copied while the host goes on) and are
-    normalised there; elsewhere they are normalised on the host."""
+    pinned memory (a quarter of float32's bytes) on a side stream, so the copy overlaps the
+    step still running, and are normalised there (`data.decode=gpu`: decoded there too);
+    elsewhere they are normalised on the host. `wait` measures what the step waits for."""
 
     def __init__(self, data_cfg, image: "ImageTransform | int", tokenizer, max_length: int, rank: int, world: int,
                  seed: int, device: Optional[torch.device] = None):
@@ -366,7 +471,12 @@ class TrainLoader:
         if self.steps_per_epoch == 0:
             raise DataError(f"{samples} samples cannot fill one batch of {data_cfg.batch_size} on each of "
                             f"{world} ranks")
-        workers = data_cfg.workers
+        transform = as_transform(image)
+        cores, local_ranks = usable_cores()
+        batch_bytes = data_cfg.batch_size * int(np.prod(transform.empty_shape)) * (
+            4 if isinstance(transform, RegionFeatures) else 1)
+        self.plan = loader_plan(data_cfg.workers, len(urls) // world, batch_bytes, cores, local_ranks, _shm_bytes())
+        workers = self.plan.workers
         if len(urls) < world * max(workers, 1):
             raise DataError(f"{len(urls)} '{data_cfg.train_split}' shard(s) for {world} ranks x "
                             f"{max(workers, 1)} loader worker(s): every worker needs a shard of its own, or "
@@ -376,12 +486,19 @@ class TrainLoader:
             log.warning("%d shards do not divide evenly over %d ranks x %d workers: epochs stay equal in "
                         "length but a few samples may repeat or wait for the next epoch",
                         len(urls), world, max(workers, 1))
-        self.stream = TrainStream(StreamSpec(urls, rank, world, data_cfg.batch_size, as_transform(image),
-                                             data_cfg.shuffle_buffer, seed))
-        self.workers = workers
+        if rank == 0:
+            log.info("loader: %s", self.plan.why)
         self.device = device if device is not None and torch.device(device).type == "cuda" else None
+        decode_on_gpu = data_cfg.decode == "gpu"
+        if decode_on_gpu:
+            check_gpu_decode(self.device)
+        self.stream = TrainStream(StreamSpec(urls, rank, world, data_cfg.batch_size, transform,
+                                             data_cfg.shuffle_buffer, seed, encoded=decode_on_gpu))
+        self.workers = workers
         self.tokenize = Tokenize(tokenizer, max_length)
         self.skipped = 0
+        self.wait = LoaderWait(self.device)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device is not None else None
 
     def batches(self, start_epoch: int = 0) -> Iterator[dict]:
         """Tokenised batches without end, from the first batch of `start_epoch` on; epoch e
@@ -389,19 +506,66 @@ class TrainLoader:
         started once, not once per epoch."""
         self.stream.epoch = start_epoch
         loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.workers,
-                                             prefetch_factor=4 if self.workers else None,
+                                             prefetch_factor=self.plan.prefetch if self.workers else None,
                                              persistent_workers=False, pin_memory=self.device is not None)
-        for batch in loader:
+        source = iter(loader)
+        while True:
+            t0, asked = time.perf_counter(), self.wait.asked()
+            batch = next(source, None)
+            if batch is None:
+                return
             self.skipped += batch.pop("skipped")
-            pixels = batch["pixel_values"]
-            if self.device is not None:  # pinned: the copy is queued on the device's stream, which normalises next
-                pixels = pixels.to(self.device, non_blocking=True)
-            batch["pixel_values"] = self.stream.spec.transform.normalize(pixels)
             batch.update(self.tokenize(batch["captions"]))
+            batch = self._on_device(batch) if self.device is not None else self._on_host(batch)
+            self.wait.ready(time.perf_counter() - t0, asked)
             yield batch
+
+    def _on_host(self, batch: dict) -> dict:
+        batch["pixel_values"] = self.stream.spec.transform.normalize(batch["pixel_values"])
+        return batch
+
+    def _on_device(self, batch: dict) -> dict:
+        """The batch's pixels on the device, copied (decoded) and normalised on the side stream;
+        the compute stream waits for them, and they stay allocated until it is done with them.
+        Tokens and ids stay on the host (a method may extend the batch there, as AOQ does; the
+        step moves them: a few hundred KB)."""
+        transform, dev = self.stream.spec.transform, self.device
+        with torch.cuda.stream(self._copy_stream):
+            pixels = batch["pixel_values"]
+            if isinstance(pixels, list):  # data.decode=gpu
+                pixels, bad = decode_on_device(pixels, transform, dev)
+                if bad:
+                    batch, pixels = _replace_samples(batch, pixels, bad)
+                    self.skipped += len(bad)
+            else:
+                pixels = pixels.to(dev, non_blocking=True)
+            batch["pixel_values"] = transform.normalize(pixels)
+        compute = torch.cuda.current_stream(dev)
+        compute.wait_stream(self._copy_stream)
+        batch["pixel_values"].record_stream(compute)
+        return batch
 
     def batches_from(self, consumed: int) -> Iterator[dict]:
         """The stream after its first `consumed` batches: a resumed run starts at the epoch it
         stopped in and skips the batches it already trained on."""
         spe = self.steps_per_epoch
         return itertools.islice(self.batches(start_epoch=consumed // spe), consumed % spe, None)
+
+
+def _replace_samples(batch: dict, pixels: torch.Tensor, bad: list[int]) -> tuple[dict, torch.Tensor]:
+    """A batch whose samples `bad` could not be decoded, each replaced by a whole good sample of
+    the same batch (pixels, caption, tokens, ids): the batch keeps its size, which every rank's
+    gathers rely on, and no image is paired with another's caption. The duplicate shares its
+    image id, so it is never its own negative."""
+    good = [i for i in range(len(batch["captions"])) if i not in set(bad)]
+    if not good:
+        raise DataError("no image of a whole batch could be decoded on the GPU or the CPU")
+    src = torch.arange(len(batch["captions"]))
+    for j, i in enumerate(bad):
+        src[i] = good[j % len(good)]
+    for k in ("input_ids", "attention_mask", "image_ids", "caption_index"):
+        batch[k] = batch[k][src]
+    batch["captions"] = [batch["captions"][i] for i in src.tolist()]
+    log.warning("%d image(s) of a batch could not be decoded on the GPU or the CPU: replaced by other samples of "
+                "the batch and counted as skipped", len(bad))
+    return batch, pixels[src.to(pixels.device)]

@@ -1,6 +1,7 @@
 """The per-step meter: sums a run's loss terms between log steps, then logs their means, the
-learning rates, throughput and skip counts to the tracker (all-reduced over ranks first) and
-prints the progress line on rank 0."""
+learning rates, throughput, the loader's wait per step (`data/wait_s`, `data/wait_share`; on
+CUDA `data/device_idle_s`, where a starved GPU shows) and skip counts to the tracker
+(all-reduced over ranks first) and prints the progress line on rank 0."""
 from __future__ import annotations
 
 import time
@@ -45,10 +46,18 @@ class StepMeter:
         names = sorted(self.sums)
         # every rank skips the same steps, so every rank has the same names (or none)
         totals = distributed.all_reduce_sum(torch.stack([self.sums[k] for k in names]).float()) if names else []
-        skipped = int(distributed.all_reduce_sum(torch.tensor([float(self.loader.skipped)])).item())
+        dev = distributed.device()  # NCCL reduces device tensors only
+        skipped = int(distributed.all_reduce_sum(torch.tensor([float(self.loader.skipped)], device=dev)).item())
         elapsed = time.time() - self.t_last
+        # the loader's wait per batch and its share of the time, of the slowest rank (the others
+        # wait for it at the gathers)
+        batches, waited = self.loader.wait.take()
+        wait = {k: v / max(1, batches) for k, v in waited.items()}
+        wait["wait_share"] = min(1.0, waited["wait_s"] / max(elapsed, 1e-9))
+        slowest = distributed.all_reduce_max(torch.tensor(list(wait.values()), dtype=torch.float64, device=dev))
         metrics = {k: totals[i].item() / self.steps for i, k in enumerate(names)}
         metrics["train/skipped_nonfinite"] = self.nonfinite
+        metrics.update({f"data/{k}": v for k, v in zip(wait, slowest.tolist())})
         lrs = self.scheduler.get_last_lr()  # per group: towers first, heads last (optim.param_groups)
         metrics.update({"lr": lrs[-1], "lr/towers": lrs[0], "epoch": step / self.loader.steps_per_epoch,
                         "samples_per_s": self.steps * distributed.world_size() * cfg.data.batch_size / elapsed,
@@ -62,6 +71,7 @@ class StepMeter:
             parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names if k.startswith("loss/"))
             print(f"[{self.run_name}] step {step}/{cfg.train.steps} | loss {metrics['loss']:.3f} ({parts}) "
                   f"| lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.0f} samples/s "
+                  f"(loader wait {metrics['data/wait_share']:.0%}) "
                   f"| ETA {_fmt_seconds(eta)}", flush=True)
         self.sums, self.steps, self.t_last = {}, 0, time.time()
 

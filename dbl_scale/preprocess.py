@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import ConfigError
 from .hub import local_folder
 from .shards import DataError
 
@@ -219,3 +220,94 @@ class Tokenize:
         enc = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# ----------------------------------------------------------------------------- decoding on the GPU
+
+def gpu_decodable(encoded: bytes) -> bool:
+    """An image the GPU's JPEG decoder takes as it is: a baseline or progressive JPEG in RGB or
+    grey whose header reads and whose data ends with the end-of-image marker (a truncated file
+    does not). Anything else is decoded by the CPU path, where a bad one is skipped and counted."""
+    if not encoded.startswith(b"\xff\xd8") or not encoded.rstrip(b"\0")[-2:] == b"\xff\xd9":
+        return False
+    try:
+        with Image.open(io.BytesIO(encoded)) as img:
+            return img.format == "JPEG" and img.mode in ("RGB", "L")
+    except Exception:  # noqa: BLE001 - PIL raises many types on a bad header
+        return False
+
+
+def check_gpu_decode(device: Optional[torch.device]) -> None:
+    """`data.decode=gpu` needs a CUDA device and torchvision's JPEG decoder: a ConfigError
+    naming the key otherwise."""
+    if device is None or torch.device(device).type != "cuda":
+        raise ConfigError("config key 'data.decode': 'gpu' needs a CUDA device, and this rank has none; "
+                          "set data.decode=cpu")
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a torchvision built for another torch fails in many ways
+        raise ConfigError(f"config key 'data.decode': 'gpu' needs torchvision (its decode_jpeg), which does not "
+                          f"import here ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                          "install the torchvision built for this torch, or set data.decode=cpu") from None
+
+
+def decode_on_device(images: list[torch.Tensor], transform: ImageTransform, device: torch.device,
+                     chunk: int = 128) -> tuple[torch.Tensor, list[int]]:
+    """A batch as the loader ships it under `data.decode=gpu` (per sample a JPEG's bytes, 1-D
+    uint8, or an image the CPU decoded already, uint8 (3, S, S)) -> uint8 (B, 3, S, S) on
+    `device`, the JPEGs decoded there by torchvision's decode_jpeg (nvJPEG) `chunk` at a time
+    (the full-size images of a chunk are all the memory it takes beside the output) and resized
+    as `resize_on_device` does; and the positions no decoder could read (their pixels are
+    zeros). A JPEG the batched decode refuses is retried alone, then decoded on the CPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    s = transform.size
+    out = torch.zeros(len(images), 3, s, s, dtype=torch.uint8, device=device)
+    for i, x in enumerate(images):
+        if x.dim() == 3:
+            out[i] = x.to(device, non_blocking=True)
+    encoded, bad = [i for i, x in enumerate(images) if x.dim() == 1], []
+    for first in range(0, len(encoded), chunk):
+        part = encoded[first:first + chunk]
+        try:
+            decoded = dict(zip(part, decode_jpeg([images[i] for i in part], mode=ImageReadMode.RGB, device=device)))
+        except RuntimeError:  # one bad JPEG fails the whole call
+            decoded = {}
+            for i in part:
+                try:
+                    decoded[i] = decode_jpeg(images[i], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    pass
+        for i in part:
+            if i not in decoded:
+                try:
+                    out[i] = torch.from_numpy(transform.decode(images[i].numpy().tobytes(), fast=True)).to(device)
+                except Exception:  # noqa: BLE001 - as the CPU path: a corrupt image is counted, never fatal
+                    bad.append(i)
+        for idx, resized in resize_on_device(decoded, transform).items():
+            out[list(idx)] = resized
+        del decoded
+    return out, bad
+
+
+def resize_on_device(images: dict[int, torch.Tensor], transform: ImageTransform) -> dict[tuple, torch.Tensor]:
+    """Decoded uint8 (3, H, W) images, by position -> uint8 (n, 3, S, S) per group of positions
+    that share a size, on the images' device: `crop` takes the centre square of the shorter side
+    (to a whole pixel) and resizes it, `squash` resizes the whole image; bicubic with
+    antialiasing, as PIL resamples (the same picture up to rounding and a sub-pixel shift)."""
+    s = transform.size
+    groups: dict[tuple, list[int]] = {}
+    for i, img in images.items():
+        groups.setdefault(tuple(img.shape[1:]), []).append(i)
+    out = {}
+    for (h, w), idx in groups.items():
+        x = torch.stack([images[i] for i in idx])
+        if transform.resize != "squash":
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            x = x[:, :, top:top + side, left:left + side]
+        if x.shape[-2:] != (s, s):
+            x = torch.nn.functional.interpolate(x.float(), size=(s, s), mode="bicubic", antialias=True,
+                                                align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+        out[tuple(idx)] = x
+    return out

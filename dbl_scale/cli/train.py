@@ -52,7 +52,7 @@ def check_data(cfg, world: int) -> None:
 
     d = cfg.data
     urls, samples = split_shards(d.root, d.train_split, d.samples_per_epoch)
-    workers = max(d.workers, 1)
+    workers = 1 if d.workers == "auto" else max(d.workers, 1)  # auto never asks for more workers than shards
     if len(urls) < world * workers:
         raise DataError(f"{len(urls)} '{d.train_split}' shard(s) of {d.root} for {world} ranks x {workers} loader "
                         f"worker(s): every worker needs a shard of its own; write smaller shards (dbl-scale data "

@@ -8,11 +8,6 @@ import platform
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-from torch.profiler import ProfilerActivity, profile
-
-from ... import distributed
-
 MIB = 2 ** 20
 
 
@@ -33,7 +28,9 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def machine_line(device: torch.device) -> str:
+def machine_line(device) -> str:
+    import torch
+
     dev = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f"cpu ({_cpu_model()})")
     return (f"machine: {cpu_count()} CPUs usable ({os.cpu_count()} total), torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, device {dev}")
@@ -59,6 +56,8 @@ def _allocation_events(prof) -> Optional[list[tuple[int, int]]]:
 def torch_cpu_peak_bytes(run: Callable[[], object]) -> int:
     """Peak of torch's CPU allocations over `run`, above what was allocated before it: the
     running sum of the profiler's allocation and free events, in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     events = _allocation_events(prof)
@@ -74,6 +73,8 @@ def torch_cpu_peak_bytes(run: Callable[[], object]) -> int:
 
 def release(branches) -> None:
     """Free a set of branches before building the next (engines hold hooks and cycles)."""
+    from ... import distributed
+
     for br in branches:
         for engine in (br.engine, br.partitioner):
             if engine is not None:
