@@ -64,7 +64,10 @@ def setup(loud: bool | None = None) -> None:
 
 
 def same_format() -> None:
-    """Libraries that format their own records (DeepSpeed) print in ours; call after importing them."""
+    """Libraries that format their own records (DeepSpeed) print in ours. For the ranks, which
+    import DeepSpeed anyway: its logger and handler exist once it is imported."""
+    import deepspeed  # noqa: F401  (heavy: rank processes only)
+
     formatter = logging.Formatter(FORMAT, DATEFMT)
     for handler in logging.getLogger("DeepSpeed").handlers:
         handler.setFormatter(formatter)
