@@ -55,9 +55,9 @@ def _walk(parser: argparse.ArgumentParser, path=()):
 
 def test_help_imports_no_heavy_library_and_is_fast():
     """`dbl-scale --help` builds its parser without torch, transformers, deepspeed or mlflow
-    (they took 10-15 s to import before any usage was printed)."""
-    code = ("import sys, time; t = time.perf_counter(); from dbl_scale.cli.main import build_parser; "
-            "build_parser(['--help']).format_help(); print(time.perf_counter() - t); "
+    (they took 10-15 s to import before any usage was printed), in under a second of CPU."""
+    code = ("import sys, time; t = time.process_time(); from dbl_scale.cli.main import build_parser; "
+            "build_parser(['--help']).format_help(); print(time.process_time() - t); "  # CPU time: a busy machine's wait apart
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(REPO)}).stdout.splitlines()

@@ -60,8 +60,9 @@ def cmd_demo(args) -> int:
           f"{cfg.train.steps} steps each, {args.nproc} ranks x batch {cfg.data.batch_size}")
     print(format_table(rows))
     print(seed_spread(results["dbl"]["rsum"] - results["triplet"]["rsum"], config))
-    print(f"\nMLflow: {len(runs)} runs in experiment '{args.experiment}' at {args.tracking_uri} "
-          f"(browse: mlflow ui --backend-store-uri {args.tracking_uri})")
+    print(f"\nMLflow: {len(runs)} runs in experiment '{args.experiment}' at {args.tracking_uri}\n"
+          f"  side by side: dbl-scale compare --experiment {args.experiment} --plot demo.png\n"
+          f"  browse: mlflow ui --backend-store-uri {args.tracking_uri}")
     print(f"demo wall time: {time.time() - t0:.0f}s")
     return 0
 

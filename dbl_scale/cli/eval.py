@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                      captions_per_image=ev.captions_per_image)
         (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2))
         print(f"{model_dir} on {eval_root(cfg.data)} / {args.split} ({args.protocol}, {len(ev.image_ids)} images)\n"
-              + format_evaluation("model", ev.metrics), flush=True)
+              + format_evaluation(cfg.loss.method, ev.metrics), flush=True)
         run_file = run_dir / "run.json"
         tracker = Tracker(args.tracking_uri or cfg.tracking.uri, cfg.tracking.experiment)
         parent = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.exists() else None
