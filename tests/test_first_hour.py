@@ -53,6 +53,7 @@ def _walk(parser: argparse.ArgumentParser, path=()):
                 yield from _walk(sub, path + (name,))
 
 
+@pytest.mark.launch
 def test_help_imports_no_heavy_library_and_is_fast():
     """`dbl-scale --help` builds its parser without torch, transformers, deepspeed or mlflow
     (they took 10-15 s to import before any usage was printed), in under a second of CPU."""
