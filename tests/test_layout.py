@@ -1,6 +1,7 @@
 """The package's shape (docs: README "What is in it"): the library never imports the command
-line, no module imports another inside a function, and the imports between the package's own
-modules form no cycle. Read from the source with `ast`, without importing anything."""
+line, no library module imports another inside a function (the commands do, so that `--help`
+imports no heavy library), and the imports between the package's own modules, those inside
+functions included, form no cycle. Read from the source with `ast`, without importing anything."""
 from __future__ import annotations
 
 import ast
@@ -76,6 +77,8 @@ def test_the_library_never_imports_the_tools():
 
 def test_no_own_module_is_imported_inside_a_function():
     for path in PACKAGE.rglob("*.py"):
+        if _module_name(path).startswith("dbl_scale.cli"):
+            continue  # a command imports the library when it runs: `dbl-scale --help` stays under a second
         inside = [t for t, in_function in _own_imports(path) if in_function]
         assert not inside, (path, inside)
 
