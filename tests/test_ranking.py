@@ -3,13 +3,14 @@ make (ties, NaNs, overflow, short edge tiles), the compiled counting equals the 
 bit, groups and self-exclusion follow the rule, and two ranks end with one process's ranks."""
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from dbl_scale.evaluation.ranking import MatrixSource, TileSource, count_tile, rank_tiles
+from dbl_scale.evaluation.ranking import MatrixSource, TileSource, best_in_tile, count_tile, rank_tiles
 
 from conftest import REPO, torchrun
 
@@ -93,12 +94,13 @@ def test_compiled_counting_equals_eager(kind):
 
 def test_count_tile_packs_at_least_and_equal():
     s = torch.tensor([[1.0, 2.0, float("nan"), 2.0], [0.0, 0.0, 0.0, 5.0]])
-    rows, cols = count_tile(s, torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0, 9.0, 2.0]), None, nan=True)
-    assert (rows & 0xFFFF).tolist() == [3, 4] and (rows >> 16).tolist() == [3, 3]  # NaN: at least and equal
-    assert (cols & 0xFFFF).tolist() == [1, 2, 1, 2] and (cols >> 16).tolist() == [1, 1, 1, 1]
-    negatives = torch.tensor([[True, False, True, True], [True, True, True, False]])
-    rows, _ = count_tile(s, torch.tensor([2.0, 0.0]), None, negatives, nan=False)
-    assert (rows & 0xFFFF).tolist() == [1, 3] and (rows >> 16).tolist() == [1, 3]  # NaN not counted: nan=False
+    rows, cols = count_tile(s, torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0, 9.0, 2.0]), None, None, nan=True)
+    low, high = 0xFFFFFFFF, 32
+    assert (rows & low).tolist() == [3, 4] and (rows >> high).tolist() == [3, 3]  # NaN: at least and equal
+    assert (cols & low).tolist() == [1, 2, 1, 2] and (cols >> high).tolist() == [1, 1, 1, 1]
+    groups = torch.tensor([0, 1]), torch.tensor([5, 0, 6, 1])  # (0, 1) and (1, 3) are one group's pairs
+    rows, _ = count_tile(s, torch.tensor([2.0, 0.0]), None, *groups, nan=False)
+    assert (rows & low).tolist() == [1, 3] and (rows >> high).tolist() == [1, 3]  # NaN not counted: nan=False
 
 
 def test_groups_and_self_follow_the_rule():
@@ -133,3 +135,13 @@ def test_two_ranks_score_their_own_rows_and_agree(tmp_path):
     assert want["i2t_tied"].any() and want["t2i_tied"].any()
     assert (want["t2t"] >= 0).all() and 0 < (want["i2i"] >= 0).sum() < len(want["i2i"])
     assert len(np.unique(image_groups())) > 10
+
+
+def test_best_in_tile_ignores_nan_and_the_item_itself():
+    s = torch.tensor([[9.0, 1.0, float("nan")], [2.0, 9.0, 3.0]])
+    groups, ids = torch.tensor([0, 0]), torch.tensor([0, 1])
+    rb, rh, cb, ch = best_in_tile(s, groups, torch.tensor([0, 0, 0]), ids, torch.tensor([0, 1, 2]))
+    assert rb.tolist() == [1.0, 3.0] and rh.tolist() == [True, True]  # the diagonal (self) and NaN left out
+    assert cb.tolist() == [2.0, 1.0, 3.0] and ch.tolist() == [True, True, True]
+    rb, rh, _, _ = best_in_tile(s, groups, torch.tensor([1, 1, 1]), None, None)
+    assert rb.tolist() == [-math.inf, -math.inf] and rh.tolist() == [False, False]  # no relevant pair

@@ -30,29 +30,30 @@ def retrieval_metrics(sims: Union[torch.Tensor, np.ndarray], captions_per_image:
         raise ValueError(f"sims must be N images x {captions_per_image}*N captions, got {tuple(sims.shape)}")
     rows = _rows(torch.device("cpu"), captions_per_image)
     return _cross_modal(MatrixSource(sims, rows, captions_per_image * rows), captions_per_image, "auto",
-                        return_ranks)
+                        return_ranks, None)
 
 
 def embedding_metrics(img: torch.Tensor, txt: torch.Tensor, captions_per_image: int = 5,
                       return_ranks: bool = False, rows: Optional[int] = None,
-                      compile: Union[bool, str] = "auto"):
+                      compile: Union[bool, str] = "auto", stats: Optional[dict] = None):
     """`retrieval_metrics` of img @ txt.T, made and counted tile by tile on the embeddings'
-    device, never the whole matrix. Collective: every rank passes the same embeddings."""
+    device, never the whole matrix. Collective: every rank passes the same embeddings.
+    `stats`: as `ranking.rank_tiles` fills it."""
     if img.dim() != 2 or txt.dim() != 2 or txt.shape[0] != captions_per_image * img.shape[0]:
         raise ValueError(f"need N x d images and {captions_per_image}*N x d captions, got {tuple(img.shape)} "
                          f"and {tuple(txt.shape)}")
     rows = rows or _rows(img.device, captions_per_image)
     return _cross_modal(TileSource(img, txt, rows, captions_per_image * rows), captions_per_image, compile,
-                        return_ranks)
+                        return_ranks, stats)
 
 
 def _rows(device: torch.device, k: int) -> int:
-    return min(TILE_ROWS.get(device.type, TILE_ROWS["cuda"]), (2 ** 16 - 1) // k)
+    return TILE_ROWS.get(device.type, TILE_ROWS["cuda"])
 
 
-def _cross_modal(source, k: int, compile, return_ranks: bool):
+def _cross_modal(source, k: int, compile, return_ranks: bool, stats: Optional[dict]):
     n, n_cap = source.shape
-    r = rank_tiles(source, torch.arange(n), torch.arange(n_cap) // k, columns=True, compile=compile)
+    r = rank_tiles(source, torch.arange(n), torch.arange(n_cap) // k, columns=True, compile=compile, stats=stats)
     metrics = metrics_of_ranks(r.rows, r.cols, r.rows_tied, r.cols_tied)
     return (metrics, {"i2t": r.rows, "t2i": r.cols}) if return_ranks else metrics
 
