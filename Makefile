@@ -4,14 +4,16 @@
 #   make demo    the main job: ShapesCaptions, triplet vs DBL on 2 CPU ranks, compared
 #   make test    the test suite (ARGS="-k resume" passes options to pytest)
 #   make test-fast    the tests that start no process (under 3 minutes): the developer's loop
+#   make bench NAME=scale ARGS="--images 100000"   a benchmark of benchmarks/ (loss, eval, scale, methods, gpu)
 #   make gpu-wheels   the packages a bare GPU machine lacks, as wheels in .gpu-wheels/ (needs pip's index)
-#   make gpu-check    on a GPU machine: install those wheels beside its own torch, run `bench gpu`
+#   make gpu-check    on a GPU machine: install those wheels beside its own torch, run the `gpu` tests,
+#                     then the GPU benchmark
 PYTHON ?= python3
 VENV := .venv
 HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(HASH)
 
-.PHONY: demo test test-fast venv gpu-wheels gpu-check
+.PHONY: demo test test-fast venv bench gpu-wheels gpu-check
 demo: $(STAMP)
 	$(VENV)/bin/dbl-scale demo
 
@@ -20,6 +22,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not launch" --durations=5 $(ARGS)
+
+bench: $(STAMP)
+	@[ -n "$(NAME)" ] || { echo "make bench NAME=loss|eval|scale|methods|gpu [ARGS=...]" >&2; exit 2; }
+	$(VENV)/bin/python -m benchmarks.$(NAME) $(ARGS)
 
 venv: $(STAMP)
 
@@ -43,11 +49,13 @@ GPU_WHEELS := hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-type
 	opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 python-dotenv==1.2.4 \
 	sqlparse==0.6.1 SQLAlchemy==2.1.9 alembic==1.20.1 Mako==1.4.3 fastapi==0.165.0 starlette==1.10.0 \
 	databricks-sdk==0.167.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 \
-	webdataset==1.0.2 braceexpand==0.1.7 typing_extensions==4.16.0 protobuf==7.36.2
+	webdataset==1.0.2 braceexpand==0.1.7 typing_extensions==4.16.0 protobuf==7.36.2 \
+	pytest==9.2.0 pytest-timeout==2.4.0 pluggy==1.7.0 iniconfig==2.3.1 Pygments==2.21.0 packaging==26.4
 GPU_PLATFORM := --only-binary=:all: --implementation cp --python-version 3.12 \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 GPU_PYTHON ?= python3
 GPU_JSON ?= runs/gpu_check/gpu_check.json
+GPU_PARTS ?= a b c f
 
 gpu-wheels: $(STAMP)
 	rm -rf .gpu-wheels && mkdir -p .gpu-wheels
@@ -56,9 +64,12 @@ gpu-wheels: $(STAMP)
 	@size=$$(du -sm .gpu-wheels | cut -f1); echo ".gpu-wheels: $$(ls .gpu-wheels | wc -l) wheels, $$size MiB"; \
 	  [ $$size -le 60 ] || { echo "over 60 MiB" >&2; exit 1; }
 
-# One command on the GPU machine (carry .gpu-wheels there); writes GPU_JSON, prints the table.
+# One command on the GPU machine (carry .gpu-wheels there): the `gpu` tests (the device against
+# the CPU, the CUDA-only paths), then the GPU benchmark (writes GPU_JSON, prints the table).
 gpu-check:
 	@if [ -d .gpu-wheels ]; then $(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile \
 	  --upgrade --target .gpu-site .gpu-wheels/*.whl; fi
-	PYTHONPATH="$(CURDIR)/.gpu-site:$(CURDIR)" HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m dbl_scale.cli.main bench gpu \
-	  --json $(GPU_JSON) $(ARGS)
+	PYTHONPATH="$(CURDIR)/.gpu-site:$(CURDIR)" HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m pytest -q -p no:cacheprovider \
+	  -m gpu tests/test_gpu.py
+	PYTHONPATH="$(CURDIR)/.gpu-site:$(CURDIR)" HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m benchmarks.gpu \
+	  --json $(GPU_JSON) --parts $(GPU_PARTS) $(ARGS)

@@ -1,7 +1,8 @@
-"""`dbl-scale bench loss` at toy sizes: every loss is measured, ratios and memory make sense."""
+"""The benchmarks behind BENCHMARKS.md (benchmarks/) at toy sizes: `loss` measures every loss with
+ratios and memory that make sense, `methods` tabulates and resumes, `eval` and `scale` print
+their figures."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from dbl_scale import distributed
-from dbl_scale.cli.bench import add_parser as add_bench_parser
-from dbl_scale.cli.bench.loss import BOOST_TERMS, LOSSES, bench_losses, format_bench
+from benchmarks.loss import BOOST_TERMS, LOSSES, bench_losses, format_bench
+
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,7 @@ def test_memory_grows_with_the_batch(rows):
         assert large[name] > small[name], (name, small[name], large[name])
 
 
+@pytest.mark.launch
 def test_format_names_every_loss(rows):
     text = format_bench(rows)
     for name in LOSSES:
@@ -53,15 +56,16 @@ def test_simulated_gathers_are_restored(rows):
     assert distributed.rank() == 0
 
 
+@pytest.mark.launch
 def test_cli(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_bench_parser(parser.add_subparsers(dest="command"))
+    from benchmarks import run
+    from benchmarks.loss import add_parser
+
     out = tmp_path / "rows.json"
-    args = parser.parse_args(["bench", "loss", "--local", "8", "--global", "16", "--dim", "16", "--repeats", "1",
-                              "--warmup", "0", "--threads", "1", "--quiet", "--json", str(out)])
     threads = torch.get_num_threads()
     try:
-        assert args.func(args) == 0
+        assert run(add_parser, ["--local", "8", "--global", "16", "--dim", "16", "--repeats", "1", "--warmup", "0",
+                                "--threads", "1", "--quiet", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
@@ -73,8 +77,8 @@ def test_cli(tmp_path, capsys):
 def test_bench_methods_rows_yardsticks_and_intervals():
     """Rows bring their yardsticks (and the checkpoint they start from); the paired interval is
     Student's t over seeds; the table states each row's yardstick and both models."""
-    from dbl_scale.cli.bench.methods import (BASE, markdown, paired_interval, select_rows, single_modal_markdown,
-                                              split_only)
+    from dbl_scale.cli.seeds import paired_interval
+    from benchmarks.methods import BASE, markdown, select_rows, single_modal_markdown, split_only
 
     assert [r.name for r in select_rows(["DBL offline"])] == [BASE, "triplet, continued", "DBL offline"]
     assert [r.name for r in select_rows(["DBL online K=2"])] == [BASE, "DBL online K=2", "mutual learning"]
@@ -109,13 +113,14 @@ def test_bench_methods_rows_yardsticks_and_intervals():
     assert "| 54.0 ± 1.4 | 64.0 | 74.0 |" in single and f"{BASE}: +2.0 [-10.7, +14.7]" in single
 
 
+@pytest.mark.launch
 @pytest.mark.timeout(600)
 def test_bench_methods_resumes_a_table(tmp_path, shapes_root, monkeypatch):
     """The same table run again with the same --out keeps its finished runs, continues a run left
     half-done from its checkpoint (same run, same MLflow run), adds what is missing (a second
     seed), keeps rows a later invocation leaves out; a table with other settings is refused."""
     from conftest import TINY, torchrun
-    from dbl_scale.cli.bench.methods import BASE, run_table, select_rows
+    from benchmarks.methods import BASE, run_table, select_rows
 
     monkeypatch.chdir(tmp_path)
     rows = [r for r in select_rows(["DBL momentum"]) if r.name == BASE]
@@ -156,7 +161,7 @@ def test_bench_methods_resumes_a_table(tmp_path, shapes_root, monkeypatch):
 
 
 def test_bench_eval_tiny(capsys):
-    from dbl_scale.cli.bench.eval import add_parser as add_bench_eval_parser, bench_eval, format_bench_eval
+    from benchmarks.eval import add_parser as add_bench_eval_parser, bench_eval, format_bench_eval
 
     r = bench_eval(n_images=40, k=5, dim=16, repeats=1, naive_images=10)
     assert r["naive_agrees"] and r["naive_extrapolated"] and r["naive_queries"] == [10, 50]
@@ -167,10 +172,42 @@ def test_bench_eval_tiny(capsys):
     text = format_bench_eval(r)
     assert "(b)/(a)" in text and "(c)/(b)" in text and "extrapolated linearly" in text
 
-    parser = argparse.ArgumentParser()
-    add_bench_eval_parser(parser.add_subparsers(dest="bench_command"))
-    args = parser.parse_args(["eval", "--images", "12", "--dim", "8", "--repeats", "1", "--naive-images", "0",
-                              "--quiet"])
-    assert args.func(args) == 0
+    from benchmarks import run
+
+    assert run(add_bench_eval_parser, ["--images", "12", "--dim", "8", "--repeats", "1", "--naive-images", "0",
+                                       "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "12 images x 60 captions" in out and "all queries timed" in out
+
+
+@pytest.mark.launch
+@pytest.mark.timeout(600)
+def test_bench_scale_prints_its_figures(tmp_path):
+    """`dbl-scale bench scale` at toy sizes: every part prints its figures and writes them; with
+    aligned (trained-like) embeddings the evaluation is far above chance and no query ties."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--images", "700", "--dim", "16",
+                           "--mine-images", "300", "--aoq-images", "40", "80", "--aoq-size", "32", "--aoq-batches", "2",
+                           "--tmp", str(tmp_path), "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    ev = r["eval"]
+    assert ev["bare_seconds"] > 0 and ev["rsum"] < 30  # random embeddings: near chance
+    for run in (ev["compiled"], ev["eager"]):  # the evaluation's own tile products, timed inside it
+        assert 0 < run["product_s"] < run["seconds"]
+    assert r["mining"]["output_bytes"] == 300 * 1495 * 4 + 1500 * 299 * 4  # top-k capped by the split, own pairs out
+    assert [x["images"] for x in r["aoq"]] == [40, 80]
+    assert "evaluation / its tile products" in proc.stdout and "(3) AOQ's negatives" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--images", "700", "--dim", "16",
+                           "--embeddings", "aligned", "--parts", "eval", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["eval"]["rsum"] > 400 and r["eval"]["i2t_tied"] == r["eval"]["t2i_tied"] == 0
+    assert r["eval"]["eager_agrees"] and "mining" not in r and r["aoq"] == []
+    assert "(2) mining" not in proc.stdout

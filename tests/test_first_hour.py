@@ -71,8 +71,6 @@ def test_every_option_has_help_and_every_command_an_example():
 
     parser = build_parser(["--help"])
     for path, p in _walk(parser):
-        if path[:1] == ("bench",):
-            continue  # the benchmarks' own parsers: checked by test_help_of_every_command_exits_0
         assert p.formatter_class is HelpFormatter, path
         for action in p._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
@@ -322,6 +320,7 @@ def test_the_pyfunc_model_has_type_hints_mlflow_reads():
     assert hints.input is pd.DataFrame
 
 
+@pytest.mark.launch
 def test_dataset_inputs_log_without_a_warning(tmp_path, shapes_root):
     from mlflow.tracking import MlflowClient
 

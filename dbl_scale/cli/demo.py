@@ -2,7 +2,7 @@
 and print both next to chance and the oracle ceiling, with the runs in MLflow; then DBL's
 difference to its yardstick (the triplet, same steps, batch, towers and seed) next to the
 spread of that difference over seeds, as measured for this preset and recorded in
-`presets/demo_seeds.json` by `dbl-scale bench methods` (BENCHMARKS.md)."""
+`presets/demo_seeds.json` by `python -m benchmarks.methods` (BENCHMARKS.md)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import default_tracking_uri
 from .checks import tracking_answers
+from .seeds import paired_interval
 from .launch import config_args, run_ranks
 from .train import MODULE as TRAIN
 
@@ -74,8 +75,6 @@ def seed_spread(diff: float, config: str) -> str:
     line = f"DBL - triplet in this run: {diff:+.1f} rSum (its yardstick: same steps, batch, towers and seed)."
     if Path(config).resolve() != SEEDS_FILE.with_name("demo.yaml") or not SEEDS_FILE.exists():
         return _paragraphs([line + " No seed spread is recorded for this config."])
-    from .bench.methods import paired_interval  # heavy, as the demo
-
     rec = json.loads(SEEDS_FILE.read_text())
     diffs = [d - t for d, t in zip(rec["rsum"]["dbl"], rec["rsum"]["triplet"])]
     mean, half = paired_interval(rec["rsum"]["dbl"], rec["rsum"]["triplet"])

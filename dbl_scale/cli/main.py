@@ -1,20 +1,4 @@
-"""dbl-scale: image-text matching (DBL and its baselines) on DeepSpeed ZeRO, WebDataset and MLflow.
-
-examples:
-  dbl-scale demo                                   ShapesCaptions, triplet vs DBL on 2 CPU ranks, compared
-  dbl-scale train --nproc 2 --config demo loss.method=dbl train.steps=1000
-  dbl-scale data build --out data/shapes_captions  write ShapesCaptions shards
-  dbl-scale data verify data/shapes_captions       every shard reads, counts match
-  dbl-scale eval --run-dir runs/RUN --split test   evaluate a finished run, log it to MLflow
-  dbl-scale compare --experiment dbl_scale_demo    runs side by side (--plot curves.png)
-  dbl-scale export --run-dir runs/RUN --out exported/RUN   for transformers alone
-  dbl-scale mine --run-dir runs/RUN --out runs/RUN/candidates   AOQ's offline hard negatives
-  dbl-scale bench loss | methods | eval | memory | data | gpu | scale   (BENCHMARKS.md)
-  dbl-scale tracking replay runs/RUN/mlflow_spool.jsonl   what a run kept while MLflow was away
-
-`dbl-scale COMMAND --help` shows each command's options and examples. Errors are one line;
---debug (or DBL_SCALE_DEBUG=1) adds the traceback, --verbose shows what the libraries print.
-"""
+"""`dbl-scale`: the command line; `DESCRIPTION` (its --help) lists the commands with examples."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +9,24 @@ from typing import Optional, Sequence
 
 from . import quiet
 from .checks import CommandError
+
+DESCRIPTION = """dbl-scale: image-text matching (DBL and its baselines) on DeepSpeed ZeRO, WebDataset and MLflow.
+
+examples:
+  dbl-scale demo                                   ShapesCaptions, triplet vs DBL on 2 CPU ranks, compared
+  dbl-scale train --nproc 2 --config demo loss.method=dbl train.steps=1000
+  dbl-scale data build --out data/shapes_captions  write ShapesCaptions shards
+  dbl-scale data verify data/shapes_captions       every shard reads, counts match
+  dbl-scale eval --run-dir runs/RUN --split test   evaluate a finished run, log it to MLflow
+  dbl-scale compare --experiment dbl_scale_demo    runs side by side (--plot curves.png)
+  dbl-scale export --run-dir runs/RUN --out exported/RUN   for transformers alone
+  dbl-scale mine --run-dir runs/RUN --out runs/RUN/candidates   AOQ's offline hard negatives
+  dbl-scale bench data | memory                    the loader on your shards, ZeRO memory for your model
+  dbl-scale tracking replay runs/RUN/mlflow_spool.jsonl   what a run kept while MLflow was away
+
+`dbl-scale COMMAND --help` shows each command's options and examples. Errors are one line;
+--debug (or DBL_SCALE_DEBUG=1) adds the traceback, --verbose shows what the libraries print.
+"""  # the --help text
 
 # The parser imports only light modules: every command imports its heavy libraries (torch,
 # transformers, deepspeed, mlflow) when it runs, so `--help` answers at once.
@@ -62,7 +64,7 @@ def _parsers(parser: argparse.ArgumentParser):
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
     """The whole command line. The `bench` sub-commands import torch to register themselves:
     they are registered only when `argv` names `bench` (or when `argv` is None)."""
-    parser = argparse.ArgumentParser(prog="dbl-scale", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="dbl-scale", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--verbose", action="store_true",
                         help="also show what the libraries print (their notes, progress bars and warnings)")
     parser.add_argument("--debug", action="store_true", help="a traceback with any error (also: DBL_SCALE_DEBUG=1)")

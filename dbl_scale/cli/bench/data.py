@@ -1,4 +1,18 @@
 """`dbl-scale bench data`: the input pipeline against bare baselines, what it costs per core,
+and what a real run waits for it (`DESCRIPTION` says what each part measures)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .common import cpu_count
+
+DESCRIPTION = """`dbl-scale bench data`: the input pipeline against bare baselines, what it costs per core,
 and what a real run waits for it, in one run.
 
 Source: `--images` generated JPEGs of `--source-size` (photo-sized by default: smooth shapes on
@@ -24,18 +38,7 @@ A real run (`--train-steps`, 0 to skip): `dbl-scale train` on one rank from the 
 small towers at 224 px (the step is cheap, so the loader shows), `data.workers=auto`: the
 loader's wait per step and its share of the time as the run logged them (`data/wait_s`,
 `data/wait_share` in MLflow), and its samples/s.
-"""
-from __future__ import annotations
-
-import argparse
-import json
-import math
-import statistics
-import tempfile
-import time
-from pathlib import Path
-
-from .common import cpu_count
+"""  # the --help text
 
 # per-pixel grain (std, levels) of the generated JPEGs: 640 x 480 at quality 90 then weigh
 # about what photos of that size do (COCO's average about 160 KB), and decode as slowly
@@ -298,20 +301,25 @@ def cmd_bench_data(args) -> int:
     return 0
 
 
+EXAMPLES = """examples:
+  dbl-scale bench data                                  2000 photo-sized JPEGs, loaders at 64 and 224 px
+  dbl-scale bench data --target-rate 2600 --train-steps 0   the cores a 2,600 samples/s step needs"""
+
+
 def add_parser(bench_subparsers) -> argparse.ArgumentParser:
     """Register `data` on the `bench` sub-parser set."""
-    b = bench_subparsers.add_parser("data", help="input pipeline and converter speed against bare baselines",
-                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--images", type=int, default=2000)
+    b = bench_subparsers.add_parser("data", help="the loader on your shards: speed, cores needed, the wait in a run",
+                                    description=DESCRIPTION, epilog=EXAMPLES)
+    b.add_argument("--images", type=int, default=2000, help="source JPEGs to generate")
     b.add_argument("--source-size", default="640x480", help="WxH of the generated source JPEGs")
     b.add_argument("--processes", type=int, default=min(2, cpu_count()),
                    help="converter processes (and the bare loop's)")
     b.add_argument("--max-side", type=int, default=320, help="the converter's resize")
     b.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loader worker counts")
     b.add_argument("--sizes", type=int, nargs="+", default=[64, 224], help="image sizes the loader makes")
-    b.add_argument("--epochs", type=int, default=2)
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--shard-size", type=int, default=100)
+    b.add_argument("--epochs", type=int, default=2, help="epochs the loaders read")
+    b.add_argument("--batch-size", type=int, default=32, help="the training loader's batch")
+    b.add_argument("--shard-size", type=int, default=100, help="samples per converted shard")
     b.add_argument("--target-rate", type=float, default=2600, metavar="SAMPLES_S",
                    help="the step rate to size the loader cores for (samples/s per rank)")
     b.add_argument("--repeats", type=int, default=3, help="repeats of the per-core decode")

@@ -1,4 +1,34 @@
-"""`dbl-scale bench memory`: what each ZeRO stage keeps on a rank, and what each way of
+"""`dbl-scale bench memory`: what each ZeRO stage keeps on a rank for a model, and what each
+way of obtaining the DBL anchor costs per training step (`DESCRIPTION` has the details)."""
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ... import distributed
+from ...branches import build_branches
+from ...checkpoint import save_model
+from ...config import load_config, resolve_config, save_config
+from ...tokenizer import ensure_tokenizer
+from ...methods import build_method
+from ...roles import TARGET
+from ...optim import resolve_ds_config
+from ...train import train_step
+from ..data import prepare_data
+from ..launch import run_ranks
+from .common import MIB, machine_line, release
+
+DESCRIPTION = """`dbl-scale bench memory`: what each ZeRO stage keeps on a rank, and what each way of
 obtaining the DBL anchor costs per training step.
 
 It starts itself under torchrun on `--nproc` ranks (CPU ranks over gloo here, GPUs where
@@ -24,33 +54,7 @@ anchor from a checkpoint). All are built at once and timed interleaved, one step
 round, medians over the rounds; each as a ratio to the baseline. Target: momentum <= 1.4x.
 
     dbl-scale bench memory --nproc 2 --rounds 20
-"""
-from __future__ import annotations
-
-import argparse
-import faulthandler
-import json
-import os
-import statistics
-import sys
-import tempfile
-import time
-import warnings
-from pathlib import Path
-
-import torch
-
-from ... import distributed
-from ...branches import build_branches
-from ...checkpoint import save_model
-from ...config import load_config, resolve_config, save_config
-from ...tokenizer import ensure_tokenizer
-from ...methods import TARGET, build_method
-from ...optim import resolve_ds_config
-from ...train import train_step
-from ..data import prepare_data
-from ..launch import run_ranks
-from .common import MIB, machine_line, release
+"""  # the --help text
 
 MODULE = "dbl_scale.cli.bench.memory"
 
@@ -319,11 +323,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-time", action="store_true", help="only the ZeRO memory table")
 
 
+EXAMPLES = """examples:
+  dbl-scale bench memory --nproc 2 --rounds 20
+  dbl-scale bench memory --config vitb16_bertbase --bf16 --nproc 8 --skip-time   your model's ZeRO memory"""
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("memory", help="per-rank bytes of ZeRO 0-3 and the step time of each DBL scenario",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, epilog=EXAMPLES)
     _add_arguments(p)
-    p.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. data.batch_size=64")
     p.set_defaults(func=cmd_bench_memory)

@@ -1,4 +1,4 @@
-"""`dbl-scale bench loss`: what each matching loss costs one rank, in time and memory.
+"""`python -m benchmarks.loss`: what each matching loss costs one rank, in time and memory.
 
 One process plays one rank of a data-parallel group: its B local queries (image and caption
 embeddings with gradient) are scored against the N = W*B gathered candidates, which are the
@@ -9,7 +9,7 @@ the loss has one, the anchor's / teacher's / peer's, which are built without gra
 its peak memory is measured over one forward + backward. Every row is also given as a ratio
 to the VSE++ hinge triplet ("triplet") measured in the same run at the same sizes.
 
-    dbl-scale bench loss --local 256 1024 --global 2048 8192 --dim 256 --repeats 5
+    python -m benchmarks.loss --local 256 1024 --global 2048 8192 --dim 256 --repeats 5
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...losses import (OfflineScores, Scores, aoq_quintuplet, boost_absolute, boost_relative, distillation,
+from dbl_scale.losses import (OfflineScores, Scores, aoq_quintuplet, boost_absolute, boost_relative, distillation,
                      diversity_contrastive, hinge_triplet, info_nce, mutual_learning, structure_distillation)
-from .common import cpu_count, machine_line, torch_cpu_peak_bytes
+from dbl_scale.cli.bench.common import cpu_count, machine_line, torch_cpu_peak_bytes
 
 LOSSES = ("triplet", "triplet_sum", "dbl_relative", "dbl_absolute", "dbl_relative_soft", "dbl_total",
           "infonce", "distillation", "mutual_learning", "dcl", "aoq", "structure")
@@ -365,3 +365,9 @@ def add_parser(bench_sub) -> None:
     b.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     b.add_argument("--quiet", action="store_true", help="no per-loss progress on stderr")
     b.set_defaults(func=cmd_bench_loss)
+
+
+if __name__ == "__main__":
+    import benchmarks
+
+    sys.exit(benchmarks.run(add_parser))

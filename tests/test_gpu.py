@@ -1,25 +1,57 @@
-"""`dbl-scale bench gpu` (`make gpu-check`): its dry run on the CPU walks every part of the GPU
-check with tiny sizes (the same code apart from the device), so the check cannot rot between
-the rare GPU sessions; and the comparison with the CPU seeds is right."""
+"""The GPU path (`make gpu-check`, benchmarks/gpu.py). On a GPU (marked `gpu`, skipped without
+CUDA): the device's losses and gradients equal the CPU's for every method, and the CUDA-only
+paths (NCCL's gathered backward, CUDA RNG through a checkpoint, the loader's side-stream copies,
+GPU JPEG decoding) give the host's results. On the CPU: the benchmark's dry run walks every part
+with tiny sizes, so it cannot rot between the rare GPU sessions; its arithmetic is right."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
 
+def _gpu_parts(tmp_path, parts: list[str], dry: bool) -> tuple[dict, str]:
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--parts", *parts, "--work", str(tmp_path / "work"),
+                           "--json", str(out)] + ["--dry-run"] * dry, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=580, env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text())["parts"], proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.launch
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_device_agrees_with_the_cpu_and_its_own_paths_work(tmp_path):
+    """Parts (d) and (e) on the real device: every method's losses and gradients within the
+    parity limit of the CPU's (fp32, TF32 off), and every CUDA-only path as on the host."""
+    p, _ = _gpu_parts(tmp_path, ["d", "e"], dry=False)
+    assert "error" not in p["d"] and "error" not in p["e"], p
+    for name, row in p["d"]["methods"].items():
+        assert row["loss_rel"] <= p["d"]["limit"] and row["grad_rel"] <= p["d"]["limit"], (name, row)
+    for key in ("gather_backward", "rng_restored", "loader"):
+        assert p["e"][key]["ok"], (key, p["e"][key])
+    assert p["e"]["loader"]["pixels_on"].startswith("cuda") and p["e"]["gather_backward"]["backend"] == "nccl"
+    decode = p["e"]["gpu_decode"]
+    assert decode["ok"] if decode["available"] else "torchvision" in decode["why"], decode
+
+
+@pytest.mark.launch
 @pytest.mark.timeout(600)
 def test_gpu_check_dry_run_runs_every_part(tmp_path):
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli.main", "bench", "gpu", "--dry-run",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--dry-run",
                            "--work", str(tmp_path / "work"), "--json", str(out)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=580,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out.read_text())
     p = result["parts"]
@@ -45,6 +77,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     assert 2 * flops["forward"] < flops["train"] < 4 * flops["forward"]  # backward costs about 2 forwards
     # (c) evaluation and mining ran, mining never proposes a pair's own caption or image
     assert p["c"]["mining"]["own_pairs_excluded"] and p["c"]["eval"]["rsum"] >= 0
+    assert p["c"]["eval"]["x_product"] > 0 and p["c"]["eval"]["eager_x_product"] > 0  # timed against the product
     # (d) device parity ran for every method (CPU against CPU here: exactly equal)
     assert p["d"]["ok"] and len(p["d"]["methods"]) == 6
     assert all(r["grad_rel"] == 0 and r["tensor_rel_max"] == 0 and r["tensors"] > 0 for r in p["d"]["methods"].values())
@@ -61,7 +94,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
 
 
 def test_the_peak_is_looked_up_by_the_exact_device_name():
-    from dbl_scale.cli.bench.gpu import peak_tflops
+    from benchmarks.gpu import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3")[0] == 989.4  # SXM
     assert peak_tflops("NVIDIA H100 PCIe")[0] == 756.5 and peak_tflops("NVIDIA H100 NVL")[0] == 835.5
@@ -77,7 +110,7 @@ def test_mfu_counts_trained_samples_and_the_anchor_apart():
     """MFU is the trained branch's forward + backward per sample against the peak; DBL's anchor
     forward has its own column; the compiled row's ratio to eager is the median of the paired
     repeats; the fastest bare loop is the yardstick."""
-    from dbl_scale.cli.bench.gpu import _ratios, _row, format_throughput
+    from benchmarks.gpu import _ratios, _row, format_throughput
 
     flops = {"train": 120e9, "forward": 40e9}
     m = lambda reps: {"step_s_repeats": reps, "warmup_s": 1.0, "peak_bytes": 2 ** 30}  # noqa: E731
@@ -102,7 +135,7 @@ def test_mfu_counts_trained_samples_and_the_anchor_apart():
 
 
 def test_against_cpu_seeds_is_a_z_score_per_log_step():
-    from dbl_scale.cli.bench.gpu import against_cpu_seeds
+    from benchmarks.gpu import against_cpu_seeds
 
     record = {"loss_curve": {"triplet": {"steps": [10, 20], "rsum": [400.0, 410.0, 420.0],
                                          "loss": [[5.0, 2.0], [6.0, 3.0], [7.0, 4.0]]}}}

@@ -1,4 +1,4 @@
-"""`dbl-scale bench gpu` (`make gpu-check`): the GPU path, run for real in one command.
+"""`python -m benchmarks.gpu` (`make gpu-check`): the GPU path, run for real in one command.
 
 GPU time is short and rare, so this is one prepared check that prints one table and writes
 JSON; every part is guarded, so one that fails leaves the others' figures, and each part's
@@ -15,7 +15,8 @@ figures are written as soon as it is done.
       / max over 3 repeats, samples/s, MFU per trained sample (forward + backward of the
       trained branch; DBL's anchor forward, no gradient, in a column of its own), peak memory,
       the compile warm-up, and the ratios to the fastest bare loop, to eager, to the triplet.
-  (c) the GPU-side parts: evaluation of 5K images x 25K captions and mining of 100K x 500K.
+  (c) the GPU-side parts: evaluation of 100K images x 500K captions (d = 128), compiled and
+      eager, against the bare tiled product in the same run; mining of 100K x 500K.
   (d) CPU vs device: the same batch's losses and gradients in fp32 (TF32 off), per method.
   (e) the CUDA-only paths: the NCCL reduce-scatter backward of the gathered negatives, CUDA
       RNG state through a checkpoint, the loader's pinned uint8 batches copied on a side stream
@@ -33,8 +34,8 @@ sizes; on the CPU over gloo, the test suite runs it. Parts (b)-(e) run in one ra
 (`MODULE`), (a) and (f) as real `dbl-scale train` runs.
 
     make gpu-check                                  # on the GPU machine (wheels: make gpu-wheels)
-    dbl-scale bench gpu --json runs/gpu_check.json  # the same, in an environment that has everything
-    dbl-scale bench gpu --parts b f                 # throughput and end to end only
+    python -m benchmarks.gpu --json runs/gpu_check.json  # the same, in an environment that has everything
+    python -m benchmarks.gpu --parts b f                 # throughput and end to end only
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
-MODULE = "dbl_scale.cli.bench.gpu"
-SEEDS_FILE = Path(__file__).resolve().parents[2] / "presets" / "demo_seeds.json"
+MODULE = "benchmarks.gpu_rank"  # the rank process of parts (b)-(e)
+SEEDS_FILE = Path(__file__).resolve().parents[1] / "dbl_scale" / "presets" / "demo_seeds.json"
 
 # Dense bf16 tensor-core peak in TFLOP/s (no sparsity), from the vendors' datasheets, by the
 # exact name torch.cuda.get_device_name reports: an H100 PCIe or an H200 NVL is not an SXM part.
@@ -102,7 +103,7 @@ class Sizes:
         self.dry, self.model, self.runners = dry, model, [RUNNERS[r] for r in RUNNERS if r in runners]
         self.demo = ["train.steps=2", "data.batch_size=8", "train.log_every=1", "eval.batch_size=64"] if dry else \
             ["data.batch_size=64"]  # the CPU runs' global batch: 2 ranks x 32
-        self.demo_data = ["data.build_train=128", "data.build_val=16", "data.build_test=40"] if dry else []
+        self.demo_data = ["data.build.train=128", "data.build.val=16", "data.build.test=40"] if dry else []
         # (b), (f): the vitb16_bertbase preset as it is (tiny towers in a dry run); `demo`: the demo
         # preset's towers at its per-rank batch, fp32 under the CPU configs as the demo trains them
         self.towers = TINY_TOWERS if dry and model == "vitb16_bertbase" else []
@@ -111,7 +112,7 @@ class Sizes:
         self.warmup, self.timed = (1, 1) if dry and model == "vitb16_bertbase" else (3, 5)  # timed: per repeat
         if steps:
             self.timed = steps
-        self.eval_images, self.eval_dim = (200, 64) if dry else (5000, 1024)
+        self.eval_images, self.eval_dim = (200, 64) if dry else (100_000, 128)
         self.mine_images, self.mine_dim = (500, 64) if dry else (100_000, 1024)
         self.parity_batch = 4 if dry else 16
         # (f): JPEGs of photo size, shards with a worker's share each, steps logged in intervals
@@ -137,9 +138,9 @@ def peak_tflops(device_name: Optional[str], override: Optional[float] = None) ->
 def cmd_bench_gpu(args) -> int:
     import torch
 
-    from ...config import load_config  # noqa: F401  config errors surface here, before any process
-    from ..data import prepare_data
-    from .common import machine_line
+    from dbl_scale.config import load_config  # noqa: F401  config errors surface here, before any process
+    from dbl_scale.cli.data import prepare_data
+    from dbl_scale.cli.bench.common import machine_line
 
     dry = args.dry_run or not torch.cuda.is_available()
     sizes = Sizes(dry, args.steps, args.model, args.repeats, tuple(args.runners))
@@ -165,7 +166,7 @@ def cmd_bench_gpu(args) -> int:
 
     rank_parts = [p for p in args.parts if p in RANK_PARTS]
     if rank_parts:  # the rank process writes each part's figures as it finishes it: a crash keeps the earlier ones
-        from ..launch import run_ranks
+        from dbl_scale.cli.launch import run_ranks
 
         out = json_path.with_name(json_path.stem + "_parts.json")
         out.unlink(missing_ok=True)
@@ -201,7 +202,7 @@ def cmd_bench_gpu(args) -> int:
 
 
 def _commit() -> Optional[str]:
-    from ...run import where_tags
+    from dbl_scale.run import where_tags
 
     return where_tags().get("mlflow.source.git.commit")
 
@@ -217,7 +218,7 @@ def _guarded(fn: Callable[[], dict]) -> dict:
 
 
 def demo_config(work: Path, sizes: Sizes, extra: tuple = ()):
-    from ...config import load_config, resolve_config
+    from dbl_scale.config import load_config, resolve_config
 
     return load_config(resolve_config("demo"), [f"data.root={work / 'data'}", *sizes.demo_data, *extra])
 
@@ -230,9 +231,9 @@ def demo_on_device(work: Path, sizes: Sizes, dry: bool) -> dict:
     import torch
     from mlflow.tracking import MlflowClient  # heavy (seconds)
 
-    from ...config import resolve_config
-    from ..launch import config_args, run_ranks
-    from ..train import MODULE as TRAIN
+    from dbl_scale.config import resolve_config
+    from dbl_scale.cli.launch import config_args, run_ranks
+    from dbl_scale.cli.train import MODULE as TRAIN
 
     name = f"demo-triplet-{'dry' if dry else 'cuda'}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -281,8 +282,8 @@ def against_cpu_seeds(rsum: float, curve: dict[int, float], record: Optional[dic
 def worker(args) -> int:
     import torch
 
-    from ... import distributed
-    from ...tokenizer import ensure_tokenizer
+    from dbl_scale import distributed
+    from dbl_scale.tokenizer import ensure_tokenizer
 
     distributed.init_distributed()
     dev = distributed.device()
@@ -358,7 +359,7 @@ def _batch(b: int, image_size: int, length: int, vocab: int, step: int, dev) -> 
 # --- (b) throughput
 
 def throughput_config(sizes: Sizes, work: Path, method: list[str], stage: int, batch: int, compiled: bool = False):
-    from ...config import load_config, resolve_config
+    from dbl_scale.config import load_config, resolve_config
 
     ds = f"zero{stage}_gpu" if sizes.model == "vitb16_bertbase" else f"zero{stage}"
     return load_config(resolve_config(sizes.model),
@@ -378,10 +379,11 @@ class BareLoop:
 
         import torch
 
-        from ...branches import ema_master, new_model
-        from ...methods import EMA, build_method
-        from ...models import compile_towers
-        from ...optim import deepspeed_config
+        from dbl_scale.branches import ema_master, new_model
+        from dbl_scale.methods import build_method
+        from dbl_scale.roles import EMA
+        from dbl_scale.models import compile_towers
+        from dbl_scale.optim import deepspeed_config
 
         self.method, self.dev, self.cfg = build_method(cfg), dev, cfg
         bf16 = deepspeed_config(cfg, 1).get("bf16", {}).get("enabled")
@@ -403,9 +405,9 @@ class BareLoop:
     def step(self, batch: dict, step: int):
         import torch
 
-        from ...branches import ema_update
-        from ...methods import TARGET
-        from ...train import in_float32
+        from dbl_scale.branches import ema_update
+        from dbl_scale.roles import TARGET
+        from dbl_scale.train import in_float32
 
         args = (batch["pixel_values"].to(self.dtype), batch["input_ids"], batch["attention_mask"])
         outs = []
@@ -437,9 +439,10 @@ class EngineRunner:
     def __init__(self, cfg, tokenizer):
         import torch
 
-        from ... import distributed
-        from ...branches import build_branches
-        from ...methods import TARGET, build_method
+        from dbl_scale import distributed
+        from dbl_scale.branches import build_branches
+        from dbl_scale.methods import build_method
+        from dbl_scale.roles import TARGET
 
         self.method = build_method(cfg)
         self.branches = build_branches(cfg, self.method, tokenizer, distributed.world_size())
@@ -452,7 +455,7 @@ class EngineRunner:
                       "param_dtype": str(next(engine.module.parameters()).dtype)}
 
     def step(self, batch: dict, step: int):
-        from ...train import train_step
+        from dbl_scale.train import train_step
 
         train_step(self.method, self.branches, batch, step)
 
@@ -460,7 +463,7 @@ class EngineRunner:
         return self._info
 
     def close(self) -> None:
-        from .common import release
+        from dbl_scale.cli.bench.common import release
 
         release(self.branches)
 
@@ -505,7 +508,7 @@ def model_flops(cfg, tokenizer, dev) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ...branches import new_model
+    from dbl_scale.branches import new_model
 
     model = new_model(cfg, tokenizer, 0).to(dev)
     v, t = cfg.model.vision, cfg.model.text
@@ -569,7 +572,7 @@ def _builders(runner: str, overrides: list[str], b: int, sizes: Sizes, work: Pat
 def throughput(sizes: Sizes, work: Path, tokenizer, dev, peak_override: Optional[float] = None) -> dict:
     import torch
 
-    from ...models import compile_blocker
+    from dbl_scale.models import compile_blocker
 
     batch, how = largest_batch(sizes, work, tokenizer, dev)
     cfg0 = throughput_config(sizes, work, THROUGHPUT["triplet"], 2, batch)
@@ -655,24 +658,39 @@ def _unit(n: int, d: int, dev, seed: int):
 def gpu_side_parts(sizes: Sizes, dev) -> dict:
     import torch
 
-    from ...evaluation.metrics import protocol_metrics
-    from ...mining import top_candidates
+    from dbl_scale.evaluation.metrics import _rows, embedding_metrics
+    from dbl_scale.evaluation.ranking import TileSource
+    from dbl_scale.mining import top_candidates
 
     n, d = sizes.eval_images, sizes.eval_dim
     img, txt = _unit(n, d, dev, 1), _unit(5 * n, d, dev, 2)
-    times = {"product": [], "eval": []}
-    for _ in range(3):
-        _sync(dev)
-        t0 = time.perf_counter()
-        sims = img @ txt.t()
-        _sync(dev)
-        times["product"].append(time.perf_counter() - t0)
-        del sims
-        t0 = time.perf_counter()
-        metrics = protocol_metrics(img, txt, "standard", 5)
-        times["eval"].append(time.perf_counter() - t0)
-    evaluation = {"images": n, "captions": 5 * n, "dim": d, "rsum": metrics["rsum"],
-                  "product_s": statistics.median(times["product"]), "eval_s": statistics.median(times["eval"])}
+    rows = _rows(dev, 5)
+    embedding_metrics(img[:rows * 4], txt[:5 * rows * 4], 5, compile=True)  # the compile's warm-up
+
+    def bare() -> None:  # every score made once in evaluation's tiles, nothing counted
+        source = TileSource(img, txt, rows, 5 * rows)
+        for t in range(-(-n // rows)):
+            for u in range(-(-n // rows)):
+                source.tile(t, u)
+
+    times = {"product": [], "eval": [], "eval_eager": []}
+    jobs = {"product": bare, "eval": lambda: embedding_metrics(img, txt, 5, compile=True),
+            "eval_eager": lambda: embedding_metrics(img, txt, 5, compile=False)}
+    for _ in range(3):  # interleaved, so a slow moment slows them alike
+        for name, job in jobs.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            out = job()
+            _sync(dev)
+            times[name].append(time.perf_counter() - t0)
+            if name == "eval":
+                metrics = out
+    evaluation = {"images": n, "captions": 5 * n, "dim": d, "tile_rows": rows, "rsum": metrics["rsum"],
+                  "i2t_tied": metrics["i2t_tied"], "t2i_tied": metrics["t2i_tied"],
+                  **{f"{k}_s": statistics.median(v) for k, v in times.items()},
+                  **{f"{k}_s_repeats": v for k, v in times.items()}}
+    evaluation["x_product"] = evaluation["eval_s"] / evaluation["product_s"]
+    evaluation["eager_x_product"] = evaluation["eval_eager_s"] / evaluation["product_s"]
     del img, txt
     n, d = sizes.mine_images, sizes.mine_dim
     img, txt = _unit(n, d, dev, 3), _unit(5 * n, d, dev, 4)
@@ -699,8 +717,8 @@ def parity(sizes: Sizes, work: Path, tokenizer, dev) -> dict:
     batch; every loss term and every trained branch's gradient compared (relative norm)."""
     import torch
 
-    from ...branches import new_model
-    from ...methods import build_method
+    from dbl_scale.branches import new_model
+    from dbl_scale.methods import build_method
 
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
@@ -751,7 +769,7 @@ def _losses_and_grads(method, modules: list, batch: dict, dev) -> dict:
 
     import torch
 
-    from ...methods import TRAINED
+    from dbl_scale.roles import TRAINED
 
     models = [copy.deepcopy(m).to(dev) for m in modules]
     args = (batch["pixel_values"].to(dev), batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
@@ -774,10 +792,10 @@ def _losses_and_grads(method, modules: list, batch: dict, dev) -> dict:
 def cuda_paths(sizes: Sizes, work: Path, tokenizer, dev) -> dict:
     import torch
 
-    from ... import distributed
-    from ...checkpoint import rng_state, safe_load, set_rng_state
-    from ...data import TrainLoader
-    from ...preprocess import image_transform
+    from dbl_scale import distributed
+    from dbl_scale.checkpoint import rng_state, safe_load, set_rng_state
+    from dbl_scale.data import TrainLoader
+    from dbl_scale.preprocess import image_transform
 
     out = {}
     # the gathered negatives' backward: NCCL's reduce-scatter on a GPU (gloo's all-reduce elsewhere)
@@ -823,9 +841,9 @@ def gpu_decode_check(sizes: Sizes, work: Path, dev) -> dict:
     device cannot decode (no CUDA, no torchvision) it says why."""
     import torch
 
-    from ...config import ConfigError
-    from ...preprocess import ImageTransform, check_gpu_decode, decode_on_device
-    from .data import make_source
+    from dbl_scale.config import ConfigError
+    from dbl_scale.preprocess import ImageTransform, check_gpu_decode, decode_on_device
+    from dbl_scale.cli.bench.data import make_source
 
     try:
         check_gpu_decode(dev)
@@ -849,8 +867,8 @@ def photo_shards(folder: Path, sizes: Sizes) -> Path:
     is (no re-encoding), once: a folder that holds them already is reused."""
     from data_tools import convert
 
-    from .common import cpu_count
-    from .data import make_source
+    from dbl_scale.cli.bench.common import cpu_count
+    from dbl_scale.cli.bench.data import make_source
 
     shards = folder / "shards"
     if (shards / "dbl_index.json").exists():
@@ -904,10 +922,10 @@ def end_to_end(work: Path, sizes: Sizes, dry: bool, b: Optional[dict]) -> dict:
     import torch
     from mlflow.tracking import MlflowClient  # heavy (seconds)
 
-    from ...config import resolve_config
-    from ...data import loader_plan, usable_cores
-    from ..launch import config_args, run_ranks
-    from ..train import MODULE as TRAIN
+    from dbl_scale.config import resolve_config
+    from dbl_scale.data import loader_plan, usable_cores
+    from dbl_scale.cli.launch import config_args, run_ranks
+    from dbl_scale.cli.train import MODULE as TRAIN
 
     rows = {r["name"]: r for r in (b or {}).get("rows", [])}
     synthetic = rows.get("triplet, ZeRO-2, compiled") or rows.get("triplet, ZeRO-2")
@@ -991,8 +1009,10 @@ def format_result(result: dict) -> str:
         lines.extend(format_throughput(p["b"]))
     if not failed("c"):
         e, m = p["c"]["eval"], p["c"]["mining"]
-        lines.append(f"(c) evaluation {e['images']} x {e['captions']} (d {e['dim']}): {e['eval_s']:.2f} s, "
-                     f"the product alone {e['product_s'] * 1e3:.1f} ms ({e['eval_s'] / e['product_s']:.0f}x)")
+        lines.append(f"(c) evaluation {e['images']} x {e['captions']} (d {e['dim']}, tiles of {e['tile_rows']}): "
+                     f"{e['eval_s']:.2f} s compiled, {e['eval_eager_s']:.2f} s eager; the bare tiled product "
+                     f"{e['product_s']:.2f} s: {e['x_product']:.2f}x compiled, {e['eager_x_product']:.2f}x eager "
+                     f"(medians of 3, interleaved); tied queries {e['i2t_tied']} / {e['t2i_tied']}")
         peak = m["peak_above_inputs_bytes"]
         lines.append(f"    mining {m['images']} x {m['captions']} (d {m['dim']}, top {m['k_captions']} / "
                      f"{m['k_images']}): {m['seconds']:.1f} s, {m['pairs_per_s'] / 1e9:.1f} G pairs/s"
@@ -1088,8 +1108,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_bench_gpu)
 
 
-def main(argv=None) -> int:
-    """Rank side: parts (b)-(e) in one process; writes their results to --out as it goes."""
+def rank_main(argv=None) -> int:
+    """Rank side (`benchmarks.gpu_rank`): parts (b)-(e) in one process; writes their results to
+    --out as it goes."""
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
     parser.add_argument("--out", required=True)
     parser.add_argument("--work", required=True)
@@ -1104,4 +1125,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import benchmarks
+
+    sys.exit(benchmarks.run(add_parser))

@@ -1,9 +1,9 @@
-"""`dbl-scale bench methods`: every method trained on the same data with the same steps,
+"""`python -m benchmarks.methods`: every method trained on the same data with the same steps,
 batch and towers, evaluated with the same protocol, over several seeds, logged to one MLflow
 experiment, and tabulated against a stated yardstick.
 
-    dbl-scale bench methods --seeds 3 --out runs/bench_methods
-    dbl-scale bench methods --seeds 3 --only "DBL momentum" --vary loss.dbl.momentum_init_left=0.2,0.5,0.8
+    python -m benchmarks.methods --seeds 3 --out runs/bench_methods
+    python -m benchmarks.methods --seeds 3 --only "DBL momentum" --vary loss.dbl.momentum_init_left=0.2,0.5,0.8
 
 Every row names its yardstick: the rows it is compared with, seed by seed (the paired
 difference of rSum, with a 95% interval over seeds from Student's t). Methods that need a
@@ -26,19 +26,21 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ...config import default_tracking_uri, load_config, resolve_config
-from ...data import eval_root, split_shards
-from ...evaluation import RECALL_HEADS, RECALL_KEYS, SINGLE_MODAL_KEYS, chance_metrics, format_table
-from ...shards import write_json_atomic
-from ..compare import plot_runs
-from ..data import prepare_data
-from ..launch import config_args, run_ranks
-from ..train import MODULE as TRAIN
+from dbl_scale.config import default_tracking_uri, load_config, resolve_config
+from dbl_scale.data import eval_root, split_shards
+from dbl_scale.evaluation import RECALL_HEADS, RECALL_KEYS, SINGLE_MODAL_KEYS, chance_metrics, format_table
+from dbl_scale.shards import write_json_atomic
+from dbl_scale.cli.compare import plot_runs
+from dbl_scale.cli.data import prepare_data
+from dbl_scale.cli.launch import config_args, run_ranks
+from dbl_scale.cli.seeds import mean_std, paired_interval
+from dbl_scale.cli.train import MODULE as TRAIN
 
 BASE = "triplet (VSE++)"
 CONTINUED = "triplet, continued"
@@ -76,28 +78,6 @@ ROWS = [
         "triplet checkpoint", (BASE, CONTINUED)),
     Row("AOQ", ("loss.method=aoq", "train.init_from={ckpt}"), "triplet checkpoint, mined with it", (CONTINUED,)),
 ]
-
-# Student's t, 97.5% quantile, by degrees of freedom (a 95% two-sided interval)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t975(df: int) -> float:
-    """The quantile for `df` degrees of freedom (the next smaller tabulated one; 1.96 beyond 30)."""
-    return 1.96 if df > 30 else T975[max(k for k in T975 if k <= df)]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (nan for one value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def paired_interval(values: list[float], baseline: list[float]) -> tuple[float, float]:
-    """Mean of the per-seed differences and the half-width of its 95% interval (nan for one seed)."""
-    diffs = [v - b for v, b in zip(values, baseline)]
-    mean, std = mean_std(diffs)
-    return mean, t975(len(diffs) - 1) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-
 
 def select_rows(only: Optional[list[str]] = None, vary: Optional[str] = None) -> list[Row]:
     """The rows to run, in table order: `only` (all rows when None) with every yardstick they
@@ -331,3 +311,9 @@ def add_parser(bench_sub) -> None:
                                  "interrupted table with the same settings resumes it")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_bench_methods)
+
+
+if __name__ == "__main__":
+    import benchmarks
+
+    sys.exit(benchmarks.run(add_parser))

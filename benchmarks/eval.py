@@ -1,4 +1,4 @@
-"""`dbl-scale bench eval`: what the retrieval evaluation costs next to the similarity product.
+"""`python -m benchmarks.eval`: what the retrieval evaluation costs next to the similarity product.
 
 From random L2-normalised float32 embeddings (default: 5,000 images x 25,000 captions, d =
 1024, COCO 5K size) it times
@@ -17,7 +17,7 @@ Targets: (b)/(a) <= 1.5 and (c)/(b) >= 3. Peak memory above the inputs: torch's 
 (the product's output, the evaluation's tiles) with the torch profiler's memory events, the
 naive reference's numpy buffers with tracemalloc.
 
-    dbl-scale bench eval --images 5000 --captions-per-image 5 --dim 1024 --repeats 3
+    python -m benchmarks.eval --images 5000 --captions-per-image 5 --dim 1024 --repeats 3
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...evaluation import embedding_metrics, retrieval_metrics
-from .common import MIB, machine_line, torch_cpu_peak_bytes
+from dbl_scale.evaluation import embedding_metrics, retrieval_metrics
+from dbl_scale.cli.bench.common import MIB, machine_line, torch_cpu_peak_bytes
 
 TARGET_PRODUCT_RATIO = 1.5  # (b)/(a): metrics add at most half a product
 TARGET_SPEEDUP = 3.0  # (c)/(b): counting beats the per-query sort by this much
@@ -232,3 +232,9 @@ def add_parser(bench_subparsers) -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
     b.set_defaults(func=cmd_bench_eval)
     return b
+
+
+if __name__ == "__main__":
+    import benchmarks
+
+    sys.exit(benchmarks.run(add_parser))
