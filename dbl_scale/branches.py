@@ -17,7 +17,8 @@ import torch
 
 from . import checkpoint, distributed
 from .config import Config, load_config
-from .methods import EMA, FROZEN, TARGET, TRAINED, Method, build_method
+from .methods import Method, build_method
+from .roles import EMA, FROZEN, TARGET, TRAINED
 from .models import DualEncoder, FrozenEncoders, compile_blocker, compile_towers
 from .optim import deepspeed_config, is_zero3, lr_lambdas, param_groups
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .methods import EMA
+from .roles import EMA
 
 PREFIX = "step_"
 

@@ -16,11 +16,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .errors import ConfigError
 from .shards import is_shard_list
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names the key and what is allowed."""
 
 
 def bounded(default, low=None, high=None, *, low_open: bool = False, high_open: bool = False):
@@ -93,6 +90,15 @@ class ImageConfig:
 
 
 @dataclass
+class BuildConfig:
+    train: int = at_least_0(4000)  # images per split
+    val: int = at_least_0(250)
+    test: int = at_least_0(500)
+    # dense: 3 shapes, each solid or hollow; occluded: one shape under noise in half the images
+    variant: Literal["standard", "dense", "occluded"] = "standard"
+
+
+@dataclass
 class DataConfig:
     # a folder with shards and dbl_index.json, or the training shards themselves as any
     # WebDataset URL: "shards/{00000..00099}.tar", "pipe:curl -s URL", "s3://bucket/{0..9}.tar"
@@ -111,12 +117,9 @@ class DataConfig:
     decode: Literal["cpu", "gpu"] = "cpu"
     shuffle_buffer: int = at_least_0(1000)  # samples; 0 turns sample shuffling off
     tokenizer: Optional[str] = None  # local HF tokenizer folder; None: <root>/tokenizer
-    # ShapesCaptions, built under `root` when it is absent or empty (--build-data, the demo).
-    build_train: int = at_least_0(4000)
-    build_val: int = at_least_0(250)
-    build_test: int = at_least_0(500)
-    # dense: 3 shapes, each solid or hollow; occluded: one shape under noise in half the images
-    build_variant: Literal["standard", "dense", "occluded"] = "standard"
+    # ShapesCaptions to build under `root` when it is absent or empty (--build-data, the demo);
+    # None: nothing is built (the demo and tiny presets set it)
+    build: Optional[BuildConfig] = None
 
 
 @dataclass
@@ -310,8 +313,8 @@ class EvalConfig:
     # it scores (K*N)^2 + N^2 pairs more: turn it off for very large splits
     single_modal: bool = True
     # which images are relevant to each other: a json member, as it is or "MEMBER:field,field" for
-    # a list of dicts (ShapesCaptions: the same shapes in the same colours); no such member: no I2I
-    image_relevance: Optional[str] = "objects:shape,colour"
+    # a list of dicts (the demo's: the same shapes in the same colours); None: no image to image
+    image_relevance: Optional[str] = None
 
 
 @dataclass
@@ -455,8 +458,21 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(_renamed(data), parse_overrides(overrides or []))
     return config_from_dict(data)
+
+
+RENAMED = {"build_train": "train", "build_val": "val", "build_test": "test", "build_variant": "variant"}
+
+
+def _renamed(data: dict) -> dict:
+    """A config saved before `data.build_*` became `data.build.*` (runs trained then), in today's keys."""
+    old = {k: v for k, v in (data.get("data") or {}).items() if k in RENAMED}
+    if not old:
+        return data
+    section = {k: v for k, v in data["data"].items() if k not in RENAMED}
+    section["build"] = {**{RENAMED[k]: v for k, v in old.items()}, **(section.get("build") or {})}
+    return {**data, "data": section}
 
 
 def validate(cfg: Config) -> None:

@@ -1,24 +1,12 @@
 """WebDataset input pipeline: shards -> (split by rank, by worker) -> samples -> batches.
 
-A shard set is a folder with `{split}-NNNNN.tar` shards and an index, `dbl_index.json`, that
-lists each split's shards with their sample counts (`dbl-scale data convert` writes both).
-One sample is one image with all its captions: an image (`jpg`, also `jpeg`/`png`/`webp`) and
-a `json` `{"image_id", "captions"}`; training draws one caption per visit. Shards written by
-other tools (img2dataset, open_clip's) are read as they are: one caption per sample from `txt`
-or `json["caption"]`, the image id from `json["image_id"]` or else from the sample's key.
-
-`data.root` is either such a folder or the training shards themselves as any WebDataset URL
-(`data/{00000..00099}.tar`, `pipe:...`, `s3://...`). Without our index, counts come from
-img2dataset's `*_stats.json` or open_clip's `sizes.json` next to local shards, else from
-`data.samples_per_epoch`.
-
-Epochs are exact: the shard order of epoch e is a permutation seeded by (seed, e), shared
-by all ranks; rank r takes every W-th shard, worker k of that every K-th; samples are
-shuffled inside the epoch only. Every rank runs `steps_per_epoch = samples // (W * B)`
-steps, so ranks never disagree on the step count, and when the shards divide evenly every
-sample is seen exactly once per epoch. Corrupt samples are skipped and counted: each batch
-carries the number skipped since the worker's previous batch.
-"""
+A shard set is a folder of `{split}-NNNNN.tar` shards with an index (`dbl_index.json`, their
+sample counts), or any WebDataset URL of training shards; img2dataset's and open_clip's shards
+read as they are. A sample is one image with all its captions; training draws one per visit.
+Epochs are exact: the shard order of epoch e is a permutation seeded by (seed, e), shared by
+all ranks; rank r takes every W-th shard, worker k of those every K-th; every rank runs
+`samples // (W * B)` steps, so ranks never disagree on the step count. Corrupt samples are
+skipped and counted."""
 from __future__ import annotations
 
 import glob
@@ -39,12 +27,10 @@ from webdataset.tariterators import tarfile_samples
 
 from .preprocess import (ImageTransform, RegionFeatures, Tokenize, as_transform, check_gpu_decode,
                          decode_on_device, gpu_decodable)
-from .shards import (INDEX, DataError, good_captions, index_splits, is_shard_list, is_url, raw_captions,
-                     shard_url, string_id)
+from .shards import IMAGE_KEYS, INDEX, DataError, index_splits, is_shard_list, is_url, sample_meta, shard_url
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "npy")  # npy: pre-extracted region features
 
 
 # ----------------------------------------------------------------------------- shard sets
@@ -203,20 +189,6 @@ def read_samples(urls: Iterable[str], errors: Optional[SkipCounter] = None) -> I
             if image and ("json" in sample or "txt" in sample):
                 sample["jpg"] = sample[image]
                 yield sample
-
-
-def sample_meta(sample: dict) -> tuple[int, list[str]]:
-    """(image id, non-empty captions) of a raw sample: our `json` {"image_id", "captions"}, or one
-    caption from `txt` / `json["caption"]` (img2dataset, open_clip). Without a numeric image id
-    the key is hashed to one (stable across runs and machines)."""
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    meta = meta if isinstance(meta, dict) else {}
-    captions = good_captions(raw_captions(meta, sample["txt"].decode("utf-8") if "txt" in sample else None))
-    image_id = meta.get("image_id")
-    if not isinstance(image_id, int):
-        key = str(image_id) if image_id is not None else sample["__key__"]
-        image_id = string_id(key)
-    return image_id, captions
 
 
 def decode_sample(sample: dict, image: "ImageTransform | int", rng: Optional[random.Random] = None

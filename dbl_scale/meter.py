@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from . import distributed
-from .config import Config
+from .config import TrainConfig
 from .tracking import Tracker
 
 
@@ -19,9 +19,10 @@ class StepMeter:
     share of the global loss), averages over the steps since the last log, and reports them
     with the LR, throughput, skipped samples and the method's own schedule (`step_metrics`)."""
 
-    def __init__(self, cfg: Config, tracker: Tracker, run_name: str, loader, scheduler,
-                 step_metrics: Callable[[int], dict[str, float]]):
-        self.cfg, self.tracker, self.run_name = cfg, tracker, run_name
+    def __init__(self, train: TrainConfig, batch_size: int, flush_every: int, tracker: Tracker, run_name: str,
+                 loader, scheduler, step_metrics: Callable[[int], dict[str, float]]):
+        self.train, self.batch_size, self.flush_every = train, batch_size, flush_every
+        self.tracker, self.run_name = tracker, run_name
         self.loader, self.scheduler, self.step_metrics = loader, scheduler, step_metrics
         self.sums: dict[str, torch.Tensor] = {}
         self.steps, self.t_last = 0, time.time()
@@ -42,7 +43,6 @@ class StepMeter:
         self.steps += 1
 
     def log(self, step: int) -> None:
-        cfg = self.cfg
         names = sorted(self.sums)
         # every rank skips the same steps, so every rank has the same names (or none)
         totals = distributed.all_reduce_sum(torch.stack([self.sums[k] for k in names]).float()) if names else []
@@ -60,16 +60,16 @@ class StepMeter:
         metrics.update({f"data/{k}": v for k, v in zip(wait, slowest.tolist())})
         lrs = self.scheduler.get_last_lr()  # per group: towers first, heads last (optim.param_groups)
         metrics.update({"lr": lrs[-1], "lr/towers": lrs[0], "epoch": step / self.loader.steps_per_epoch,
-                        "samples_per_s": self.steps * distributed.world_size() * cfg.data.batch_size / elapsed,
+                        "samples_per_s": self.steps * distributed.world_size() * self.batch_size / elapsed,
                         "data/skipped": skipped})
         metrics.update(self.step_metrics(step))
         self.tracker.log_metrics(metrics, step)
-        if step % cfg.tracking.flush_every < cfg.train.log_every:
+        if step % self.flush_every < self.train.log_every:
             self.tracker.flush()
         if distributed.is_main() and "loss" in metrics:
-            eta = (time.time() - self.t_start) / max(1, step - self.start_step) * (cfg.train.steps - step)
+            eta = (time.time() - self.t_start) / max(1, step - self.start_step) * (self.train.steps - step)
             parts = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3f}" for k in names if k.startswith("loss/"))
-            print(f"[{self.run_name}] step {step}/{cfg.train.steps} | loss {metrics['loss']:.3f} ({parts}) "
+            print(f"[{self.run_name}] step {step}/{self.train.steps} | loss {metrics['loss']:.3f} ({parts}) "
                   f"| lr {metrics['lr']:.2e} | {metrics['samples_per_s']:.0f} samples/s "
                   f"(loader wait {metrics['data/wait_share']:.0%}) "
                   f"| ETA {_fmt_seconds(eta)}", flush=True)

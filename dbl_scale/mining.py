@@ -1,37 +1,15 @@
 """AOQ offline hard negatives: mine them from a whole split, sample them for a batch.
 
-Mining (`mine`; from the command line `dbl-scale mine --run-dir RUN --out DIR`): every rank
-streams and embeds its share of the split (`embed_split` returns all ranks' embeddings in
-image-id order), then takes a contiguous block of query rows of each direction and runs an
-exact, chunked top-k over inner products; each rank writes its block into one shared folder of
-`.npy` files, which every rank then memory-maps (`Candidates`): the ranks of a node share one
-copy in the page cache, and no rank holds the arrays in its own memory.
-
-- `caption_candidates[r]`: the `kc` captions most similar to image row r, best first, never
-  one of image r's own K captions (caption index c = row * K + j: caption j of image row);
-- `image_candidates[c]`: the `ki` image rows most similar to caption c, best first, never
-  its own image c // K.
-
-Search backend: chunked `torch.topk`. Measured on the 2-core CPU dev machine (N = 5000 images,
-25000 captions, d = 256, kc = 2000, ki = 400, 2 threads each): torch 2.0 s, FAISS 1.15
-`IndexFlatIP` (exact, search k + K then drop own pairs) 2.8 s; with another process busy on
-the cores, torch 3.0-4.0 s against FAISS 4.4-8.0 s. Torch won every run, so FAISS is not a
-dependency. On a GPU rank the same code runs on the GPU.
-
-Sampling (`OfflineNegatives`), and the loader side of AOQ training (`OfflineHardNegatives`,
-which mines at start, refreshes, and extends each batch): for a training pair (I, T = caption
-`caption_index` of I) draw n ~ U[0, min(n_max, kc)); T- = the n-th caption candidate of I, I- =
-the (n // K)-th image candidate of T, T_{I-} = a uniformly drawn caption of I-, I_{T-} = the
-image of T-. The negatives' images and captions are read from the shards by random access
-(`shard_index.ShardIndex`) and decoded as evaluation decodes them, with an LRU cache of decoded
-images bounded in bytes (`loss.aoq.cache_mb`).
-
-Memory per rank, whatever N is:
-- `Candidates`: memory-mapped, N * (kc + K * ki) * 4 bytes on disk (16 KB per image at the
-  defaults kc = 2000, ki = 400, K = 5: 1.8 GB for COCO's 113k), in the page cache as touched;
-- `OfflineNegatives`: the shard offsets (about 50 bytes per image) and the decoded-image cache;
-- mining itself: all embeddings (N * (K + 1) * d * 4 bytes) plus one chunk of scores,
-  bounded by `memory_mb` (default 256 MB).
+`mine`: every rank embeds its share of the split, takes a block of query rows of each
+direction and runs an exact chunked top-k (`torch.topk`, on the ranks' device) into one shared
+folder of `.npy` files that every rank memory-maps (`Candidates`). `caption_candidates[r]`: the
+kc captions closest to image row r, never its own; `image_candidates[c]`: the ki image rows
+closest to caption c, never its own image c // K.
+`OfflineNegatives` draws a pair's negatives (T-, I-, T_{I-}, I_{T-}; docs/methods.md) and reads
+them from the shards by random access, through a decoded-image cache bounded in bytes;
+`OfflineHardNegatives` is AOQ's loader side (mines at start, refreshes, extends each batch).
+Memory per rank does not grow with N beyond the embeddings: candidates live on disk, mining
+holds one chunk of scores (`memory_mb`), sampling the shard offsets and the cache.
 """
 from __future__ import annotations
 
@@ -49,9 +27,9 @@ import numpy as np
 import torch
 
 from . import distributed
-from .config import Config
+from .config import AOQConfig, DataConfig
 from .data import DataError, split_shards
-from .preprocess import ImageTransform, as_transform, image_transform
+from .preprocess import ImageTransform, as_transform
 from .evaluation.embed import embed_split
 from .shard_index import ShardIndex
 
@@ -435,23 +413,22 @@ class OfflineHardNegatives:
     or mined at start with the starting towers into `<run>/aoq_candidates/`), refreshed with
     the current target on request; `extend` appends each pair's offline negatives to a batch."""
 
-    def __init__(self, cfg: Config, model, tokenize, rank: int, workdir: str | Path):
-        self.cfg, self.tokenize = cfg, tokenize
+    def __init__(self, aoq: AOQConfig, data: DataConfig, image: ImageTransform, batch_size: int, seed: int,
+                 model, tokenize, rank: int, workdir: str | Path):
+        self.aoq, self.root, self.split, self.image = aoq, data.root, data.train_split, image
+        self.batch_size, self.tokenize = batch_size, tokenize  # mining embeds the split in batches of this size
         self.folder, self.mined = Path(workdir) / "aoq_candidates", None
-        a = cfg.loss.aoq
-        candidates = Candidates.load(a.candidates) if a.candidates else self._mine(model, 0)
-        self.sampler = OfflineNegatives(candidates, cfg.data.root, cfg.data.train_split,
-                                        image_transform(cfg), a.n_max, a.cache_mb)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+        candidates = Candidates.load(aoq.candidates) if aoq.candidates else self._mine(model, 0)
+        self.sampler = OfflineNegatives(candidates, self.root, self.split, image, aoq.n_max, aoq.cache_mb)
+        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
 
     def _mine(self, model, consumed: int) -> Candidates:
         """Mine into `<run>/aoq_candidates/batch_N/` (N: loader batches so far), and remove the
         folder mined before (the maps of it that are still open stay valid; a checkpoint keeps
         its own copy)."""
-        a = self.cfg.loss.aoq
         out = self.folder / f"batch_{consumed:09d}"
-        candidates = mine(model, self.cfg.data.root, self.cfg.data.train_split, image_transform(self.cfg),
-                          self.tokenize, self.cfg.eval.batch_size, out, a.k_captions, a.k_images)
+        candidates = mine(model, self.root, self.split, self.image, self.tokenize, self.batch_size, out,
+                          self.aoq.k_captions, self.aoq.k_images)
         self._forget_mined()
         self.mined = out
         return candidates

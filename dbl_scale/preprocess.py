@@ -5,6 +5,7 @@ towers, `Tokenize` for captions, and the run's settings for them (`image_transfo
 `resolve_image_config`, `preprocessor_config` for Hugging Face's image processor)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -18,9 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError
 from .hub import local_folder
-from .shards import DataError
+from .errors import ConfigError, DataError
 
 # CLIP's image statistics; any fixed choice works for towers trained from scratch.
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -172,30 +172,31 @@ def image_transform(cfg, train: bool = False) -> "ImageTransform | RegionFeature
     return ImageTransform(cfg.model.vision.image_size, tuple(mean), tuple(std), resize)
 
 
-def resolve_image_config(cfg) -> None:
-    """Fill the unset `data.image` values from the vision checkpoint's image processor
-    (`preprocessor_config.json`), else CLIP's statistics and a centre crop, so that the run's
-    saved config records what it used. A processor whose crop size is not
-    model.vision.image_size is an error naming both."""
+def resolve_image_config(cfg):
+    """The config with its unset `data.image` values filled from the vision checkpoint's image
+    processor (`preprocessor_config.json`), else CLIP's statistics and a centre crop, so that the
+    run's saved config records what it used (a new Config; the one given is not changed). A
+    processor whose crop size is not model.vision.image_size is an error naming both."""
     image_cfg, vision = cfg.data.image, cfg.model.vision
     if vision.kind == "precomp":
-        return
+        return cfg
     proc = {}
     if vision.pretrained:
         path = Path(local_folder(vision.pretrained, "model.vision.pretrained")) / "preprocessor_config.json"
         if path.exists():
             proc = json.loads(path.read_text())
-    if image_cfg.mean is None:
-        image_cfg.mean = tuple(float(x) for x in proc.get("image_mean", MEAN.tolist()))
-    if image_cfg.std is None:
-        image_cfg.std = tuple(float(x) for x in proc.get("image_std", STD.tolist()))
-    if image_cfg.resize is None:
-        image_cfg.resize = "squash" if proc and not proc.get("do_center_crop", False) else "crop"
     crop = proc.get("crop_size") if proc.get("do_center_crop") else proc.get("size")
     side = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
     if side is not None and int(side) != vision.image_size:
         raise DataError(f"config key 'model.vision.image_size': {vision.image_size}, but the image processor of "
                         f"{vision.pretrained} makes {side} px inputs; set model.vision.image_size={side}")
+    mean = tuple(float(x) for x in proc.get("image_mean", MEAN.tolist()))
+    std = tuple(float(x) for x in proc.get("image_std", STD.tolist()))
+    resize = "squash" if proc and not proc.get("do_center_crop", False) else "crop"
+    filled = dataclasses.replace(image_cfg, mean=image_cfg.mean if image_cfg.mean is not None else mean,
+                                 std=image_cfg.std if image_cfg.std is not None else std,
+                                 resize=image_cfg.resize or resize)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image=filled))
 
 
 def preprocessor_config(transform: ImageTransform) -> dict:

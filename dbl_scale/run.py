@@ -21,9 +21,8 @@ from .data import dataset_inputs, eval_root
 from .preprocess import image_transform
 from .tokenizer import tokenizer_path
 from .evaluation import evaluate, format_evaluation, report
-from .export import export
-from .export import log_model as log_mlflow_model
-from .methods import TARGET, Method
+from .methods import Method
+from .roles import TARGET
 from .tracking import Tracker
 
 log = logging.getLogger("dbl_scale")
@@ -189,20 +188,6 @@ class Run:
                 (self.dir / "best" / "step.txt").write_text(f"{step}\n")
             checkpoint.save_model(self.engine, self.dir / "best" / "model.pt")
             self.tracker.log_metrics({"val/best_rsum": self.best_val}, step)
-
-    def log_model(self) -> None:
-        """Rank 0 exports the target to <run>/model (transformers alone loads it) and logs that
-        folder to the MLflow run as a pyfunc model. A failure (MLflow away, say) is reported
-        and costs nothing else: `dbl-scale export --run-dir RUN --out DIR --log` does it later."""
-        if distributed.is_main():
-            try:
-                folder = export(self.dir, self.dir / "model")
-                uri = log_mlflow_model(folder, self.cfg.tracking.uri, self.tracker.run_id)
-                log.info("model exported to %s and logged to MLflow as %s", folder, uri)
-            except Exception as exc:  # noqa: BLE001 - the run's results are already saved
-                log.warning("the model was not exported or logged (%s); later: dbl-scale export --run-dir %s "
-                            "--out DIR --log", exc, self.dir)
-        distributed.barrier()
 
     def final_evaluation(self, step: int, train_seconds: float) -> dict:
         """The final model on the evaluation split (with reports and per-query ranks), and the

@@ -10,6 +10,7 @@ the embedding pass read shards in order (`data.read_samples`). A sample here is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .shards import is_url, key_and_extension
+from .shards import IMAGE_KEYS, DataError, is_url, key_and_extension, sample_meta
 
-from .data import IMAGE_KEYS, DataError, log, sample_meta
+log = logging.getLogger(__name__)
+
 
 META_KEYS = ("json", "txt")
 

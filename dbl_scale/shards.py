@@ -9,9 +9,7 @@ import json
 import os
 from typing import Iterable, Optional
 
-class DataError(RuntimeError):
-    """The data cannot feed this run (missing shards, too few shards for the ranks, ...)."""
-
+from .errors import DataError  # noqa: F401  (shard readers raise it)
 
 INDEX = "dbl_index.json"  # our own name: open_clip's `sizes.json` is a different file
 TAR_MTIME = 1704067200  # fixed member times (2024-01-01): the same input gives byte-identical shards
@@ -99,3 +97,20 @@ def key_and_extension(member: str) -> tuple[str, str]:
     folder, _, base = member.rpartition("/")
     stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "npy")  # npy: pre-extracted region features
+
+
+def sample_meta(sample: dict) -> tuple[int, list[str]]:
+    """(image id, non-empty captions) of a raw sample: our `json` {"image_id", "captions"}, or one
+    caption from `txt` / `json["caption"]` (img2dataset, open_clip). Without a numeric image id
+    the key is hashed to one (stable across runs and machines)."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    meta = meta if isinstance(meta, dict) else {}
+    captions = good_captions(raw_captions(meta, sample["txt"].decode("utf-8") if "txt" in sample else None))
+    image_id = meta.get("image_id")
+    if not isinstance(image_id, int):
+        key = str(image_id) if image_id is not None else sample["__key__"]
+        image_id = string_id(key)
+    return image_id, captions

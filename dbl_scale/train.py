@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -21,7 +22,8 @@ from .config import Config
 from .data import TrainLoader
 from .preprocess import image_transform, resolve_image_config
 from .tokenizer import ensure_tokenizer, tokenizer_path
-from .methods import EMA, TARGET, Method, build_method
+from .methods import Method, build_method
+from .roles import EMA, TARGET
 from .models import Embeddings, FrozenEncoders
 from .run import Preempted, Preemption, Run
 from .meter import StepMeter
@@ -29,14 +31,15 @@ from .meter import StepMeter
 log = logging.getLogger("dbl_scale")
 
 
-def train(cfg: Config) -> dict:
-    """Train one run; returns the final evaluation metrics (on every rank)."""
+def train(cfg: Config) -> Optional[Path]:
+    """Train one run; returns its folder once finished (None when stopped at
+    `checkpoint.stop_at`, to be resumed)."""
     distributed.init_distributed(cfg.train.collective_timeout_s)
     rank, world = distributed.rank(), distributed.world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     seed_everything(cfg.train.seed)
-    resolve_image_config(cfg)  # the image processor's settings, recorded in the run's config.yaml
+    cfg = resolve_image_config(cfg)  # the image processor's settings, recorded in the run's config.yaml
     with distributed.rank_zero_first():  # rank 0 builds a missing tokenizer once
         tokenizer = ensure_tokenizer(cfg.data, cfg.model.text)
     log.info("tokenizer from %s (data.tokenizer, model.text.pretrained, or <eval root>/tokenizer built from the "
@@ -51,8 +54,8 @@ def train(cfg: Config) -> dict:
     method.start(target.module, loader.tokenize, loader.steps_per_epoch, rank, run.dir)  # CODER's queues, AOQ's mining
     step = run.begin()  # a new run, or the newest checkpoint of this one
     preemption = Preemption()
-    meter = StepMeter(cfg, run.tracker, run.name, loader, target.scheduler,
-                      lambda s: {**method.step_metrics(s), **anchor_metrics(branches)})
+    meter = StepMeter(cfg.train, cfg.data.batch_size, cfg.tracking.flush_every, run.tracker, run.name, loader,
+                      target.scheduler, lambda s: {**method.step_metrics(s), **anchor_metrics(branches)})
     status = "FAILED"
     try:
         meter.begin(step)
@@ -92,17 +95,16 @@ def train(cfg: Config) -> dict:
                 run.checkpoint(step, now=True)
                 status = "KILLED"  # stopped on purpose, to be resumed
                 distributed.barrier()
-                return {}
+                return None
         train_seconds = time.time() - meter.t_start
         if cfg.checkpoint.at_end:
             run.checkpoint(step, now=True)
         checkpoint.save_model(target.engine, run.dir / "model.pt")
-        results = run.final_evaluation(step, train_seconds) if cfg.eval.at_end else {}
-        if cfg.tracking.log_model:
-            run.log_model()
+        if cfg.eval.at_end:
+            run.final_evaluation(step, train_seconds)
         status = "FINISHED"
         distributed.barrier()
-        return results
+        return run.dir
     finally:  # no collective here: after a failure on one rank the launcher stops the others
         run.tracker.finish(status)
 

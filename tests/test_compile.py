@@ -27,7 +27,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _step(method, modules, batch):
     """One forward of every branch (anchors without gradient), the target's loss, its backward."""
-    from dbl_scale.methods import TARGET, TRAINED
+    from dbl_scale.roles import TARGET, TRAINED
 
     outs = []
     for role, module in zip(method.roles, modules):
@@ -123,7 +123,8 @@ def test_compiled_zero2_two_ranks_equal_an_eager_single_process_step(tmp_path, s
     import sys
 
     from dbl_scale.branches import new_model
-    from dbl_scale.methods import EMA, build_method
+    from dbl_scale.methods import build_method
+    from dbl_scale.roles import EMA
 
     sys.path.insert(0, str(WORKERS))
     from compile_step import MODEL, STEP, VARIANTS  # noqa: E402  the worker's settings, one source

@@ -115,6 +115,7 @@ def test_corrupt_samples_are_skipped_and_counted(shapes_root, tokenizer, tmp_pat
     assert loader.skipped >= 5
 
 
+@pytest.mark.launch
 def test_mlflow_counts_every_rank_s_skipped_samples(shapes_root, tokenizer, tmp_path):
     """`data/skipped` in MLflow is the sum over ranks of what their loaders skipped (replayed
     here, rank by rank, from the same seed), and not zero."""
@@ -200,13 +201,13 @@ def test_build_data_writes_only_into_an_absent_or_empty_folder(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "IMG_0001.jpg").write_bytes(b"my photo")
-    cfg = load_config(TINY, [f"data.root={mine}", "data.build_train=16", "data.build_val=4", "data.build_test=4"])
+    cfg = load_config(TINY, [f"data.root={mine}", "data.build.train=16", "data.build.val=4", "data.build.test=4"])
     with pytest.raises(DataError, match=r"dbl_index.json not found \(.*mine holds IMG_0001.jpg, \.\.\.\)"):
         prepare_data(cfg)
     assert [p.name for p in mine.iterdir()] == ["IMG_0001.jpg"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    cfg = load_config(TINY, [f"data.root={empty}", "data.build_train=16", "data.build_val=4", "data.build_test=4"])
+    cfg = load_config(TINY, [f"data.root={empty}", "data.build.train=16", "data.build.val=4", "data.build.test=4"])
     assert prepare_data(cfg)["train"]["samples"] == 16 and (empty / "dbl_index.json").exists()
 
 

@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, free_port, torchrun
 
+pytestmark = pytest.mark.launch  # every test here starts a process
+
 
 def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path):
     """A DBL run on 2 ranks logs to a real MLflow store (one run, its parameters, tags, loss
@@ -96,8 +98,8 @@ def test_demo_builds_data_trains_both_methods_and_compares(tmp_path):
            "MASTER_PORT": str(free_port())}
     proc = subprocess.run(
         [sys.executable, "-m", "dbl_scale.cli", "demo", "--config", "tiny", "--tracking-uri", uri,
-         "--experiment", "demo-test", f"data.root={tmp_path / 'data'}", "data.build_train=64",
-         "data.build_val=8", "data.build_test=20", "train.steps=4", f"train.output_dir={tmp_path / 'runs'}"],
+         "--experiment", "demo-test", f"data.root={tmp_path / 'data'}", "data.build.train=64",
+         "data.build.val=8", "data.build.test=20", "train.steps=4", f"train.output_dir={tmp_path / 'runs'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = proc.stdout

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import re
-import subprocess
 from pathlib import Path
 
 from conftest import REPO
@@ -104,8 +103,8 @@ def test_no_import_cycles():
 
 
 def test_no_method_switch_outside_the_methods_package():
-    found = subprocess.run(["grep", "-rn", "method ==", str(PACKAGE)], capture_output=True, text=True).stdout
-    outside = [line for line in found.splitlines() if "/dbl_scale/methods/" not in line]
+    outside = [f"{path}:{n}" for path in PACKAGE.rglob("*.py") if "methods" not in path.relative_to(PACKAGE).parts
+               for n, line in enumerate(path.read_text().splitlines(), 1) if "method ==" in line]
     assert not outside, outside
 
 
@@ -166,3 +165,47 @@ def test_no_native_code_in_the_package():
     for path in (p for p in files if p.suffix == ".py"):
         text = path.read_text()
         assert not re.search(r"\bimport (ctypes|cffi)\b|\bfrom (ctypes|cffi)\b|-march=native", text), path
+
+
+def _rooms() -> dict[str, set[str]]:
+    """The import graph with each sub-package one node (cli, methods, evaluation), as a reader
+    sees the layout: top-level modules and folders."""
+    def room(module: str) -> str:
+        parts = module.split(".")
+        return ".".join(parts[:2])
+
+    out: dict[str, set[str]] = {}
+    for module, imports in _graph().items():
+        out.setdefault(room(module), set()).update(room(t) for t in imports if room(t) != room(module))
+    return out
+
+
+def test_layers_stay_shallow():
+    """No room of the package imports one that imports it back (directly or not), and the
+    longest chain of rooms importing each other is at most 10."""
+    rooms = _rooms()
+    depth: dict[str, int] = {}
+
+    def floor(node: str, seen: tuple = ()) -> int:
+        assert node not in seen, "rooms import each other: " + " -> ".join(seen + (node,))
+        if node not in depth:
+            depth[node] = 1 + max((floor(n, seen + (node,)) for n in rooms.get(node, ()) if n in rooms), default=0)
+        return depth[node]
+
+    longest = max(floor(n) for n in rooms)
+    assert 5 < longest <= 10, {n: d for n, d in sorted(depth.items(), key=lambda x: -x[1])}
+    assert depth["dbl_scale.cli"] == longest and depth["dbl_scale.errors"] == 1  # commands on top, errors a leaf
+
+
+def test_module_docstrings_are_short_and_carry_no_timings():
+    """A module docstring states a contract in a few lines; timings and machines go to
+    BENCHMARKS.md, where they are kept current."""
+    timing = re.compile(r"\b\d+(\.\d+)?\s?(ms|µs|s|seconds|minutes|GFLOP/s|MiB/s|GB/s)\b|2-core|Xeon|EPYC")
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        doc = ast.get_docstring(tree, clean=False) or ""
+        assert len(doc.strip().splitlines()) <= 12, (path, len(doc.splitlines()))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                text = ast.get_docstring(node, clean=False) or ""
+                assert not timing.search(text), (path, getattr(node, "name", "module"), timing.search(text).group())

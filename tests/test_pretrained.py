@@ -101,10 +101,10 @@ def test_the_image_processor_sets_normalisation_and_matches_clip_s(use_cache, sh
     from transformers import CLIPImageProcessor
 
     cfg = load_config(TINY, CLIP_KEYS + [f"data.root={shapes_root}"])
-    resolve_image_config(cfg)
+    cfg = resolve_image_config(cfg)
     assert (cfg.data.image.mean, cfg.data.image.std, cfg.data.image.resize) == ((0.5,) * 3, (0.5,) * 3, "crop")
     override = load_config(TINY, CLIP_KEYS + ["data.image.mean=[0.4,0.4,0.4]"])
-    resolve_image_config(override)
+    override = resolve_image_config(override)
     assert override.data.image.mean == (0.4,) * 3 and override.data.image.std == (0.5,) * 3
     proc = CLIPImageProcessor.from_pretrained(local_folder(REPO_ID))
     for im in _images():  # shorter side to 32, centre crop, as CLIP's processor does; aspect kept
@@ -123,6 +123,7 @@ def test_train_time_augmentation_is_seeded_and_evaluation_never_augments():
     assert torch.equal(t(im), ImageTransform(32)(im))  # no generator: no augmentation
 
 
+@pytest.mark.launch
 def test_a_run_from_a_hub_id_records_its_processor_and_exports_reproducibly(use_cache, shapes_root, tmp_path):
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 

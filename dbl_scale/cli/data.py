@@ -17,7 +17,7 @@ def prepare_data(cfg) -> dict:
     is an error that says what it holds: it may be a user's own data, never overwritten."""
     from data_tools.shapes_captions import build_shapes_captions
 
-    from ..data import eval_root, is_shard_list, load_index, plain_shard_folder  # heavy (torch): when it runs
+    from ..data import DataError, eval_root, is_shard_list, load_index, plain_shard_folder  # heavy (torch)
     from ..tokenizer import ensure_tokenizer
 
     t0 = time.time()
@@ -26,14 +26,17 @@ def prepare_data(cfg) -> dict:
         index = load_index(eval_root(cfg.data)) if cfg.data.eval_root else {}
     elif root.is_dir() and any(root.iterdir()):
         index = load_index(root)  # names what the folder holds when it has no index
+    elif cfg.data.build is None:
+        raise DataError(f"{root} holds no data, and there is none to build: data.build is not set (the demo and "
+                        "tiny presets set it), or convert your own data there (dbl-scale data convert)")
     else:
-        print(f"building ShapesCaptions in {root} ({cfg.data.build_train} train / {cfg.data.build_val} val / "
-              f"{cfg.data.build_test} test images) ...", flush=True)
+        b = cfg.data.build
+        print(f"building ShapesCaptions in {root} ({b.train} train / {b.val} val / {b.test} test images) ...",
+              flush=True)
         # at least 8 training shards, so up to 8 ranks x workers each get a share
-        index = build_shapes_captions(str(root), n_train=cfg.data.build_train, n_val=cfg.data.build_val,
-                                      n_test=cfg.data.build_test, image_size=cfg.model.vision.image_size,
-                                      shard_size=max(1, min(500, cfg.data.build_train // 8)),
-                                      variant=cfg.data.build_variant)
+        index = build_shapes_captions(str(root), n_train=b.train, n_val=b.val, n_test=b.test,
+                                      image_size=cfg.model.vision.image_size,
+                                      shard_size=max(1, min(500, b.train // 8)), variant=b.variant)
     ensure_tokenizer(cfg.data, cfg.model.text)
     if time.time() - t0 > 1:
         print(f"data ready in {time.time() - t0:.1f}s", flush=True)

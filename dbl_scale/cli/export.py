@@ -35,6 +35,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def publish(run_dir: Path, tracking_uri: str) -> None:
+    """After a run (`tracking.log_model`): its target exported to <run>/model and logged to its
+    MLflow run. A failure is reported and costs nothing else: the run's results are saved, and
+    `dbl-scale export --run-dir RUN --out DIR --log` does it later."""
+    import logging
+
+    from ..export import export, log_model
+
+    log = logging.getLogger("dbl_scale.export")
+    try:
+        run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+        folder = export(run_dir, run_dir / "model")
+        log.info("model exported to %s and logged to MLflow as %s", folder, log_model(folder, tracking_uri, run_id))
+    except Exception as exc:  # noqa: BLE001 - the run's results are already saved
+        log.warning("the model was not exported or logged (%s); later: dbl-scale export --run-dir %s --out DIR --log",
+                    exc, run_dir)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="a finished run's target for transformers (and MLflow's model format)",
                        description=__doc__,

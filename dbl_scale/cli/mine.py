@@ -56,9 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     quiet.same_format()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = load_config(Path(args.run) / "config.yaml")
-    if args.data:
-        cfg.data.root = str(args.data)
+    cfg = load_config(Path(args.run) / "config.yaml", [f"data.root={args.data}"] if args.data else [])
     split = args.split or cfg.data.train_split
     t0 = time.time()
     distributed.init_distributed()

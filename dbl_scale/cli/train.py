@@ -32,7 +32,7 @@ def cmd_train(args) -> int:
     build_method(cfg)  # and on what the method itself needs
     nproc = local_ranks(args.nproc)
     deepspeed_config(cfg, nproc * args.nnodes)  # and on a DeepSpeed file that contradicts the config
-    resolve_image_config(cfg)  # and on an image processor that contradicts model.vision.image_size
+    cfg = resolve_image_config(cfg)  # and on an image processor that contradicts model.vision.image_size
     if args.build_data:
         prepare_data(cfg)
     check_data(cfg, nproc * args.nnodes)  # a data problem is one line here, not a traceback from every rank
@@ -115,11 +115,15 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)  # validated before any process group starts
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        train(cfg)
+        run_dir = train(cfg)
     except Preempted as stop:
         print(stop, file=sys.stderr, flush=True)
         distributed.shutdown()
         return Preempted.exit_code
+    if run_dir is not None and cfg.tracking.log_model and distributed.is_main():
+        from .export import publish
+
+        publish(run_dir, cfg.tracking.uri)  # a step after the run: training does not depend on the format
     distributed.shutdown()
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..config import Config
 from .aoq import AOQ
-from .base import EMA, FROZEN, TARGET, TRAINED, Layout, Method, StepScores, Terms, gathered_scores
+from .base import Layout, Method, StepScores, Terms, gathered_scores
 from .coder import CODER, KeyQueues
 from .dbl import DBL, momentum_at
 from .distill import Distill
@@ -25,5 +25,5 @@ def build_method(cfg: Config) -> Method:
     return METHODS[cfg.loss.method](cfg)
 
 
-__all__ = ["METHODS", "build_method", "EMA", "FROZEN", "TARGET", "TRAINED", "Layout", "Method", "StepScores", "Terms", "gathered_scores", "KeyQueues",
+__all__ = ["METHODS", "build_method", "Layout", "Method", "StepScores", "Terms", "gathered_scores", "KeyQueues",
            "momentum_at", "AOQ", "CODER", "DBL", "Distill", "InfoNCE", "Mutual", "Structure", "Triplet"]

@@ -7,6 +7,7 @@ from typing import Optional
 
 from ..losses import OfflineScores, aoq_quintuplet
 from ..mining import OfflineHardNegatives
+from ..preprocess import image_transform
 from .base import Method, gathered_scores
 
 
@@ -15,7 +16,9 @@ class AOQ(Method):
     offline: Optional[OfflineHardNegatives] = None
 
     def start(self, target, tokenize, steps_per_epoch, rank, workdir):
-        self.offline = OfflineHardNegatives(self.cfg, target, tokenize, rank, workdir)
+        cfg = self.cfg
+        self.offline = OfflineHardNegatives(cfg.loss.aoq, cfg.data, image_transform(cfg), cfg.eval.batch_size,
+                                            cfg.train.seed, target, tokenize, rank, workdir)
         self.steps_per_epoch = steps_per_epoch
 
     def prepare(self, batch, consumed, target):

@@ -1,17 +1,7 @@
-"""What a method is: its branches, the heads its target carries, the state it keeps between
-steps, and the loss each trained branch gets (the equations are in docs/methods.md).
-
-Branches are listed anchor first; the last branch (`TARGET`) is the target, the model a run
-keeps, evaluates and exports. A branch's role is
-  TRAINED  its own DeepSpeed engine and optimizer;
-  EMA      a momentum copy: an exponential moving average of the target, no gradient;
-  FROZEN   a trained checkpoint (offline DBL anchor, a teacher), no gradient.
-
-Losses are computed from this rank's queries against the candidates of all ranks; each term
-is a per-rank share of the single-process loss of the global batch, and "loss" is the
-weighted total a branch optimises. The method gathers (once per step, through
-`distributed`); `losses.py` only computes.
-"""
+"""What a method is: its branches and their roles (`roles.py`), the heads its target carries,
+the state it keeps between steps, and the loss each trained branch gets (docs/methods.md).
+Losses take this rank's queries against the candidates of all ranks, gathered once per step
+through `distributed`; each term is this rank's share of the global batch's loss."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,12 +15,10 @@ from .. import distributed
 from ..config import Config, ConfigError
 from ..losses import Scores, hinge_triplet
 from ..models import Embeddings
+from ..roles import EMA, TRAINED
 
 Terms = dict[str, torch.Tensor]
 
-# branch roles (the strings are what checkpoints record)
-TRAINED, EMA, FROZEN = "trained", "ema", "frozen"
-TARGET = -1  # the target is the last branch: branches[TARGET], outs[TARGET], terms[TARGET]
 
 
 def gathered_scores(img: torch.Tensor, txt: torch.Tensor, image_ids: Optional[torch.Tensor] = None,

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from .. import distributed
 from ..losses import Scores, diversity_contrastive, sinkhorn
 from ..models import ConceptBank
-from .base import EMA, TRAINED, Layout, Method, gathered_scores
+from .base import Layout, Method, gathered_scores
+from ..roles import EMA, TRAINED
 
 
 class KeyQueues:

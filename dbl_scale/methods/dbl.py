@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from ..losses import boost_absolute, boost_diagnostics, boost_relative
-from .base import EMA, FROZEN, TARGET, TRAINED, Layout, Method, StepScores
+from .base import Layout, Method, StepScores
+from ..roles import EMA, FROZEN, TARGET, TRAINED
 
 
 def momentum_at(step: int, total: int, m0: float) -> float:

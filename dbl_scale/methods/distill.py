@@ -3,7 +3,8 @@ the KL divergence of the softened score distributions, both directions."""
 from __future__ import annotations
 
 from ..losses import distillation
-from .base import FROZEN, TRAINED, Layout, Method, StepScores
+from .base import Layout, Method, StepScores
+from ..roles import FROZEN, TRAINED
 
 
 class Distill(Method):

@@ -3,7 +3,8 @@ score distribution."""
 from __future__ import annotations
 
 from ..losses import mutual_learning
-from .base import TRAINED, Layout, Method, StepScores
+from .base import Layout, Method, StepScores
+from ..roles import TRAINED
 
 
 class Mutual(Method):

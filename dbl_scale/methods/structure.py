@@ -9,7 +9,8 @@ from .. import distributed
 from ..config import ConfigError
 from ..losses import info_nce, structure_terms
 from ..models import StructureHead
-from .base import FROZEN, TRAINED, Layout, Method, StepScores, gathered_scores
+from .base import Layout, Method, StepScores, gathered_scores
+from ..roles import FROZEN, TRAINED
 
 
 class Structure(Method):

@@ -15,7 +15,8 @@ from dbl_scale import distributed
 from dbl_scale.branches import build_branches
 from dbl_scale.checkpoint import full_state_dict
 from dbl_scale.config import load_config
-from dbl_scale.methods import TARGET, build_method
+from dbl_scale.methods import build_method
+from dbl_scale.roles import TARGET
 from dbl_scale.tokenizer import ensure_tokenizer
 from dbl_scale.train import train_step
 from parity_common import MODEL, local_slice, make_batch
