@@ -1,23 +1,12 @@
 """Export: a finished run's target as folders other tools open as they are (`dbl-scale export`).
 
-    OUT/              the joint model for transformers alone:
-                      AutoModel.from_pretrained(OUT, trust_remote_code=True) (config.json,
-                      model.safetensors, modeling_dbl.py: only torch and transformers), its
-                      get_image_features / get_text_features give the run's joint embeddings;
-                      AutoProcessor.from_pretrained(OUT, trust_remote_code=True) preprocesses as
-                      the run did (the image transform; the tokenizer with the run's max_length
-                      as model_max_length); README.md, the model card
-    OUT/vision/       save_pretrained of the vision tower alone, with preprocessor_config.json
-    OUT/text/         save_pretrained of the text tower alone, with the tokenizer
-    OUT/heads.pt      the projections and pooling rules (`load_exported` rebuilds the run's model)
-
-Weights come from the run's final DeepSpeed checkpoint, consolidated to fp32 from the ZeRO
-shards (also after bf16 or ZeRO-3 training), or from its model.pt when it has no checkpoint.
-
-`log_model` logs an exported folder to MLflow in its model format (a `pyfunc` whose
-`predict` takes images and/or captions and returns joint embeddings), optionally registered
-under a name.
-"""
+OUT/ is the joint model for transformers alone (`AutoModel` / `AutoProcessor.from_pretrained(OUT,
+trust_remote_code=True)`; `get_image_features` / `get_text_features` give the run's joint
+embeddings), with a model card; OUT/vision/ and OUT/text/ hold each tower alone (with its image
+processor or tokenizer), OUT/heads.pt the projections. Weights are consolidated to fp32 from
+the run's final DeepSpeed checkpoint (any ZeRO stage, bf16 too), or read from its model.pt.
+`log_model` logs an exported folder to MLflow as a `pyfunc` (images and/or captions in, joint
+embeddings out), optionally registered under a name."""
 from __future__ import annotations
 
 import contextlib

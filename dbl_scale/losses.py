@@ -1,18 +1,11 @@
 """Matching losses (docs/methods.md), on one score matrix or on negatives gathered from all ranks.
 
-Every loss reads a `Scores`: the rows of a score matrix that this process owns, in both
-directions. One process with a square matrix `S` (rows images, columns captions, positives
-on the diagonal) owns all rows: `Scores.square(S)`. On W ranks, each rank owns its B local
-queries and scores them against the W*B candidates the method gathered: `Scores.local`.
-A loss is a sum over the queries it is given (soft losses divide by the global count), so
-the sum over ranks of the per-rank values equals the single-process value, and
-`backward(W * loss)` under data-parallel gradient averaging gives the single-process
-gradients (`train.py` does that). The public functions also take a plain square tensor.
-
-Pure functions: nothing here starts a collective. The two losses whose definition spans
-the global batch beyond a score matrix (Sinkhorn's balancing, structure distillation's
-relations) take the cross-rank reduction or gather as an argument, the identity by default.
-"""
+Every loss reads a `Scores`: the rows of a score matrix this process owns, both directions
+(`Scores.square(S)` for one process, `Scores.local` for a rank's B queries against the W*B
+gathered candidates). A loss is a sum over its queries (soft losses divide by the global
+count), so the ranks' values add up to the single-process value and `backward(W * loss)`
+under gradient averaging gives the single-process gradients. Pure functions: nothing here
+starts a collective; a loss that spans the global batch takes its reduction as an argument."""
 from __future__ import annotations
 
 from dataclasses import dataclass

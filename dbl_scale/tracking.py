@@ -1,18 +1,11 @@
-"""MLflow tracking from global rank 0 only, with batched uploads that survive an outage (the
-per-step meter that feeds it is `meter.StepMeter`).
+"""MLflow tracking from global rank 0 only, with batched uploads that survive an outage.
 
-Only `start` (and `resume`) talk to MLflow from the training thread. Everything after that
-(metric batches, artifacts, the final status) is a record handed to a background sender, so
-training never waits for the tracking store. A record the store does not take (server down,
-network blip, sqlite locked) is appended to an on-disk spool (JSON lines in the run folder)
-and retried with exponential backoff; once MLflow answers again the spool is replayed in
-order and removed. Replaying is idempotent: a metric keeps the timestamp it was logged with,
-and MLflow's SQL stores drop a metric whose key, step, timestamp and value are already
-there, so every logged step is in the history once. If MLflow never comes back, the run
-still finishes and says where the spool is: `dbl-scale tracking replay SPOOL`.
-
-Any tracking URI works: the default embedded `sqlite:///mlflow.db`, or an `http://` server.
-"""
+Only `start` (and `resume`) talk to MLflow from the training thread; metric batches, artifacts
+and the final status go to a background sender, so training never waits for the store. What
+the store does not take is appended to an on-disk spool (JSON lines in the run folder) and
+retried with backoff, then replayed in order; replaying is idempotent (a metric keeps its
+timestamp). If MLflow never comes back, the run still finishes and names its spool for
+`dbl-scale tracking replay`. Any tracking URI works (`sqlite:///...`, `http://...`)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,23 @@
-"""`dbl-scale compare`: the runs of one MLflow experiment side by side, best first. It reads
+"""`dbl-scale compare`: the runs of one MLflow experiment side by side, best first, read-only
+(`DESCRIPTION`, the --help text, says what each row and the figure hold)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import re
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from ..config import default_tracking_uri
+from .checks import CommandError, sqlite_store
+
+DESCRIPTION = """`dbl-scale compare`: the runs of one MLflow experiment side by side, best first. It reads
 only: the runs' tags, parameters and metrics stay as they were, and an `sqlite:///` store that
 is not there is an error, never a new empty store.
 
@@ -19,23 +38,7 @@ a log axis (the term every method shares, so methods compare; DBL's boost term d
 it), and validation rSum (or a note that no run validated). Runs that differ only in their
 seed (or in per-seed paths such as a checkpoint they start from) form one setting, drawn as
 the mean with a band of one standard deviation.
-"""
-from __future__ import annotations
-
-import argparse
-import csv
-import io
-import math
-import os
-import re
-import sys
-import tempfile
-import textwrap
-from pathlib import Path
-from typing import Iterable, Optional, Sequence
-
-from ..config import default_tracking_uri
-from .checks import CommandError, sqlite_store
+"""  # the --help text
 
 PARAMS = {"scenario": "loss.dbl.scenario", "train_steps": "train.steps", "batch_size": "data.batch_size",
           "lr": "optim.lr", "deepspeed": "train.deepspeed"}
@@ -433,7 +436,7 @@ EXAMPLES = """examples:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `compare` on an argparse sub-parser set."""
     p = subparsers.add_parser("compare", help="the runs of an MLflow experiment side by side (reads only)",
-                              description=__doc__, epilog=EXAMPLES,
+                              description=DESCRIPTION, epilog=EXAMPLES,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", required=True, help="MLflow experiment name (make demo writes dbl_scale_demo)")
     p.add_argument("--tracking-uri", default=default_tracking_uri(),
