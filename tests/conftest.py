@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ and data_tools/ from the checkout
 TINY = str(REPO / "dbl_scale" / "presets" / "tiny.yaml")
 
 
@@ -86,24 +88,11 @@ def torchrun(args: list[str], nproc: int = 2, cwd=None, timeout: int = 600) -> s
 
 
 # ----------------------------------------------------------------------------- tiers
-# `make test-fast` runs the tests that start no process (`-m "not launch"`): a test is marked
-# `launch` when its code, or the code of a fixture it uses, starts ranks, a command, a server
-# or Slurm. Read from the source, so the tiers stay right as tests change.
-LAUNCHES = ("torchrun(", "subprocess.", "_cli(", "run_ranks(", "_launch(", "Popen(", "_train_and_eval(", "_bench(",
-            "_run(", "mlflow_server", "slurm_cluster", "multiprocessing")
+# Each test says its tier on itself: `launch` (starts a process: ranks, a command, a server,
+# Slurm; `make test-fast` leaves these out), `slow` (a minute or more), `gpu` (needs CUDA;
+# `make gpu-check` runs these).
 
-
-def _launches(fn) -> bool:
-    import inspect
-
-    try:
-        return any(marker in inspect.getsource(fn) for marker in LAUNCHES)
-    except (OSError, TypeError):
-        return False
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
-        if _launches(item.function) or any(_launches(f) for f in fixtures):
-            item.add_marker(pytest.mark.launch)
+def pytest_configure(config):
+    for marker in ("launch: starts a process (ranks, a command, a server, Slurm); make test-fast leaves these out",
+                   "slow: takes a minute or more", "gpu: needs a CUDA device (make gpu-check); skipped without one"):
+        config.addinivalue_line("markers", marker)

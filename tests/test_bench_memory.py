@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO, TINY
 
+pytestmark = pytest.mark.launch  # every test here starts a process
+
 TINY_BENCH = ["model.vision.hidden=64", "model.vision.layers=2", "model.vision.heads=2",
               "model.text.hidden=64", "model.text.layers=2", "model.text.heads=2", "model.embed_dim=64"]
 

@@ -60,6 +60,7 @@ def test_presets_are_valid():
     load_config(TINY)
 
 
+@pytest.mark.launch
 def test_cli_reports_config_errors_before_starting_anything():
     proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "train", "--config", "tiny", "loss.margn=0.3"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -150,6 +151,7 @@ def test_zero_options_of_the_other_side_of_stage_3_are_refused(tmp_path):
             deepspeed_config(load_config(None, [f"train.deepspeed={tmp_path / 'ds.json'}"]), 2)
 
 
+@pytest.mark.launch
 def test_an_installed_package_finds_its_deepspeed_configs_and_trains(tmp_path, shapes_root):
     """A non-editable install (the wheel, installed to a folder) resolves `zero2` by name from
     anywhere, and trains 2 steps on 2 ranks from a folder outside the checkout with a named

@@ -78,6 +78,7 @@ def tok(tmp_path_factory, shapes_root):
     return shapes_root / "tokenizer"
 
 
+@pytest.mark.launch
 def test_karpathy_converts_verifies_trains_and_evaluates(tmp_path, tok):
     src = _karpathy(tmp_path / "coco")
     out = tmp_path / "shards"
@@ -106,6 +107,7 @@ def test_karpathy_converts_verifies_trains_and_evaluates(tmp_path, tok):
     assert _train_and_eval(out, tmp_path)["rsum"] > 0
 
 
+@pytest.mark.launch
 def test_tables_group_rows_by_image_and_draw_splits_by_image(tmp_path, tok):
     rows = []
     for n in range(40):
@@ -149,6 +151,7 @@ def test_tables_group_rows_by_image_and_draw_splits_by_image(tmp_path, tok):
     assert bad.returncode == 2 and "t.csv: no column 'image'; its columns: path, text" in bad.stderr
 
 
+@pytest.mark.launch
 def test_folder_with_sidecar_captions(tmp_path, tok):
     for n in range(24):
         _image(tmp_path / "pics" / f"sub{n % 2}" / f"p{n:02d}.png", n)
@@ -192,6 +195,7 @@ def _img2dataset(folder: Path, n_shards=4, per_shard=8) -> None:
     (folder / "tmp.jpg").unlink()
 
 
+@pytest.mark.launch
 def test_img2dataset_shards_train_as_they_are_and_convert(tmp_path, tok, shapes_root):
     _img2dataset(tmp_path / "web")
     pattern = str(tmp_path / "web" / "{00000..00003}.tar")
@@ -241,6 +245,7 @@ def test_wds_groups_samples_of_one_image(tmp_path):
                                                                ["caption 3", "caption 4", "caption 5"]]
 
 
+@pytest.mark.launch
 def test_bad_input_is_named_counted_and_strict_fails(tmp_path):
     src = _karpathy(tmp_path / "coco", n_train=8, n_val=0, n_test=0, n_restval=0)
     images = tmp_path / "coco" / "images" / "train2014"
@@ -275,6 +280,7 @@ def test_bad_input_is_named_counted_and_strict_fails(tmp_path):
     assert v.returncode == 1 and "train-00001.tar: unreadable tar" in v.stdout
 
 
+@pytest.mark.launch
 def test_an_interrupted_conversion_resumes(tmp_path):
     """The conversion is killed for real while a worker is stuck on an image (a FIFO nobody
     writes); the re-run keeps the finished shards and writes the rest, with the same result as
@@ -312,6 +318,7 @@ def test_an_interrupted_conversion_resumes(tmp_path):
     assert verify(str(out)).errors == []
 
 
+@pytest.mark.launch
 def test_precomp_region_features_convert_and_train_a_precomp_tower(tmp_path, tok):
     """SCAN's layout: {split}_ims.npy (R x D per image; the test file with 5 identical rows per
     image, as some are) and {split}_caps.txt (5 lines per image)."""

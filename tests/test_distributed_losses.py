@@ -18,6 +18,8 @@ from conftest import REPO, torchrun
 WORKERS = Path(__file__).parent / "workers"
 sys.path.insert(0, str(WORKERS))
 from parity_common import LOSS_ONLY  # noqa: E402  (the worker's own list: ZeRO-2 only)
+
+pytestmark = pytest.mark.launch  # every test here starts a process
 VARIANTS = ["triplet", "triplet_sum", "triplet_nomask", "infonce", "dbl_momentum_relative", "dbl_absolute_soft",
             "dbl_online_3", "dbl_offline", "distill", "mutual", "structure", "structure_pair_mean", "coder", "aoq",
             "aoq_unclamped", "triplet_grad_accum"]

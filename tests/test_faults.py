@@ -21,6 +21,8 @@ from conftest import REPO, TINY, free_port
 from dbl_scale.checkpoint import safe_load
 from dbl_scale.cli.launch import launch_env, torchrun_command
 
+pytestmark = pytest.mark.launch  # every test here starts a process
+
 
 def _run(shapes_root, tmp_path, inject: str, *overrides, kill: str = "", fault: str = "NONFINITE"
          ) -> subprocess.CompletedProcess:

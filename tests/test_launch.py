@@ -44,6 +44,7 @@ def test_an_sqlite_store_on_a_network_filesystem_is_named():
     assert network_filesystem("http://127.0.0.1:5000", mounts) is None
 
 
+@pytest.mark.launch
 def test_two_nodes_of_one_rank_train_what_one_node_of_two_ranks_trains(shapes_root, finished_run, tmp_path):
     """`dbl-scale train --nnodes 2 --node-rank R --rdzv-endpoint` started twice on this machine
     (two "nodes" meeting over c10d) ends with the same weights as the standalone 2-rank run

@@ -30,6 +30,7 @@ def teacher(finished_run):
     return finished_run
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("method,overrides,keys", [
     ("infonce", [], ["loss/infonce", "logit_scale"]),
     ("dbl-online", ["loss.method=dbl", "loss.dbl.scenario=online", "loss.dbl.branches=3"],
@@ -45,6 +46,7 @@ def test_method_trains(method, overrides, keys, shapes_root, tmp_path):
         assert scale == pytest.approx(1 / 0.07, rel=0.01)  # starts at 1/T, the same on both ranks
 
 
+@pytest.mark.launch
 def test_offline_dbl_without_its_boost_is_the_triplet_continued(shapes_root, tmp_path, teacher):
     """Null test of the branch and anchor plumbing: DBL offline with alpha = 0 trains, bit for
     bit, what the triplet continued from the same checkpoint with the same seed trains. The
@@ -62,6 +64,7 @@ def test_offline_dbl_without_its_boost_is_the_triplet_continued(shapes_root, tmp
     assert not all(torch.equal(dbl[k], start[k]) for k in dbl)  # both trained away from the checkpoint
 
 
+@pytest.mark.launch
 def test_dbl_momentum_without_its_boost_is_the_triplet(shapes_root, tmp_path):
     """Null test of DBL momentum: with alpha = 0 the EMA anchor still runs beside the target
     (its scores, the boost and its diagnostics are computed and logged) but the target trains,
@@ -80,6 +83,7 @@ def test_dbl_momentum_without_its_boost_is_the_triplet(shapes_root, tmp_path):
     assert not all(torch.equal(trained[k], triplet[k]) for k in trained)  # alpha > 0 does train otherwise
 
 
+@pytest.mark.launch
 def test_structure_aware_distillation_from_a_finished_run(shapes_root, tmp_path, teacher):
     client, run = _run(shapes_root, tmp_path, "structure", "loss.method=structure",
                        f"loss.structure.teacher={teacher}")
@@ -87,6 +91,7 @@ def test_structure_aware_distillation_from_a_finished_run(shapes_root, tmp_path,
         assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, key)), key
 
 
+@pytest.mark.launch
 def test_structure_with_frozen_single_modal_encoders(shapes_root, tmp_path, tokenizer):
     """The teacher is a local ViT folder and a local BERT folder with its own tokenizer, under
     ZeRO-3 loaded into shards and run through its own partitioned forward (ZeRO-3 only: the
@@ -104,6 +109,7 @@ def test_structure_with_frozen_single_modal_encoders(shapes_root, tmp_path, toke
     assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "loss/repr_text"))
 
 
+@pytest.mark.launch
 def test_coder_fills_its_queues(shapes_root, tmp_path):
     client, run = _run(shapes_root, tmp_path, "coder", "loss.method=coder", "loss.coder.queue_size=24",
                        "loss.coder.concepts=16", steps=4)
@@ -113,6 +119,7 @@ def test_coder_fills_its_queues(shapes_root, tmp_path):
     assert client.get_metric_history(run.info.run_id, "momentum")[0].value == pytest.approx(0.999)
 
 
+@pytest.mark.launch
 def test_aoq_mines_trains_and_refreshes(shapes_root, tmp_path, teacher):
     # 128 images / (2 ranks x 8) = 8 steps per epoch: candidates mined at start, re-mined at step 8
     client, run = _run(shapes_root, tmp_path, "aoq", "loss.method=aoq", f"train.init_from={teacher}",

@@ -135,6 +135,7 @@ def tiny_run(shapes_root, tokenizer, tmp_path_factory):
     return run, cfg
 
 
+@pytest.mark.launch
 def test_two_rank_mining_matches_one_process(shapes_root, tokenizer, tiny_run):
     from dbl_scale.evaluation import embed_split
     from dbl_scale.branches import load_model

@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.launch, pytest.mark.timeout(600)]  # every test here starts a process
 
 LONG = "a small red circle above a large blue square " * 8  # far longer than the run's max_length (24)
 

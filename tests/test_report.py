@@ -151,6 +151,7 @@ def _log_run(client, exp_id, name, method, rsum, speeds, split="test", status="F
     client.set_terminated(run.info.run_id, status)
 
 
+@pytest.mark.launch
 def test_compare_lists_runs_best_first_in_every_format(tmp_path, monkeypatch, capsys):
     import argparse
     import csv
@@ -201,6 +202,7 @@ def test_compare_lists_runs_best_first_in_every_format(tmp_path, monkeypatch, ca
     assert args.func(args) == 2
 
 
+@pytest.mark.launch
 def test_compare_plot_draws_settings_as_mean_and_band(tmp_path, monkeypatch):
     """Two seeds of one setting and one run of another: the figure's curves are the seeds' mean
     (recall@K from each run's logged ranks, loss and val rSum from the metric histories); the

@@ -56,6 +56,7 @@ def _same_weights(tmp_path, saved, resumed_dir):
             torch.testing.assert_close(resumed[k][name], w, rtol=0, atol=1e-6, msg=f"branch {k} {name}")
 
 
+@pytest.mark.launch
 def test_stopped_and_resumed_is_exact_in_the_same_mlflow_run(shapes_root, tmp_path, teacher):
     """Stopped on purpose after step 5 (mid-epoch: 8 steps per epoch) and resumed with
     `checkpoint.resume=latest`: the EMA anchor (bf16 ZeRO-3 shards and their fp32 average), the
@@ -78,6 +79,7 @@ def test_stopped_and_resumed_is_exact_in_the_same_mlflow_run(shapes_root, tmp_pa
     assert [v for _, v in losses["split"]] == pytest.approx([v for _, v in losses["whole"]], rel=1e-6)
 
 
+@pytest.mark.launch
 @pytest.mark.parametrize("scenario,overrides,saved,ds", SCENARIOS, ids=[f"{s[0]}-{s[3]}" for s in SCENARIOS])
 def test_resumed_from_a_checkpoint_is_exact(scenario, overrides, saved, ds, shapes_root, tmp_path, teacher):
     """One launch per half: the whole run (`checkpoint.resume=latest` with nothing to resume

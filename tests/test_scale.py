@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, free_port, torchrun
 
+pytestmark = pytest.mark.launch  # every test here starts a process
+
 FAST = ["optim.warmup_steps=0", "optim.lr=5e-4", "optim.schedule=constant", "loss.max_violation=false",
         "eval.at_end=false", "train.log_every=1"]
 

@@ -111,6 +111,7 @@ def test_oracle(built):
     assert oracle_rsum(metas, seed=0) == rsum
 
 
+@pytest.mark.launch
 def test_build_if_missing_and_cli(built, tmp_path, capsys):
     out, sizes = built
     mtimes = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}

@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, free_port, torchrun
 
+pytestmark = pytest.mark.launch  # every test here starts a process
+
 
 def _sh(*cmd, env=None, check=True, timeout=120) -> str:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, check=check, timeout=timeout).stdout

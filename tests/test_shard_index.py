@@ -1,7 +1,6 @@
-"""Invariant 6, memory flat in the data: embedding streams the split; AOQ reads its negatives by
-random access and draws exactly what the in-memory sampler drew; the report reads only what it
-shows; `bench scale` measures evaluation, mining and AOQ as the data grows (evaluation's tiles
-are tested in test_ranking.py)."""
+"""Random access into shards (shard_index.py) keeps memory flat in the data: the index reads each
+sample where the stream reads it; AOQ's negatives, read by random access, are the in-memory
+sampler's bit for bit; the report reads only what it shows."""
 from __future__ import annotations
 
 import io
@@ -10,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dbl_scale.data import decode_sample, read_samples, sample_meta, split_shards
-from dbl_scale.preprocess import Tokenize, as_transform
+from dbl_scale.data import read_samples, sample_meta, split_shards
 from dbl_scale.mining import Candidates, OfflineNegatives, top_candidates
+from dbl_scale.preprocess import Tokenize, as_transform
 from dbl_scale.shard_index import ShardIndex
 
-from conftest import REPO, TINY
+from conftest import TINY
 
 
 def _embeddings(n: int, k: int, d: int, seed: int):
@@ -44,36 +43,6 @@ def test_shard_index_reads_what_the_stream_reads(shapes_root, tmp_path):
     assert 0 < len(ShardIndex([str(cut)])) < 16
     with pytest.raises(Exception, match="local shard files"):
         ShardIndex(["pipe:cat x.tar"])
-
-
-def _reference_embeddings(model, root, split, image, tokenize, batch):
-    """The in-memory path: decode the whole split, then embed it in batches."""
-    t = as_transform(image)
-    decoded = [decode_sample(s, t) for s in read_samples(split_shards(root, split)[0])]
-    decoded.sort(key=lambda x: x[2])
-    pixels = torch.stack([p for p, _, _ in decoded])
-    texts = [c for _, caps, _ in decoded for c in caps[:5]]
-    with torch.no_grad():
-        img = torch.cat([model.encode_image(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
-        txt = torch.cat([model.encode_text(**{k: v for k, v in tokenize(texts[i:i + batch]).items()})
-                         for i in range(0, len(texts), batch)])
-    return img, txt, torch.tensor([i for _, _, i in decoded])
-
-
-def test_streamed_embedding_equals_the_decoded_split(shapes_root, tokenizer):
-    from dbl_scale.branches import new_model
-    from dbl_scale.config import load_config
-    from dbl_scale.evaluation.embed import embed_split
-
-    cfg = load_config(TINY, [f"data.root={shapes_root}"])
-    model = new_model(cfg, tokenizer, 0).eval()
-    tokenize = Tokenize(tokenizer, cfg.model.text.max_length)
-    got = embed_split(model, shapes_root, "test", 32, tokenize, 8)
-    img, txt, ids = _reference_embeddings(model, shapes_root, "test", 32, tokenize, 8)
-    # the test split is one shard per ... : the stream's batches are the reference's in id order
-    assert torch.equal(got.image_ids, ids) and got.captions_per_image == 5
-    torch.testing.assert_close(got.img, img, rtol=0, atol=1e-6)
-    torch.testing.assert_close(got.txt, txt, rtol=0, atol=1e-6)
 
 
 class InMemoryNegatives:
@@ -154,32 +123,3 @@ def test_the_report_reads_only_what_it_shows(shapes_root, tokenizer, tmp_path, m
     assert rank == ev.ranks["i2t"][query] + 1
     with Image.open(io.BytesIO(ShardIndex(split_shards(shapes_root, "train")[0]).image(int(ev.image_ids[0])))) as im:
         assert im.size == (32, 32)
-
-
-@pytest.mark.timeout(600)
-def test_bench_scale_prints_its_figures(tmp_path):
-    """`dbl-scale bench scale` at toy sizes: every part prints its figures and writes them; with
-    aligned (trained-like) embeddings the evaluation is far above chance and no query ties."""
-    import json
-    import subprocess
-    import sys
-
-    out = tmp_path / "scale.json"
-    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "bench", "scale", "--images", "700", "--dim", "16",
-                           "--mine-images", "300", "--aoq-images", "40", "80", "--aoq-size", "32", "--aoq-batches", "2",
-                           "--tmp", str(tmp_path), "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert r["eval"]["bare_seconds"] > 0 and r["eval"]["rsum"] < 30  # random embeddings: near chance
-    assert r["mining"]["output_bytes"] == 300 * 1495 * 4 + 1500 * 299 * 4  # top-k capped by the split, own pairs out
-    assert [x["images"] for x in r["aoq"]] == [40, 80]
-    assert "evaluation / bare product" in proc.stdout and "(3) AOQ's negatives" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli", "bench", "scale", "--images", "700", "--dim", "16",
-                           "--embeddings", "aligned", "--parts", "eval", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(out.read_text())
-    assert r["eval"]["rsum"] > 400 and r["eval"]["i2t_tied"] == r["eval"]["t2i_tied"] == 0
-    assert r["eval"]["eager_agrees"] and "mining" not in r and r["aoq"] == []
-    assert "(2) mining" not in proc.stdout
