@@ -98,7 +98,7 @@ def test_help_of_every_command_exits_0():
     proc = subprocess.run([sys.executable, "-c", code, *[" ".join(p) for p in paths]], capture_output=True,
                           text=True, cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     codes = dict(line[3:].rsplit(" = ", 1) for line in proc.stdout.splitlines() if line.startswith("@@ "))
-    assert len(codes) == len(paths) > 25 and set(codes.values()) == {"0"}, (codes, proc.stderr[-3000:])
+    assert len(codes) == len(paths) > 20 and set(codes.values()) == {"0"}, (codes, proc.stderr[-3000:])
     assert "50% of the images" in _cli("data", "build", "--help").stdout
 
 
