@@ -22,17 +22,18 @@ SEEDS_FILE = Path(__file__).resolve().parents[1] / "presets" / "demo_seeds.json"
 
 
 def cmd_demo(args) -> int:
-    import mlflow  # heavy (seconds): imported when the demo runs
-
-    from data_tools.shapes_captions import oracle_rsum, read_split_jsons
-
     from ..config import load_config, resolve_config
-    from ..evaluation import chance_metrics, format_table
-    from .data import prepare_data
 
     config = resolve_config(args.config)
     overrides = [f"tracking.uri={args.tracking_uri}", f"tracking.experiment={args.experiment}"] + args.overrides
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides)  # a config error before any heavy import
+    import mlflow  # heavy (seconds)
+
+    from data_tools.shapes_captions import oracle_rsum, read_split_jsons
+
+    from ..evaluation import chance_metrics, format_table
+    from .data import prepare_data
+
     tracking_answers(cfg.tracking.uri)
     t0 = time.time()
     index = prepare_data(cfg)

@@ -106,11 +106,11 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 def check(args) -> None:
     """What the ranks will need, checked before they start: the run's model and config, and
     the split in the shards it will read."""
-    from ..config import load_config
-    from ..data import eval_root, split_shards  # heavy (torch): when the command runs
-
-    model_dir = run_folder(args.run_dir)
+    model_dir = run_folder(args.run_dir)  # a wrong folder is an error before any heavy import
     model_loads(model_dir)
+    from ..config import load_config
+    from ..data import eval_root, split_shards  # heavy (torch)
+
     cfg = load_config(model_dir / "config.yaml", [f"data.eval_root={args.data}"] if args.data else [])
     root = eval_root(cfg.data)
     if not Path(root).exists():

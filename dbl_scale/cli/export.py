@@ -11,11 +11,11 @@ from .checks import model_loads, run_folder, sqlite_store
 
 
 def cmd_export(args) -> int:
-    from ..config import load_config
-    from ..export import export, log_model  # heavy (torch, transformers): when the command runs
-
-    run_dir = run_folder(args.run_dir, checkpoint_ok=True)
+    run_dir = run_folder(args.run_dir, checkpoint_ok=True)  # a wrong folder is an error before any heavy import
     model_loads(run_dir)
+    from ..config import load_config
+    from ..export import export, log_model  # heavy (torch, transformers)
+
     uri = run_id = None
     if args.log or args.register:  # where to log, known before anything is written
         if not (run_dir / "run.json").is_file():

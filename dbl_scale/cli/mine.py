@@ -94,11 +94,12 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
+    run = run_folder(args.run)  # a wrong folder is an error before any heavy import
+    model_loads(run)
     from ..config import load_config
-    from ..data import split_shards  # heavy (torch): when the command runs
+    from ..data import split_shards  # heavy (torch)
 
-    cfg = load_config(run_folder(args.run) / "config.yaml")
-    model_loads(args.run)
+    cfg = load_config(run / "config.yaml")
     split_shards(args.data or cfg.data.root, args.split or cfg.data.train_split)  # before any rank starts
     return run_ranks(args.nproc, MODULE, forwarded(args))
 

@@ -21,14 +21,15 @@ MODULE = "dbl_scale.cli.train"
 
 
 def cmd_train(args) -> int:
-    from ..config import load_config, resolve_config  # heavy (torch, transformers, deepspeed): when it runs
-    from ..methods import build_method
+    from ..config import load_config, resolve_config
+
+    config = resolve_config(args.config)
+    cfg = load_config(config, args.overrides)  # fail here, before any process starts or heavy import
+    from ..methods import build_method  # heavy (torch, transformers, deepspeed)
     from ..optim import deepspeed_config
     from ..preprocess import resolve_image_config
     from .data import prepare_data
 
-    config = resolve_config(args.config)
-    cfg = load_config(config, args.overrides)  # fail here, before any process starts
     build_method(cfg)  # and on what the method itself needs
     nproc = local_ranks(args.nproc)
     deepspeed_config(cfg, nproc * args.nnodes)  # and on a DeepSpeed file that contradicts the config
