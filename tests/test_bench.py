@@ -113,6 +113,7 @@ def test_bench_methods_rows_yardsticks_and_intervals():
     assert "| 54.0 ± 1.4 | 64.0 | 74.0 |" in single and f"{BASE}: +2.0 [-10.7, +14.7]" in single
 
 
+@pytest.mark.slow
 @pytest.mark.launch
 @pytest.mark.timeout(600)
 def test_bench_methods_resumes_a_table(tmp_path, shapes_root, monkeypatch):

@@ -195,6 +195,7 @@ def _img2dataset(folder: Path, n_shards=4, per_shard=8) -> None:
     (folder / "tmp.jpg").unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.launch
 def test_img2dataset_shards_train_as_they_are_and_convert(tmp_path, tok, shapes_root):
     _img2dataset(tmp_path / "web")

@@ -92,6 +92,7 @@ def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path
     assert metrics["eval/test-standard/rsum"] == pytest.approx(metrics["best/test/rsum"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_demo_builds_data_trains_both_methods_and_compares(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

@@ -207,6 +207,7 @@ def _assert_complete(server: MlflowServer, name: str) -> None:
     assert {"config.yaml", "ds_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow
 def test_an_mlflow_outage_loses_no_metric(shapes_root, tmp_path):
     """A real `mlflow server` dies as training starts. (1) It comes back while the run is still
     up: the run trains through the outage, replays its spool and ends with the full history.

@@ -44,6 +44,7 @@ def test_the_device_agrees_with_the_cpu_and_its_own_paths_work(tmp_path):
     assert decode["ok"] if decode["available"] else "torchvision" in decode["why"], decode
 
 
+@pytest.mark.slow
 @pytest.mark.launch
 @pytest.mark.timeout(600)
 def test_gpu_check_dry_run_runs_every_part(tmp_path):

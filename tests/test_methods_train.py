@@ -64,6 +64,7 @@ def test_offline_dbl_without_its_boost_is_the_triplet_continued(shapes_root, tmp
     assert not all(torch.equal(dbl[k], start[k]) for k in dbl)  # both trained away from the checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.launch
 def test_dbl_momentum_without_its_boost_is_the_triplet(shapes_root, tmp_path):
     """Null test of DBL momentum: with alpha = 0 the EMA anchor still runs beside the target

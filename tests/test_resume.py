@@ -56,6 +56,7 @@ def _same_weights(tmp_path, saved, resumed_dir):
             torch.testing.assert_close(resumed[k][name], w, rtol=0, atol=1e-6, msg=f"branch {k} {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.launch
 def test_stopped_and_resumed_is_exact_in_the_same_mlflow_run(shapes_root, tmp_path, teacher):
     """Stopped on purpose after step 5 (mid-epoch: 8 steps per epoch) and resumed with

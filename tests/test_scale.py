@@ -103,6 +103,7 @@ def stage_runs(shapes_root, tmp_path_factory, anchor):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_every_zero_stage_trains_the_same_weights(scenario, stage_runs, anchor):
     """From the same weights (a finished run) every ZeRO stage trains the same target, and the

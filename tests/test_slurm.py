@@ -77,6 +77,7 @@ def _wait(predicate, timeout: float, what: str, log: Path, env=None, job: str = 
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_train_sbatch_is_preempted_requeued_and_resumes_in_the_same_mlflow_run(slurm, shapes_root, tmp_path):
     env = dict(slurm, DBL_SCALE_NPROC_PER_NODE="2", DBL_SCALE_PYTHON=sys.executable, PYTHONPATH=str(REPO),
                OMP_NUM_THREADS="1")
