@@ -2,7 +2,8 @@
 # the hash of pyproject.toml and constraints.txt): the CPU torch 2.13.0 first, so pip never
 # pulls a multi-GB CUDA build, then dbl_scale with its dev extra, pinned by constraints.txt.
 #   make demo    the main job: ShapesCaptions, triplet vs DBL on 2 CPU ranks, compared
-#   make test    the test suite (ARGS="-k resume" passes options to pytest)
+#   make test    the test suite (ARGS="-k resume" passes options to pytest; tiers are markers:
+#                ARGS='-m "not slow"' leaves out the tests of a minute or more)
 #   make test-fast    the tests that start no process (under 3 minutes): the developer's loop
 #   make bench NAME=scale ARGS="--images 100000"   a benchmark of benchmarks/ (loss, eval, scale, methods, gpu)
 #   make gpu-wheels   the packages a bare GPU machine lacks, as wheels in .gpu-wheels/ (needs pip's index)

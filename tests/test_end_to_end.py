@@ -88,6 +88,7 @@ def test_two_rank_run_logs_to_mlflow_validates_and_reports(shapes_root, tmp_path
     assert "T2T R@1" in proc.stdout
     html = (run_dir / "eval" / "test-standard" / "test_retrieval.html").read_text()
     assert "T2T R@1" in html and "I2T R@1" in html
+    assert f"{run_dir.name} ({run['params.loss.method']})" in html  # titled with the run and its method
     metrics = MlflowClient(uri).get_run(run["run_id"]).data.metrics
     assert metrics["eval/test-standard/rsum"] == pytest.approx(metrics["best/test/rsum"], rel=1e-5)
 

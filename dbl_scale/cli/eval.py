@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         tracker.log_artifact(out / "ranks.npz", prefix)
         tracker.log_artifact(out / "metrics.json", prefix)
         if args.protocol == "standard":
-            report(ev, tracker, out, eval_root(cfg.data), args.split, artifact_path=prefix)
+            report(ev, tracker, out, eval_root(cfg.data), args.split, artifact_path=prefix,
+                   name=f"{run_dir.name} ({cfg.loss.method})")
         tracker.finish("FINISHED")
         print(f"ranks, metrics and reports in {out}; logged to MLflow run {tracker.run_id}")
     peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024] * distributed.world_size()  # KiB -> MiB
