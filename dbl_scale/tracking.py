@@ -127,7 +127,15 @@ class Tracker:
 
         inputs = [DatasetInput(MetaDataset(source(d["source"]), name=d["name"], digest=d["digest"])._to_mlflow_entity(),
                                tags=[InputTag("mlflow.data.context", d["context"])]) for d in datasets]
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception as exc:  # noqa: BLE001 - narrowed below
+            # runs of a sweep that start together insert the same dataset row at once; the
+            # loser's transaction fails on the unique key and is rolled back: the row exists now
+            message = str(exc).lower()
+            if "unique constraint" not in message and "duplicate entry" not in message:
+                raise
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def resume(self, run_id: str) -> None:
         """Continue an existing run (after a restart): same run id, the metric history goes on;
