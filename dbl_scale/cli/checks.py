@@ -22,8 +22,8 @@ def _runs_near(path: Path) -> str:
 
 
 def run_folder(path: str | Path, option: str = "--run-dir", checkpoint_ok: bool = False) -> Path:
-    """A finished run's folder (or its best/): config.yaml and model.pt, or with `checkpoint_ok`
-    a checkpoints/ folder in place of model.pt."""
+    """A finished run's folder (or its best/): config.yaml and a model.pt that reads as weights,
+    or with `checkpoint_ok` a checkpoints/ folder in place of model.pt."""
     path = Path(path)
     if not path.exists():
         raise CommandError(f"{option} {path}: no such folder; give a finished run's folder ({_runs_near(path)})")
@@ -34,10 +34,11 @@ def run_folder(path: str | Path, option: str = "--run-dir", checkpoint_ok: bool 
     if not (path / "model.pt").is_file() and not (checkpoint_ok and (path / "checkpoints").is_dir()):
         raise CommandError(f"{option} {path} has no model.pt: the run has not finished; resume it with "
                            f"tracking.run_name={path.name} checkpoint.resume=latest")
+    _model_loads(path)
     return path
 
 
-def model_loads(run_dir: Path) -> None:
+def _model_loads(run_dir: Path) -> None:
     """The run's model.pt reads as weights (a file cut short or damaged is one line here, not a
     traceback from every rank)."""
     import torch  # heavy: the command that runs imports it anyway

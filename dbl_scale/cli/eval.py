@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import quiet
-from .checks import CommandError, model_loads, run_folder, sqlite_store, tracking_answers
+from .checks import CommandError, run_folder, sqlite_store, tracking_answers
 from .launch import run_ranks
 
 MODULE = "dbl_scale.cli.eval"
@@ -107,8 +107,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 def check(args) -> None:
     """What the ranks will need, checked before they start: the run's model and config, and
     the split in the shards it will read."""
-    model_dir = run_folder(args.run_dir)  # a wrong folder is an error before any heavy import
-    model_loads(model_dir)
+    model_dir = run_folder(args.run_dir)  # a wrong run is an error before any heavy import
     from ..config import load_config
     from ..data import eval_root, split_shards  # heavy (torch)
 

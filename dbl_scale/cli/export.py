@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checks import model_loads, run_folder, sqlite_store
+from .checks import run_folder, sqlite_store
 
 
 def cmd_export(args) -> int:
-    run_dir = run_folder(args.run_dir, checkpoint_ok=True)  # a wrong folder is an error before any heavy import
-    model_loads(run_dir)
+    run_dir = run_folder(args.run_dir, checkpoint_ok=True)  # a wrong run is an error before any heavy import
     from ..config import load_config
     from ..export import export, log_model  # heavy (torch, transformers)
 

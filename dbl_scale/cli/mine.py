@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import quiet
-from .checks import model_loads, run_folder
+from .checks import run_folder
 from .launch import run_ranks
 
 MODULE = "dbl_scale.cli.mine"
@@ -94,8 +94,7 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    run = run_folder(args.run)  # a wrong folder is an error before any heavy import
-    model_loads(run)
+    run = run_folder(args.run)  # a wrong run is an error before any heavy import
     from ..config import load_config
     from ..data import split_shards  # heavy (torch)
 
