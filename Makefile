@@ -5,7 +5,7 @@
 #   make test    the test suite (ARGS="-k resume" passes options to pytest; tiers are markers:
 #                ARGS='-m "not slow"' leaves out the tests of a minute or more)
 #   make test-fast    the tests that start no process (under 3 minutes): the developer's loop
-#   make bench NAME=scale ARGS="--images 100000"   a benchmark of benchmarks/ (loss, eval, scale, methods, gpu)
+#   make bench NAME=scale ARGS="--images 100000"   a benchmark of benchmarks/ (loss, eval, scale, methods, data, gpu)
 #   make gpu-wheels   the packages a bare GPU machine lacks, as wheels in .gpu-wheels/ (needs pip's index)
 #   make gpu-check    on a GPU machine: install those wheels beside its own torch, run the `gpu` tests,
 #                     then the GPU benchmark
@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not launch" --durations=5 $(ARGS)
 
 bench: $(STAMP)
-	@[ -n "$(NAME)" ] || { echo "make bench NAME=loss|eval|scale|methods|gpu [ARGS=...]" >&2; exit 2; }
+	@[ -n "$(NAME)" ] || { echo "make bench NAME=loss|eval|scale|methods|data|gpu [ARGS=...]" >&2; exit 2; }
 	$(VENV)/bin/python -m benchmarks.$(NAME) $(ARGS)
 
 venv: $(STAMP)

@@ -1,7 +1,7 @@
 """Benchmarks that prove the figures in BENCHMARKS.md: not part of the package, run from the
 repository's root as `python -m benchmarks.NAME [options]` or `make bench NAME=... ARGS="..."`
-(loss, eval, scale, methods, gpu). The diagnostics a user points at their own setup stay
-commands: `dbl-scale bench data` and `dbl-scale bench memory`."""
+(loss, eval, scale, methods, data, gpu). The diagnostic a user points at their own model stays
+a command: `dbl-scale bench memory`."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,11 @@ class _OwnParser:
 
 
 def run(add_parser, argv=None) -> int:
-    """Parse the command line of the benchmark that `add_parser` registers, and run it."""
+    """Parse the command line of the benchmark that `add_parser` registers, and run it, with the
+    libraries as quiet as under `dbl-scale` (DBL_SCALE_VERBOSE=1 lets them speak)."""
+    from dbl_scale.cli import quiet
+
+    quiet.setup()
     own = _OwnParser()
     add_parser(own)
     args = own.parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from dbl_scale.evaluation import embedding_metrics, retrieval_metrics
-from dbl_scale.cli.bench.common import MIB, machine_line, torch_cpu_peak_bytes
+from benchmarks.common import torch_cpu_peak_bytes
+from dbl_scale.cli.bench.common import MIB, machine_line
 
 TARGET_PRODUCT_RATIO = 1.5  # (b)/(a): metrics add at most half a product
 TARGET_SPEEDUP = 3.0  # (c)/(b): counting beats the per-query sort by this much

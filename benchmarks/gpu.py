@@ -843,7 +843,7 @@ def gpu_decode_check(sizes: Sizes, work: Path, dev) -> dict:
 
     from dbl_scale.config import ConfigError
     from dbl_scale.preprocess import ImageTransform, check_gpu_decode, decode_on_device
-    from dbl_scale.cli.bench.data import make_source
+    from benchmarks.data import make_source
 
     try:
         check_gpu_decode(dev)
@@ -868,7 +868,7 @@ def photo_shards(folder: Path, sizes: Sizes) -> Path:
     from data_tools import convert
 
     from dbl_scale.cli.bench.common import cpu_count
-    from dbl_scale.cli.bench.data import make_source
+    from benchmarks.data import make_source
 
     shards = folder / "shards"
     if (shards / "dbl_index.json").exists():

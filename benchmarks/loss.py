@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from dbl_scale.losses import (OfflineScores, Scores, aoq_quintuplet, boost_absolute, boost_relative, distillation,
                      diversity_contrastive, hinge_triplet, info_nce, mutual_learning, structure_distillation)
-from dbl_scale.cli.bench.common import cpu_count, machine_line, torch_cpu_peak_bytes
+from benchmarks.common import torch_cpu_peak_bytes
+from dbl_scale.cli.bench.common import cpu_count, machine_line
 
 LOSSES = ("triplet", "triplet_sum", "dbl_relative", "dbl_absolute", "dbl_relative_soft", "dbl_total",
           "infonce", "distillation", "mutual_learning", "dcl", "aoq", "structure")

@@ -1,10 +1,13 @@
 """The benchmarks behind BENCHMARKS.md (benchmarks/) at toy sizes: `loss` measures every loss with
 ratios and memory that make sense, `methods` tabulates and resumes, `eval` and `scale` print
-their figures."""
+their figures, `data` sizes the loader cores and reads back a run's logged wait."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -184,12 +187,8 @@ def test_bench_eval_tiny(capsys):
 @pytest.mark.launch
 @pytest.mark.timeout(600)
 def test_bench_scale_prints_its_figures(tmp_path):
-    """`dbl-scale bench scale` at toy sizes: every part prints its figures and writes them; with
-    aligned (trained-like) embeddings the evaluation is far above chance and no query ties."""
-    import json
-    import subprocess
-    import sys
-
+    """`python -m benchmarks.scale` at toy sizes: every part prints its figures and writes them;
+    with aligned (trained-like) embeddings the evaluation is far above chance and no query ties."""
     out = tmp_path / "scale.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--images", "700", "--dim", "16",
                            "--mine-images", "300", "--aoq-images", "40", "80", "--aoq-size", "32", "--aoq-batches", "2",
@@ -212,3 +211,27 @@ def test_bench_scale_prints_its_figures(tmp_path):
     assert r["eval"]["rsum"] > 400 and r["eval"]["i2t_tied"] == r["eval"]["t2i_tied"] == 0
     assert r["eval"]["eager_agrees"] and "mining" not in r and r["aoq"] == []
     assert "(2) mining" not in proc.stdout
+
+
+@pytest.mark.launch
+@pytest.mark.timeout(600)
+def test_bench_data_sizes_the_cores_for_a_step_rate_and_reads_the_wait_a_run_logged(tmp_path):
+    """`python -m benchmarks.data` at small sizes: samples/s per core at 224 px, the loader cores a
+    step rate needs from it, and a real one-rank run whose logged `data/wait_*` it reads back."""
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.data", "--images", "48",
+                           "--source-size", "320x240", "--workers", "1", "--sizes", "32", "--epochs", "1",
+                           "--shard-size", "8", "--repeats", "1", "--train-steps", "4", "--target-rate", "2600",
+                           "--keep", str(tmp_path / "work"), "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=560,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads(out.read_text())
+    cores, run = res["cores"], res["run"]
+    assert cores["size"] == 224 and cores["source"] == [320, 240] and cores["decode_samples_s"] > 0
+    assert cores["loader_cores_needed"] == math.ceil(2600 / cores["per_core_samples_s"]) >= 1
+    assert cores["decode_cores_needed"] == math.ceil(2600 / cores["decode_samples_s"]) >= 1
+    assert cores["auto_workers"] >= 1 and cores["loader_auto_samples_s"] > 0
+    assert run["steps"] == 4 and run["samples_per_s"] > 0 and run["wait_s"] > 0 and 0 < run["wait_share"] <= 1
+    assert f"2600 samples/s needs {cores['loader_cores_needed']} loader cores" in proc.stdout
+    assert "the loader's wait" in proc.stdout

@@ -156,35 +156,3 @@ def test_gpu_decode_needs_cuda_and_torchvision_a_config_error_otherwise(shapes_r
     cfg = load_config(TINY, [f"data.root={shapes_root}", "data.decode=gpu"])
     with pytest.raises(ConfigError, match="config key 'data.decode'"):
         TrainLoader(cfg.data, 32, tokenizer, 24, 0, 1, 0, torch.device("cpu"))
-
-
-@pytest.mark.launch
-@pytest.mark.timeout(600)
-def test_bench_data_sizes_the_cores_for_a_step_rate_and_reads_the_wait_a_run_logged(tmp_path):
-    """`dbl-scale bench data` at small sizes: samples/s per core at 224 px, the loader cores a
-    step rate needs from it, and a real one-rank run whose logged `data/wait_*` it reads back."""
-    import json
-    import math
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    out = tmp_path / "data.json"
-    proc = subprocess.run([sys.executable, "-m", "dbl_scale.cli.main", "bench", "data", "--images", "48",
-                           "--source-size", "320x240", "--workers", "1", "--sizes", "32", "--epochs", "1",
-                           "--shard-size", "8", "--repeats", "1", "--train-steps", "4", "--target-rate", "2600",
-                           "--keep", str(tmp_path / "work"), "--json", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=560,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    res = json.loads(out.read_text())
-    cores, run = res["cores"], res["run"]
-    assert cores["size"] == 224 and cores["source"] == [320, 240] and cores["decode_samples_s"] > 0
-    assert cores["loader_cores_needed"] == math.ceil(2600 / cores["per_core_samples_s"]) >= 1
-    assert cores["decode_cores_needed"] == math.ceil(2600 / cores["decode_samples_s"]) >= 1
-    assert cores["auto_workers"] >= 1 and cores["loader_auto_samples_s"] > 0
-    assert run["steps"] == 4 and run["samples_per_s"] > 0 and run["wait_s"] > 0 and 0 < run["wait_share"] <= 1
-    assert f"2600 samples/s needs {cores['loader_cores_needed']} loader cores" in proc.stdout
-    assert "the loader's wait" in proc.stdout

@@ -21,7 +21,7 @@ examples:
   dbl-scale compare --experiment dbl_scale_demo    runs side by side (--plot curves.png)
   dbl-scale export --run-dir runs/RUN --out exported/RUN   for transformers alone
   dbl-scale mine --run-dir runs/RUN --out runs/RUN/candidates   AOQ's offline hard negatives
-  dbl-scale bench data | memory                    the loader on your shards, ZeRO memory for your model
+  dbl-scale bench memory                           ZeRO memory and DBL step cost for your model
   dbl-scale tracking replay runs/RUN/mlflow_spool.jsonl   what a run kept while MLflow was away
 
 `dbl-scale COMMAND --help` shows each command's options and examples. Errors are one line;

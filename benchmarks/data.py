@@ -1,5 +1,5 @@
-"""`dbl-scale bench data`: the input pipeline against bare baselines, what it costs per core,
-and what a real run waits for it (`DESCRIPTION` says what each part measures)."""
+"""`python -m benchmarks.data`: the input pipeline against bare baselines, what it costs per
+core, and what a real run waits for it (`DESCRIPTION` says what each part measures)."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +8,12 @@ import math
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-from .common import cpu_count
+from dbl_scale.cli.bench.common import cpu_count
 
-DESCRIPTION = """`dbl-scale bench data`: the input pipeline against bare baselines, what it costs per core,
+DESCRIPTION = """`python -m benchmarks.data`: the input pipeline against bare baselines, what it costs per core,
 and what a real run waits for it, in one run.
 
 Source: `--images` generated JPEGs of `--source-size` (photo-sized by default: smooth shapes on
@@ -133,9 +134,9 @@ def _rate(batches, count) -> float:
 
 
 def _our_loader(root: Path, tokenizer, workers, size: int, batch: int):
-    from ...config import load_config
-    from ...data import TrainLoader
-    from ...preprocess import ImageTransform
+    from dbl_scale.config import load_config
+    from dbl_scale.data import TrainLoader
+    from dbl_scale.preprocess import ImageTransform
 
     cfg = load_config(None, [f"data.root={root}", f"data.workers={workers}", f"data.batch_size={batch}"])
     return TrainLoader(cfg.data, ImageTransform(size), tokenizer, 32, 0, 1, 0)
@@ -145,9 +146,11 @@ def bench_loader(root: Path, tokenizer, workers: int, size: int, epochs: int, ba
     import torch
     import webdataset as wds  # heavy-ish: only this benchmark uses webdataset's own pipeline
 
-    from ...data import split_shards
+    from dbl_scale.data import split_shards
 
     urls, samples = split_shards(root, "train")
+    # webdataset hands read-only arrays to the collate, which warns once per worker
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     bare = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.single_node_only,
                           workersplitter=wds.split_by_worker, empty_check=False).repeat(epochs).decode("rgb8")
     loader = torch.utils.data.DataLoader(bare.to_tuple("jpg", "json"), batch_size=None, num_workers=workers,
@@ -168,7 +171,7 @@ def bench_cores(paths: list[Path], shards: Path, tokenizer, size: int, batch: in
     loader cores `target_rate` samples/s needs, at the decode's rate (a bound: no reading, no
     passing between processes) and at the one-worker loader's (plus one core per rank for its
     main process, which `data.workers=auto` keeps free)."""
-    from ...preprocess import ImageTransform
+    from dbl_scale.preprocess import ImageTransform
 
     transform = ImageTransform(size)
     encoded = [p.read_bytes() for p in paths[:400]]
@@ -206,9 +209,9 @@ def bench_run_wait(shards: Path, work: Path, steps: int, batch: int, size: int) 
     which holds the workers' start)."""
     from mlflow.tracking import MlflowClient  # heavy (seconds)
 
-    from ...config import resolve_config
-    from ..launch import config_args, run_ranks
-    from ..train import MODULE as TRAIN
+    from dbl_scale.config import resolve_config
+    from dbl_scale.cli.launch import config_args, run_ranks
+    from dbl_scale.cli.train import MODULE as TRAIN
 
     uri, log_every = f"sqlite:///{work / 'mlflow.db'}", max(1, steps // 4)
     overrides = [f"data.root={shards}", f"data.batch_size={batch}", "data.workers=auto", f"train.steps={steps}",
@@ -236,8 +239,8 @@ def run_bench(images: int, source_size: tuple[int, int], processes: int, max_sid
               target_rate: float = 2600, repeats: int = 3, train_steps: int = 0) -> dict:
     from data_tools import convert
 
-    from ...config import load_config
-    from ...tokenizer import ensure_tokenizer
+    from dbl_scale.config import load_config
+    from dbl_scale.tokenizer import ensure_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(keep) if keep else Path(tmp)
@@ -289,7 +292,7 @@ def format_results(res: dict, images: int, source_size, max_side: int) -> str:
 def cmd_bench_data(args) -> int:
     import torch
 
-    from .common import machine_line
+    from dbl_scale.cli.bench.common import machine_line
 
     size = tuple(int(x) for x in args.source_size.split("x"))
     print(machine_line(torch.device("cpu")))
@@ -302,14 +305,14 @@ def cmd_bench_data(args) -> int:
 
 
 EXAMPLES = """examples:
-  dbl-scale bench data                                  2000 photo-sized JPEGs, loaders at 64 and 224 px
-  dbl-scale bench data --target-rate 2600 --train-steps 0   the cores a 2,600 samples/s step needs"""
+  python -m benchmarks.data                                  2000 photo-sized JPEGs, loaders at 64 and 224 px
+  python -m benchmarks.data --target-rate 2600 --train-steps 0   the cores a 2,600 samples/s step needs"""
 
 
 def add_parser(bench_subparsers) -> argparse.ArgumentParser:
-    """Register `data` on the `bench` sub-parser set."""
-    b = bench_subparsers.add_parser("data", help="the loader on your shards: speed, cores needed, the wait in a run",
-                                    description=DESCRIPTION, epilog=EXAMPLES)
+    b = bench_subparsers.add_parser("data", help="the converter and loader against bare baselines, cores per step rate",
+                                    description=DESCRIPTION, epilog=EXAMPLES,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--images", type=int, default=2000, help="source JPEGs to generate")
     b.add_argument("--source-size", default="640x480", help="WxH of the generated source JPEGs")
     b.add_argument("--processes", type=int, default=min(2, cpu_count()),
@@ -329,3 +332,11 @@ def add_parser(bench_subparsers) -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     b.set_defaults(func=cmd_bench_data)
     return b
+
+
+if __name__ == "__main__":
+    import sys
+
+    import benchmarks
+
+    sys.exit(benchmarks.run(add_parser))
