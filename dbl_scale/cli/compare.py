@@ -104,11 +104,11 @@ def compare_runs(tracking_uri: str, experiment: str, sort_by: str = "test/rsum",
     metrics to read, without split prefix (default: R@1/5/10 both ways and rSum, then the
     single-modal recalls; a column no run has is left out).
     """
+    sqlite_store(tracking_uri)  # a mistyped store is told before the heavy imports
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported when used
 
     from ..evaluation import RECALL_KEYS, SINGLE_MODAL_KEYS
 
-    sqlite_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = _experiment(client, experiment, tracking_uri)
     keys = tuple(metrics) if metrics else RECALL_KEYS + SINGLE_MODAL_KEYS
