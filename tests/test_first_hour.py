@@ -68,23 +68,28 @@ def test_help_imports_no_heavy_library_and_is_fast():
 
 @pytest.mark.launch
 def test_a_wrong_key_or_a_missing_run_is_told_before_any_heavy_import(tmp_path):
-    """The user's mistakes that need no library (a misspelt key, a run folder or an MLflow store
-    that is not there) are one line before torch, transformers, deepspeed or mlflow are imported."""
+    """The user's mistakes that need no library (a misspelt key, a run folder, an MLflow store
+    or an experiment in it that is not there) are one line before torch, transformers,
+    deepspeed or mlflow are imported; the store is left as it was."""
+    store = (tmp_path / "mlflow.db").read_bytes()  # an empty MLflow store (conftest)
     code = ("import sys\nfrom dbl_scale.cli.main import main\n"
             "for argv in ([c, 'loss.metod=x'] for c in ('train', 'demo')), "
             "([c, '--run-dir', 'nothere'] + ['--out', 'o'] * (c != 'eval') for c in ('eval', 'export', 'mine')), "
-            "[['compare', '--experiment', 'e', '--tracking-uri', 'sqlite:///nothere.db']]:\n"
+            "[['compare', '--experiment', 'e', '--tracking-uri', 'sqlite:///nothere.db'], "
+            "['compare', '--experiment', 'nope']]:\n"
             "    for args in argv:\n"
             "        print('@@', args[0], main(args))\n"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     codes = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("@@")]
-    assert codes == [["train", "2"], ["demo", "2"], ["eval", "2"], ["export", "2"], ["mine", "2"], ["compare", "2"]], \
-        proc.stdout + proc.stderr
+    assert codes == [["train", "2"], ["demo", "2"], ["eval", "2"], ["export", "2"], ["mine", "2"], ["compare", "2"],
+                     ["compare", "2"]], proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == "[]", proc.stdout
     assert "'loss.metod' (did you mean 'loss.method'?)" in proc.stderr and "nothere: no such folder" in proc.stderr
     assert "sqlite:///nothere.db: no MLflow store there" in proc.stderr and not (tmp_path / "nothere.db").exists()
+    assert "no experiment named 'nope' at sqlite:///mlflow.db; experiments there: Default" in proc.stderr
+    assert (tmp_path / "mlflow.db").read_bytes() == store
 
 
 def test_every_option_has_help_and_every_command_an_example():

@@ -62,6 +62,32 @@ def sqlite_store(uri: str, option: str = "--tracking-uri") -> None:
                            "sqlite:///mlflow.db where they run); give the store's URI, e.g. sqlite:///path/to/mlflow.db")
 
 
+def no_experiment(name: str, uri: str, names) -> CommandError:
+    """The one-line error for an experiment `name` that the store at `uri` does not hold."""
+    return CommandError(f"no experiment named {name!r} at {uri}; experiments there: "
+                        f"{', '.join(sorted(names)) or 'none (make demo makes dbl_scale_demo)'}")
+
+
+def sqlite_experiment(uri: str, name: str) -> None:
+    """An `sqlite:///` store holds an experiment `name` (live or deleted), read with sqlite3
+    alone from MLflow's `experiments` table, so a mistyped name is told before MLflow loads; a
+    store this cannot read is left to MLflow. Opens the file read-only."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(Path(uri[len("sqlite:///"):]).resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT name, lifecycle_stage FROM experiments").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return
+    if name not in {n for n, _ in rows}:
+        raise no_experiment(name, uri, [n for n, stage in rows if stage == "active"])
+
+
 def tracking_answers(uri: str) -> None:
     """An http(s) tracking server accepts a connection: a run must not start its ranks only for
     rank 0 to fail at its first MLflow call (one connection attempt, a few seconds at most)."""

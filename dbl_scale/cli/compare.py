@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from ..config import default_tracking_uri
-from .checks import CommandError, sqlite_store
+from .checks import CommandError, no_experiment, sqlite_experiment, sqlite_store
 
 DESCRIPTION = """`dbl-scale compare`: the runs of one MLflow experiment side by side, best first. It reads
 only: the runs' tags, parameters and metrics stay as they were, and an `sqlite:///` store that
@@ -79,9 +79,7 @@ def _eval_split(metric_names: Iterable[str], sort_by: str) -> Optional[str]:
 def _experiment(client, name: str, tracking_uri: str):
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"no experiment named {name!r} at {tracking_uri}; experiments there: "
-                         f"{', '.join(names) or 'none (make demo makes dbl_scale_demo)'}")
+        raise no_experiment(name, tracking_uri, [e.name for e in client.search_experiments()])
     return exp
 
 
@@ -104,7 +102,8 @@ def compare_runs(tracking_uri: str, experiment: str, sort_by: str = "test/rsum",
     metrics to read, without split prefix (default: R@1/5/10 both ways and rSum, then the
     single-modal recalls; a column no run has is left out).
     """
-    sqlite_store(tracking_uri)  # a mistyped store is told before the heavy imports
+    sqlite_store(tracking_uri)  # a mistyped store or experiment is told before the heavy imports
+    sqlite_experiment(tracking_uri, experiment)
     from mlflow.tracking import MlflowClient  # heavy (seconds): imported when used
 
     from ..evaluation import RECALL_KEYS, SINGLE_MODAL_KEYS
