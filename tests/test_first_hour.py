@@ -76,7 +76,7 @@ def test_a_wrong_key_or_a_missing_run_is_told_before_any_heavy_import(tmp_path):
             "for argv in ([c, 'loss.metod=x'] for c in ('train', 'demo')), "
             "([c, '--run-dir', 'nothere'] + ['--out', 'o'] * (c != 'eval') for c in ('eval', 'export', 'mine')), "
             "[['compare', '--experiment', 'e', '--tracking-uri', 'sqlite:///nothere.db'], "
-            "['compare', '--experiment', 'nope']]:\n"
+            "['compare', '--experiment', 'nope', '--tracking-uri', 'sqlite:///mlflow.db']]:\n"
             "    for args in argv:\n"
             "        print('@@', args[0], main(args))\n"
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
