@@ -122,8 +122,8 @@ def _processor(cfg: Config, tokenizer):
     from transformers.utils import is_torchvision_available
 
     settings = {k: v for k, v in preprocessor_config(image_transform(cfg)).items() if k != "image_processor_type"}
-    # in transformers 5 CLIPImageProcessor is the torchvision backend; without torchvision (not
-    # installed here: DESIGN.md) its PIL twin runs instead: named so, loading it warns of nothing
+    # in transformers 5 CLIPImageProcessor is the torchvision backend; without torchvision (it
+    # does not import beside the CPU torch) its PIL twin runs instead: named so, loading it warns of nothing
     name = "CLIPImageProcessor" if is_torchvision_available() else "CLIPImageProcessorPil"
     image_processor = getattr(transformers, name, transformers.CLIPImageProcessor)(**settings)
     return transformers.VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -107,7 +107,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
 def check(args) -> None:
     """What the ranks will need, checked before they start: the run's model and config, and
     the split in the shards it will read."""
-    model_dir = run_folder(args.run_dir)  # a wrong run is an error before any heavy import
+    model_dir = run_folder(args.run_dir)  # a wrong run is one line before any rank starts
     from ..config import load_config
     from ..data import eval_root, split_shards  # heavy (torch)
 

@@ -11,7 +11,7 @@ from .checks import run_folder, sqlite_store
 
 
 def cmd_export(args) -> int:
-    run_dir = run_folder(args.run_dir, checkpoint_ok=True)  # a wrong run is an error before any heavy import
+    run_dir = run_folder(args.run_dir, checkpoint_ok=True)  # a wrong run is one line before any rank starts
     from ..config import load_config
     from ..export import export, log_model  # heavy (torch, transformers)
 

@@ -94,7 +94,7 @@ def forwarded(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    run = run_folder(args.run)  # a wrong run is an error before any heavy import
+    run = run_folder(args.run)  # a wrong run is one line before any rank starts
     from ..config import load_config
     from ..data import split_shards  # heavy (torch)
 
